@@ -1,0 +1,1 @@
+//! tidepool-api: see the crate README (work in progress; see the issues).

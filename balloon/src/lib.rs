@@ -1,0 +1,1 @@
+//! tidepool-balloon: see the crate README (work in progress; see the issues).

@@ -1,0 +1,1 @@
+//! tidepool-hotplug: see the crate README (work in progress; see the issues).

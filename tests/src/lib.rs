@@ -1,0 +1,1 @@
+//! Shared helpers for Tidepool's cross-crate integration tests.

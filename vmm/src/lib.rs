@@ -1,0 +1,3 @@
+//! Tidepool VMM: KVM, vCPUs, boot, virtio-mmio transport and VM lifecycle.
+
+pub mod bench;
