@@ -92,6 +92,9 @@ pub fn progress(msg: &str) {
     let _ = writeln!(e, "[bench] {msg}");
 }
 
+/// The function that runs a suite.
+pub type SuiteFn = fn(&BenchOptions) -> Result<Report, BenchError>;
+
 /// A benchmark suite.
 #[derive(Debug)]
 pub struct Suite {
@@ -99,7 +102,7 @@ pub struct Suite {
     pub name: &'static str,
     /// One line on what it measures.
     pub about: &'static str,
-    run: Option<fn(&BenchOptions) -> Result<Report, BenchError>>,
+    run: Option<SuiteFn>,
 }
 
 /// Every suite Tidepool has or plans. A suite without a runner answers "unsupported".
