@@ -4,6 +4,8 @@
 //! `--json` the report prints as one JSON object; otherwise as a table, with progress lines on
 //! stderr while the suite runs.
 
+pub mod trace;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 
