@@ -66,6 +66,14 @@ pub trait VirtioDevice: Send {
     fn avail_features(&self) -> u64;
     /// The driver's accepted features, a subset of `avail_features`, given at FEATURES_OK.
     fn set_acked_features(&mut self, features: u64);
+    /// Device-specific check of the driver's accepted features, called by the transport when the
+    /// driver sets FEATURES_OK (before [`VirtioDevice::set_acked_features`]). An error makes the
+    /// transport leave FEATURES_OK clear, so the driver sees the negotiation fail. Defaults to
+    /// accepting any subset of `avail_features`.
+    fn check_features(&self, acked: u64) -> Result<(), DeviceError> {
+        let _ = acked;
+        Ok(())
+    }
     /// Number of queues that exist once `acked` features are negotiated (for devices whose
     /// queues depend on features, like the balloon). Defaults to all of `queue_max_sizes`.
     fn num_queues_for(&self, acked: u64) -> usize {

@@ -5,7 +5,9 @@
 //! to MMIO exits, ioeventfds and irqfds; tests drive it directly over real guest memory.
 
 pub mod device;
+pub mod mmio;
 
 pub use device::{
     DeviceError, GuestMem, InterruptError, InterruptKind, InterruptSink, VirtioDevice,
 };
+pub use mmio::{IrqTrigger, MmioInterrupt, MmioTransport, TransportError};
