@@ -13,6 +13,7 @@
 
 pub mod frame;
 pub mod host;
+pub mod slab;
 
 pub use frame::{
     FrameId, MigrateType, NodeId, FRAME_SIZE, MAX_ORDER, NR_ORDERS, PAGEBLOCK_ORDER, THP_ORDER,
