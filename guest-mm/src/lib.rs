@@ -14,6 +14,7 @@
 pub mod frame;
 pub mod host;
 pub mod slab;
+pub mod topology;
 
 pub use frame::{
     FrameId, MigrateType, NodeId, FRAME_SIZE, MAX_ORDER, NR_ORDERS, PAGEBLOCK_ORDER, THP_ORDER,
