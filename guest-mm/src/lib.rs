@@ -13,6 +13,7 @@
 
 pub mod frame;
 pub mod host;
+pub mod monitor;
 pub mod policy;
 pub mod slab;
 pub mod topology;

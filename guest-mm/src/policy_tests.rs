@@ -28,12 +28,18 @@ fn four() -> Topology {
 fn serde_wire_form() {
     let cases = [
         (NumaPolicy::Local, r#"{"mode":"local"}"#),
-        (NumaPolicy::Preferred(n(1)), r#"{"mode":"preferred","node":1}"#),
+        (
+            NumaPolicy::Preferred(n(1)),
+            r#"{"mode":"preferred","node":1}"#,
+        ),
         (
             NumaPolicy::Interleave(vec![n(0), n(2)]),
             r#"{"mode":"interleave","nodes":[0,2]}"#,
         ),
-        (NumaPolicy::Bind(vec![n(3)]), r#"{"mode":"bind","nodes":[3]}"#),
+        (
+            NumaPolicy::Bind(vec![n(3)]),
+            r#"{"mode":"bind","nodes":[3]}"#,
+        ),
     ];
     for (p, json) in cases {
         assert_eq!(serde_json::to_string(&p).unwrap(), json);

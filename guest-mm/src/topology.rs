@@ -60,7 +60,9 @@ pub enum TopologyError {
         to: NodeId,
     },
     /// A node is not strictly closer to itself than to another node.
-    #[error("distance {from}->{to} ({remote}) is not larger than {from}'s local distance ({local})")]
+    #[error(
+        "distance {from}->{to} ({remote}) is not larger than {from}'s local distance ({local})"
+    )]
     DiagonalNotMinimum {
         /// The node whose row is wrong.
         from: NodeId,
@@ -208,7 +210,11 @@ impl Topology {
         remote: u32,
     ) -> Result<Self, TopologyError> {
         let d = (0..n)
-            .map(|i| (0..n).map(|j| if i == j { local } else { remote }).collect())
+            .map(|i| {
+                (0..n)
+                    .map(|j| if i == j { local } else { remote })
+                    .collect()
+            })
             .collect();
         Self::synthetic(n, mem_bytes_per_node, d)
     }
