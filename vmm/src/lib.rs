@@ -1,4 +1,6 @@
 //! Tidepool VMM: KVM, vCPUs, boot, virtio-mmio transport and VM lifecycle.
 
 pub mod bench;
+pub mod kvm;
 pub mod memory;
+pub mod tiny_guest;

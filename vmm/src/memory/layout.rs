@@ -467,7 +467,9 @@ mod tests {
         // Unaligned ends are cut at the boundary, never crossing it.
         let s = split_memslots(100 * MIB..300 * MIB);
         assert_eq!(
-            s.iter().map(|m| (m.slot, m.gpa, m.size)).collect::<Vec<_>>(),
+            s.iter()
+                .map(|m| (m.slot, m.gpa, m.size))
+                .collect::<Vec<_>>(),
             [
                 (0, 100 * MIB, 28 * MIB),
                 (1, 128 * MIB, 128 * MIB),

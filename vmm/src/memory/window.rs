@@ -146,7 +146,13 @@ impl GuestWindow {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn madvise(&self, gpa: u64, len: u64, advice: i32, call: &'static str) -> Result<(), MemoryError> {
+    fn madvise(
+        &self,
+        gpa: u64,
+        len: u64,
+        advice: i32,
+        call: &'static str,
+    ) -> Result<(), MemoryError> {
         let (addr, len) = self.span(gpa, len)?;
         // SAFETY: [addr, addr+len) lies inside the window mapping this object owns.
         let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) };
@@ -168,7 +174,9 @@ impl GuestWindow {
     }
 
     fn span(&self, gpa: u64, len: u64) -> Result<(usize, usize), MemoryError> {
-        let end = gpa.checked_add(len).ok_or(MemoryError::OutOfRange { gpa, len })?;
+        let end = gpa
+            .checked_add(len)
+            .ok_or(MemoryError::OutOfRange { gpa, len })?;
         if end > self.size as u64 {
             return Err(MemoryError::OutOfRange { gpa, len });
         }
@@ -219,6 +227,13 @@ impl GuestWindow {
     /// Whether the 2 MiB block holding `gpa` is placed.
     pub fn is_placed(&self, gpa: u64) -> bool {
         self.lock().get(gpa / BLOCK_SIZE)
+    }
+
+    /// Whether every 2 MiB block of `[gpa, gpa+len)` is placed (false for an empty range).
+    pub fn is_range_placed(&self, gpa: u64, len: u64) -> bool {
+        let st = self.lock();
+        len > 0
+            && (gpa / BLOCK_SIZE..gpa.saturating_add(len).div_ceil(BLOCK_SIZE)).all(|b| st.get(b))
     }
 
     /// Bytes currently placed.
@@ -398,7 +413,10 @@ mod tests {
         ));
         w.place_block(hp.start, 2 * MIB).expect("place again");
         let mem = w.guest_memory().expect("view");
-        assert_eq!(mem.read_obj::<u64>(GuestAddress(hp.start + 8)).ok(), Some(0));
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(hp.start + 8)).ok(),
+            Some(0)
+        );
         assert_eq!(mem.generation(), w.generation());
     }
 

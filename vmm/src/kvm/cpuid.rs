@@ -1,0 +1,344 @@
+//! The CPUID a Tidepool guest sees: what KVM supports (`KVM_GET_SUPPORTED_CPUID`), minus the
+//! features this host's KVM cannot run at guest CPL0.
+//!
+//! The host's KVM (`kvm_pvm`) emulates guest CPL0 code instruction by instruction, and its
+//! emulator does not know every instruction the CPU has. A feature the guest kernel sees, it
+//! uses, and the first use at CPL0 ends in `KVM_EXIT_INTERNAL_ERROR`. So every feature whose
+//! instructions the emulator cannot run is hidden here, in ONE list ([`DENY_LIST`]), each entry
+//! with the reason. Whole leaves that only describe a hidden feature are zeroed
+//! ([`ZEROED_LEAVES`]).
+
+use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+
+/// A CPUID output register.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reg {
+    /// EAX.
+    Eax,
+    /// EBX.
+    Ebx,
+    /// ECX.
+    Ecx,
+    /// EDX.
+    Edx,
+}
+
+/// One hidden feature bit.
+#[derive(Clone, Copy, Debug)]
+pub struct DenyRule {
+    /// CPUID leaf (EAX input).
+    pub leaf: u32,
+    /// Sub-leaf (ECX input).
+    pub subleaf: u32,
+    /// Output register.
+    pub reg: Reg,
+    /// Bit number.
+    pub bit: u8,
+    /// Feature name as Linux spells it in /proc/cpuinfo.
+    pub name: &'static str,
+    /// Why it is hidden.
+    pub why: &'static str,
+}
+
+const fn deny(
+    leaf: u32,
+    subleaf: u32,
+    reg: Reg,
+    bit: u8,
+    name: &'static str,
+    why: &'static str,
+) -> DenyRule {
+    DenyRule {
+        leaf,
+        subleaf,
+        reg,
+        bit,
+        name,
+        why,
+    }
+}
+
+const VEX: &str = "VEX/EVEX-encoded, needs AVX state that XSAVE manages; hidden with XSAVE \
+                   (the emulator decodes no VEX/EVEX instructions)";
+
+/// Every feature bit Tidepool hides, and why. This is the only place CPUID is filtered.
+pub const DENY_LIST: &[DenyRule] = &[
+    // Leaf 1, ECX.
+    deny(
+        1,
+        0,
+        Reg::Ecx,
+        13,
+        "cx16",
+        "cmpxchg16b: a stock 6.1 kernel died with an emulation failure on `lock cmpxchg16b` at \
+         CPL0 under this KVM (shared/NOTES.md)",
+    ),
+    deny(
+        1,
+        0,
+        Reg::Ecx,
+        26,
+        "xsave",
+        "xsave/xrstor: the kernel's FPU init runs `xrstor` at CPL0, which this KVM cannot \
+         emulate (KVM_EXIT_INTERNAL_ERROR, shared/NOTES.md); without XSAVE the kernel uses \
+         fxsave/fxrstor",
+    ),
+    deny(
+        1,
+        0,
+        Reg::Ecx,
+        27,
+        "osxsave",
+        "mirrors CR4.OSXSAVE; meaningless without XSAVE",
+    ),
+    deny(1, 0, Reg::Ecx, 28, "avx", VEX),
+    deny(1, 0, Reg::Ecx, 12, "fma", VEX),
+    deny(1, 0, Reg::Ecx, 29, "f16c", VEX),
+    // Leaf 7 sub-leaf 0, EBX.
+    deny(7, 0, Reg::Ebx, 5, "avx2", VEX),
+    deny(7, 0, Reg::Ebx, 16, "avx512f", VEX),
+    deny(7, 0, Reg::Ebx, 17, "avx512dq", VEX),
+    deny(7, 0, Reg::Ebx, 21, "avx512ifma", VEX),
+    deny(7, 0, Reg::Ebx, 26, "avx512pf", VEX),
+    deny(7, 0, Reg::Ebx, 27, "avx512er", VEX),
+    deny(7, 0, Reg::Ebx, 28, "avx512cd", VEX),
+    deny(7, 0, Reg::Ebx, 30, "avx512bw", VEX),
+    deny(7, 0, Reg::Ebx, 31, "avx512vl", VEX),
+    deny(
+        7,
+        0,
+        Reg::Ebx,
+        4,
+        "hle",
+        "TSX lock elision prefixes; transactional execution cannot be emulated",
+    ),
+    deny(
+        7,
+        0,
+        Reg::Ebx,
+        11,
+        "rtm",
+        "xbegin/xend; transactional execution cannot be emulated",
+    ),
+    // Leaf 7 sub-leaf 0, ECX.
+    deny(7, 0, Reg::Ecx, 1, "avx512vbmi", VEX),
+    deny(
+        7,
+        0,
+        Reg::Ecx,
+        3,
+        "pku",
+        "protection keys: rdpkru/wrpkru and the PKRU XSAVE component; needs XSAVE",
+    ),
+    deny(
+        7,
+        0,
+        Reg::Ecx,
+        4,
+        "ospke",
+        "mirrors CR4.PKE; hidden with PKU",
+    ),
+    deny(
+        7,
+        0,
+        Reg::Ecx,
+        5,
+        "waitpkg",
+        "umonitor/umwait/tpause are not emulated",
+    ),
+    deny(7, 0, Reg::Ecx, 6, "avx512_vbmi2", VEX),
+    deny(7, 0, Reg::Ecx, 9, "vaes", VEX),
+    deny(7, 0, Reg::Ecx, 10, "vpclmulqdq", VEX),
+    deny(7, 0, Reg::Ecx, 11, "avx512_vnni", VEX),
+    deny(7, 0, Reg::Ecx, 12, "avx512_bitalg", VEX),
+    deny(7, 0, Reg::Ecx, 14, "avx512_vpopcntdq", VEX),
+    deny(
+        7,
+        0,
+        Reg::Ecx,
+        16,
+        "la57",
+        "5-level paging: keeps the guest on the 4-level tables the VMM and tiny guest use",
+    ),
+    // Leaf 7 sub-leaf 0, EDX.
+    deny(7, 0, Reg::Edx, 2, "avx512_4vnniw", VEX),
+    deny(7, 0, Reg::Edx, 3, "avx512_4fmaps", VEX),
+    deny(7, 0, Reg::Edx, 8, "avx512_vp2intersect", VEX),
+    deny(
+        7,
+        0,
+        Reg::Edx,
+        22,
+        "amx_bf16",
+        "AMX tiles are XSAVE-managed state",
+    ),
+    deny(7, 0, Reg::Edx, 23, "avx512_fp16", VEX),
+    deny(
+        7,
+        0,
+        Reg::Edx,
+        24,
+        "amx_tile",
+        "AMX tiles are XSAVE-managed state",
+    ),
+    deny(
+        7,
+        0,
+        Reg::Edx,
+        25,
+        "amx_int8",
+        "AMX tiles are XSAVE-managed state",
+    ),
+    // Leaf 7 sub-leaf 1, EAX.
+    deny(7, 1, Reg::Eax, 4, "avx_vnni", VEX),
+    deny(7, 1, Reg::Eax, 5, "avx512_bf16", VEX),
+    // Leaf 0x80000001, ECX (AMD).
+    deny(0x8000_0001, 0, Reg::Ecx, 11, "xop", VEX),
+    deny(0x8000_0001, 0, Reg::Ecx, 16, "fma4", VEX),
+];
+
+/// Leaves zeroed entirely, and why.
+pub const ZEROED_LEAVES: &[(u32, &str)] = &[(
+    0xd,
+    "XSAVE state enumeration (sizes, XCR0 bits, XSAVEOPT/XSAVEC/XSAVES in sub-leaf 1): \
+     meaningless once XSAVE is hidden, and a guest must not find XSAVES there",
+)];
+
+/// CPUID.1:ECX bit 31, "running under a hypervisor".
+const HYPERVISOR_BIT: u32 = 1 << 31;
+
+fn reg_mut(e: &mut kvm_cpuid_entry2, reg: Reg) -> &mut u32 {
+    match reg {
+        Reg::Eax => &mut e.eax,
+        Reg::Ebx => &mut e.ebx,
+        Reg::Ecx => &mut e.ecx,
+        Reg::Edx => &mut e.edx,
+    }
+}
+
+/// Apply [`DENY_LIST`] and [`ZEROED_LEAVES`] to `entries`, and set the hypervisor bit.
+pub fn filter_entries(entries: &mut [kvm_cpuid_entry2]) {
+    for e in entries.iter_mut() {
+        if ZEROED_LEAVES.iter().any(|(leaf, _)| *leaf == e.function) {
+            e.eax = 0;
+            e.ebx = 0;
+            e.ecx = 0;
+            e.edx = 0;
+            continue;
+        }
+        let (function, index) = (e.function, e.index);
+        for r in DENY_LIST
+            .iter()
+            .filter(|r| r.leaf == function && r.subleaf == index)
+        {
+            *reg_mut(e, r.reg) &= !(1u32 << r.bit);
+        }
+        if e.function == 1 {
+            e.ecx |= HYPERVISOR_BIT;
+        }
+    }
+}
+
+/// Give `entries` the identity of vCPU `id`: initial APIC ID in leaf 1 EBX[31:24], x2APIC ID in
+/// leaves 0xB and 0x1F EDX.
+pub fn set_vcpu_id(entries: &mut [kvm_cpuid_entry2], id: u8) {
+    for e in entries.iter_mut() {
+        match e.function {
+            1 => e.ebx = (e.ebx & 0x00ff_ffff) | (u32::from(id) << 24),
+            0xb | 0x1f => e.edx = u32::from(id),
+            _ => {}
+        }
+    }
+}
+
+/// The filtered CPUID for vCPU `id`, from KVM's supported set.
+pub fn guest_cpuid(supported: &CpuId, id: u8) -> CpuId {
+    let mut c = supported.clone();
+    filter_entries(c.as_mut_slice());
+    set_vcpu_id(c.as_mut_slice(), id);
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            eax: u32::MAX,
+            ebx: u32::MAX,
+            ecx: u32::MAX,
+            edx: u32::MAX,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn deny_list_is_well_formed() {
+        for (i, r) in DENY_LIST.iter().enumerate() {
+            assert!(r.bit < 32, "{}", r.name);
+            assert!(!r.why.is_empty() && !r.name.is_empty());
+            for other in &DENY_LIST[i + 1..] {
+                assert!(
+                    !(other.leaf == r.leaf
+                        && other.subleaf == r.subleaf
+                        && other.reg == r.reg
+                        && other.bit == r.bit),
+                    "duplicate rule {}",
+                    r.name
+                );
+            }
+        }
+        for must in ["cx16", "xsave", "avx", "avx2", "avx512f"] {
+            assert!(DENY_LIST.iter().any(|r| r.name == must), "{must}");
+        }
+    }
+
+    #[test]
+    fn filter_clears_denied_bits_and_zeroes_leaves() {
+        let mut v = vec![
+            entry(1, 0),
+            entry(7, 0),
+            entry(7, 1),
+            entry(0xd, 0),
+            entry(0xd, 1),
+            entry(0x8000_0001, 0),
+            entry(0x4000_0000, 0),
+        ];
+        filter_entries(&mut v);
+        // Leaf 1: CX16, XSAVE, OSXSAVE, AVX, FMA, F16C gone; hypervisor bit set; SSE4.2 (20) kept.
+        for bit in [13, 26, 27, 28, 12, 29] {
+            assert_eq!(v[0].ecx & (1 << bit), 0, "leaf1 ecx bit {bit}");
+        }
+        assert_ne!(v[0].ecx & (1 << 20), 0);
+        assert_ne!(v[0].ecx & HYPERVISOR_BIT, 0);
+        assert_eq!(v[0].edx, u32::MAX);
+        // Leaf 7.0: AVX2 and every AVX-512 bit gone; SMEP (7) kept.
+        for bit in [5, 16, 17, 21, 26, 27, 28, 30, 31] {
+            assert_eq!(v[1].ebx & (1 << bit), 0, "leaf7 ebx bit {bit}");
+        }
+        assert_ne!(v[1].ebx & (1 << 7), 0);
+        // Leaf 7.1: AVX-VNNI gone; the sub-leaf-0 rules did not touch it.
+        assert_eq!(v[2].eax & (1 << 4), 0);
+        assert_eq!(v[2].ebx, u32::MAX);
+        for e in &v[3..5] {
+            assert_eq!((e.eax, e.ebx, e.ecx, e.edx), (0, 0, 0, 0));
+        }
+        assert_eq!(v[5].ecx & (1 << 16), 0);
+        // KVM's own leaves are passed through untouched (kvm-clock lives there).
+        assert_eq!(v[6].eax, u32::MAX);
+    }
+
+    #[test]
+    fn vcpu_id_goes_into_apic_id_fields() {
+        let mut v = vec![entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(2, 0)];
+        set_vcpu_id(&mut v, 3);
+        assert_eq!(v[0].ebx >> 24, 3);
+        assert_eq!(v[0].ebx & 0xff_ffff, 0xff_ffff);
+        assert_eq!(v[1].edx, 3);
+        assert_eq!(v[2].edx, 3);
+        assert_eq!(v[3].edx, u32::MAX);
+    }
+}

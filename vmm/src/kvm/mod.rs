@@ -1,0 +1,273 @@
+//! KVM: the [`Vm`] (VM file descriptor, platform devices, memslots over the memory window) and
+//! its vCPUs ([`vcpu`]), with CPUID filtering in [`cpuid`].
+
+pub mod cpuid;
+pub mod vcpu;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VmFd};
+
+use crate::memory::layout::{memslot_of, MemslotSpec, MEMSLOT_SIZE};
+use crate::memory::{GuestWindow, Layout, LayoutConfig, MemoryError, RegionKind};
+
+pub use vcpu::{
+    Exit, ExitAction, ExitHandler, RunSummary, StopReason, Vcpu, VcpuError, VcpuHandle,
+};
+
+/// Guest-physical address of the three pages KVM needs for the real-mode TSS (Intel), inside
+/// the MMIO hole just below the IOAPIC/LAPIC area.
+pub const TSS_ADDRESS: u64 = 0xfffb_d000;
+/// Guest-physical address of KVM's identity-map page (Intel real mode), just below the TSS.
+pub const IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// Errors from the KVM layer.
+#[derive(Debug, thiserror::Error)]
+pub enum KvmError {
+    /// `/dev/kvm` could not be opened.
+    #[error("cannot open /dev/kvm: {0}")]
+    Open(#[source] kvm_ioctls::Error),
+    /// A KVM ioctl failed.
+    #[error("KVM {what} failed: {source}")]
+    Ioctl {
+        /// Which operation.
+        what: &'static str,
+        /// The errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The KVM API version is not 12.
+    #[error("KVM API version {0}, expected 12")]
+    ApiVersion(i32),
+    /// A capability Tidepool needs is missing.
+    #[error("KVM capability {0} is missing")]
+    MissingCap(&'static str),
+    /// The layout needs more memslots than KVM offers.
+    #[error("layout needs memslot {needed}, KVM offers {available}")]
+    TooManySlots {
+        /// Highest slot number needed, plus one.
+        needed: usize,
+        /// KVM_CAP_NR_MEMSLOTS.
+        available: usize,
+    },
+    /// vCPU ids are limited to what the APIC ID field holds here.
+    #[error("vCPU id {0} is too large (max 254)")]
+    VcpuId(u64),
+    /// The memory window failed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+}
+
+fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
+    move |source| KvmError::Ioctl { what, source }
+}
+
+/// How to create a VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Guest memory layout.
+    pub layout: LayoutConfig,
+    /// Create the in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT, as a stock kernel needs.
+    /// The tiny guest runs with or without.
+    pub platform: bool,
+}
+
+/// A KVM VM with its private memory window.
+#[derive(Debug)]
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+    window: Arc<GuestWindow>,
+    supported_cpuid: CpuId,
+    /// Hot-plug memslots currently registered: slot number to (spec, placed bytes in it).
+    hotplug_slots: Mutex<BTreeMap<u32, (MemslotSpec, u64)>>,
+    created: Instant,
+}
+
+/// Whether `/dev/kvm` can be opened here; Err says why not (for tests that must skip).
+pub fn kvm_available() -> Result<(), String> {
+    Kvm::new().map(|_| ()).map_err(|e| format!("/dev/kvm: {e}"))
+}
+
+impl Vm {
+    /// Open KVM, create the VM, its platform devices (if asked) and its memory window, and
+    /// register memslots over boot RAM.
+    pub fn new(config: VmConfig) -> Result<Vm, KvmError> {
+        let created = Instant::now();
+        let layout = Layout::new(config.layout)?;
+        let kvm = Kvm::new().map_err(KvmError::Open)?;
+        let api = kvm.get_api_version();
+        if api != 12 {
+            return Err(KvmError::ApiVersion(api));
+        }
+        if !kvm.check_extension(kvm_ioctls::Cap::UserMemory) {
+            return Err(KvmError::MissingCap("KVM_CAP_USER_MEMORY"));
+        }
+        let max_slot = memslot_of(layout.end().saturating_sub(1)) as usize + 1;
+        let available = kvm.get_nr_memslots();
+        if max_slot > available {
+            return Err(KvmError::TooManySlots {
+                needed: max_slot,
+                available,
+            });
+        }
+        let fd = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+        if config.platform {
+            fd.set_identity_map_address(IDENTITY_MAP_ADDRESS)
+                .map_err(ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
+            fd.set_tss_address(TSS_ADDRESS as usize)
+                .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
+            fd.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+            fd.create_pit2(kvm_pit_config::default())
+                .map_err(ioctl("KVM_CREATE_PIT2"))?;
+        }
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        let window = Arc::new(GuestWindow::new(layout)?);
+        let vm = Vm {
+            kvm,
+            fd,
+            window,
+            supported_cpuid,
+            hotplug_slots: Mutex::new(BTreeMap::new()),
+            created,
+        };
+        for slot in vm.window.layout().boot_memslots() {
+            vm.set_memslot(slot, false)?;
+        }
+        Ok(vm)
+    }
+
+    /// When [`Vm::new`] started.
+    pub fn created_at(&self) -> Instant {
+        self.created
+    }
+
+    /// The memory window.
+    pub fn window(&self) -> &Arc<GuestWindow> {
+        &self.window
+    }
+
+    /// The raw VM file descriptor (for device set-up: ioeventfd, irqfd, ...).
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// The `/dev/kvm` handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// KVM's supported CPUID, unfiltered.
+    pub fn supported_cpuid(&self) -> &CpuId {
+        &self.supported_cpuid
+    }
+
+    fn set_memslot(&self, slot: MemslotSpec, delete: bool) -> Result<(), KvmError> {
+        let host = self
+            .window
+            .host_addr(slot.gpa)
+            .ok_or(MemoryError::OutOfRange {
+                gpa: slot.gpa,
+                len: slot.size,
+            })?;
+        let region = kvm_userspace_memory_region {
+            slot: slot.slot,
+            flags: 0,
+            guest_phys_addr: slot.gpa,
+            memory_size: if delete { 0 } else { slot.size },
+            userspace_addr: host as u64,
+        };
+        // SAFETY: [host, host+size) lies inside the window, which this VM keeps mapped (it holds
+        // an Arc) for as long as the VM fd exists; every vCPU also holds an Arc to the window.
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))
+    }
+
+    /// Create vCPU `id` with the filtered CPUID ([`cpuid::guest_cpuid`]).
+    pub fn create_vcpu(&self, id: u64) -> Result<Vcpu, KvmError> {
+        let apic_id = u8::try_from(id)
+            .ok()
+            .filter(|i| *i < 255)
+            .ok_or(KvmError::VcpuId(id))?;
+        let fd = self.fd.create_vcpu(id).map_err(ioctl("KVM_CREATE_VCPU"))?;
+        let cpuid = cpuid::guest_cpuid(&self.supported_cpuid, apic_id);
+        fd.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
+        Ok(Vcpu::new(apic_id, fd, Arc::clone(&self.window)))
+    }
+
+    /// Place `[gpa, gpa+len)` in the window and, for the hot-plug region, register the memslots
+    /// covering it (one per 128 MiB chunk, added when the chunk's first block is placed).
+    pub fn place_block(&self, gpa: u64, len: u64) -> Result<(), KvmError> {
+        let kind = self.window.layout().check_block(gpa, len)?;
+        self.window.place_block(gpa, len)?;
+        if kind != RegionKind::Hotplug {
+            return Ok(());
+        }
+        let region = self.window.layout().hotplug().unwrap_or(gpa..gpa + len);
+        let mut slots = self.hotplug_slots.lock().unwrap_or_else(|e| e.into_inner());
+        for piece in crate::memory::layout::split_memslots(gpa..gpa + len) {
+            if let Some(entry) = slots.get_mut(&piece.slot) {
+                entry.1 += piece.size;
+                continue;
+            }
+            let chunk = u64::from(piece.slot) * MEMSLOT_SIZE;
+            let start = chunk.max(region.start);
+            let end = (chunk + MEMSLOT_SIZE).min(region.end);
+            let spec = MemslotSpec {
+                slot: piece.slot,
+                gpa: start,
+                size: end - start,
+            };
+            self.set_memslot(spec, false)?;
+            slots.insert(piece.slot, (spec, piece.size));
+        }
+        Ok(())
+    }
+
+    /// Remove `[gpa, gpa+len)`: for the hot-plug region, first delete memslots whose last
+    /// placed block this is, then discard and protect the range in the window.
+    pub fn remove_block(&self, gpa: u64, len: u64) -> Result<(), KvmError> {
+        let kind = self.window.layout().check_block(gpa, len)?;
+        if !self.window.is_range_placed(gpa, len) {
+            return Err(MemoryError::NotPlaced { gpa, len }.into());
+        }
+        if kind == RegionKind::Hotplug {
+            let mut slots = self.hotplug_slots.lock().unwrap_or_else(|e| e.into_inner());
+            for piece in crate::memory::layout::split_memslots(gpa..gpa + len) {
+                let Some(entry) = slots.get_mut(&piece.slot) else {
+                    return Err(MemoryError::NotPlaced { gpa, len }.into());
+                };
+                if entry.1 < piece.size {
+                    return Err(MemoryError::NotPlaced { gpa, len }.into());
+                }
+            }
+            for piece in crate::memory::layout::split_memslots(gpa..gpa + len) {
+                if let Some(entry) = slots.get_mut(&piece.slot) {
+                    entry.1 -= piece.size;
+                    if entry.1 == 0 {
+                        let spec = entry.0;
+                        slots.remove(&piece.slot);
+                        self.set_memslot(spec, true)?;
+                    }
+                }
+            }
+        }
+        self.window.remove_block(gpa, len)?;
+        Ok(())
+    }
+
+    /// Number of KVM memslots currently registered.
+    pub fn memslot_count(&self) -> usize {
+        let hot = self
+            .hotplug_slots
+            .lock()
+            .map(|s| s.len())
+            .unwrap_or_else(|e| e.into_inner().len());
+        self.window.layout().boot_memslots().len() + hot
+    }
+}

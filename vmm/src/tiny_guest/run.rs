@@ -1,0 +1,154 @@
+//! Running a tiny guest: load the image into a VM's window, start vCPU 0, collect reports.
+
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::program::{MAX_TAG, REPORT_BASE, TAG_DONE};
+use super::{GuestImage, TinyGuestBuilder, TinyGuestError};
+use crate::kvm::{Exit, ExitAction, ExitHandler, KvmError, RunSummary, VcpuError, Vm};
+use crate::memory::MemoryError;
+
+/// Errors from running a tiny guest.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Creating the VM or vCPU failed.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// The vCPU failed to start or its thread panicked.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// Loading the image failed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Building the image failed.
+    #[error(transparent)]
+    Build(#[from] TinyGuestError),
+    /// Writing the image into guest memory failed.
+    #[error("loading the image at {addr:#x}: {reason}")]
+    Load {
+        /// Load address.
+        addr: u64,
+        /// vm-memory's message.
+        reason: String,
+    },
+}
+
+/// One value the guest reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestReport {
+    /// Tag (see `program::TAG_*`).
+    pub tag: u64,
+    /// Value written.
+    pub value: u64,
+    /// When the VMM saw it.
+    pub at: Instant,
+}
+
+/// Exit handler for the tiny guest: records 8-byte writes to the report window and stops on
+/// [`TAG_DONE`]. Any other exit is refused (becomes [`VcpuError::Handler`]).
+#[derive(Debug, Default)]
+pub struct ReportCollector {
+    /// Reports in arrival order.
+    pub reports: Vec<GuestReport>,
+}
+
+impl ReportCollector {
+    /// The last value reported under `tag`.
+    pub fn value(&self, tag: u64) -> Option<u64> {
+        self.reports
+            .iter()
+            .rev()
+            .find(|r| r.tag == tag)
+            .map(|r| r.value)
+    }
+}
+
+impl ExitHandler for ReportCollector {
+    fn handle(&mut self, exit: Exit<'_>) -> Result<ExitAction, String> {
+        match exit {
+            Exit::MmioWrite { addr, data }
+                if (REPORT_BASE..=REPORT_BASE + MAX_TAG * 8).contains(&addr) && data.len() == 8 =>
+            {
+                let tag = (addr - REPORT_BASE) / 8;
+                let mut v = [0u8; 8];
+                v.copy_from_slice(data);
+                self.reports.push(GuestReport {
+                    tag,
+                    value: u64::from_le_bytes(v),
+                    at: Instant::now(),
+                });
+                Ok(if tag == TAG_DONE {
+                    ExitAction::Stop
+                } else {
+                    ExitAction::Continue
+                })
+            }
+            other => Err(format!("tiny guest: unexpected {other:?}")),
+        }
+    }
+}
+
+/// The result of [`run_tiny_guest`].
+#[derive(Debug)]
+pub struct TinyRun {
+    /// The vCPU's summary; its handler holds the reports.
+    pub summary: RunSummary<ReportCollector>,
+    /// Whether the vCPU had to be kicked because it did not finish in time.
+    pub kicked: bool,
+    /// From the start of `Vm::new` to the first KVM_RUN.
+    pub create_to_first_run: Option<Duration>,
+}
+
+/// Copy `image` into `vm`'s memory, create vCPU 0 in the image's boot state, run it on its own
+/// thread until the guest reports done (or `timeout` passes, then it is kicked).
+pub fn run_tiny_guest(vm: &Vm, image: &GuestImage, timeout: Duration) -> Result<TinyRun, RunError> {
+    let mem = vm.window().guest_memory()?;
+    mem.write_slice(&image.bytes, GuestAddress(image.load_addr))
+        .map_err(|e| RunError::Load {
+            addr: image.load_addr,
+            reason: e.to_string(),
+        })?;
+    drop(mem);
+    let vcpu = vm.create_vcpu(0)?;
+    let mut sregs = vcpu.sregs()?;
+    image.boot.apply_sregs(&mut sregs);
+    vcpu.set_sregs(&sregs)?;
+    vcpu.set_regs(&image.boot.regs())?;
+    let handle = vcpu.spawn(ReportCollector::default())?;
+    let (summary, kicked) = handle.join_timeout(timeout)?;
+    let create_to_first_run = summary
+        .first_run
+        .map(|t| t.saturating_duration_since(vm.created_at()));
+    Ok(TinyRun {
+        summary,
+        kicked,
+        create_to_first_run,
+    })
+}
+
+/// Time from the start of VM creation (open /dev/kvm, create the VM with irqchip and PIT,
+/// reserve the window, register memslots for 64 MiB, create the vCPU, set CPUID and registers,
+/// load a minimal tiny guest) to the first KVM_RUN. The guest runs to completion (it reports
+/// done at once) before this returns, so a failure to run is an error, not a figure.
+pub fn measure_create_to_first_run() -> Result<Duration, RunError> {
+    use crate::kvm::VmConfig;
+    use crate::memory::{LayoutConfig, MIB};
+    let vm = Vm::new(VmConfig {
+        layout: LayoutConfig {
+            boot_ram: 64 * MIB,
+            hotplug_size: 0,
+        },
+        platform: true,
+    })?;
+    let image = TinyGuestBuilder::new(vm.window().layout())
+        .step(super::Step::Done)
+        .build()?;
+    let run = run_tiny_guest(&vm, &image, Duration::from_secs(10))?;
+    run.summary.result?;
+    run.create_to_first_run
+        .ok_or(RunError::Vcpu(VcpuError::UnexpectedExit {
+            id: 0,
+            what: "vCPU never entered KVM_RUN".into(),
+        }))
+}

@@ -1,0 +1,212 @@
+//! Tier-2 tests: real vCPUs on /dev/kvm running the tiny guest. Each test prints why and
+//! returns early when /dev/kvm cannot be opened.
+
+use std::time::Duration;
+
+use tidepool_vmm::kvm::{kvm_available, StopReason, VcpuError, Vm, VmConfig};
+use tidepool_vmm::memory::{LayoutConfig, MIB};
+use tidepool_vmm::tiny_guest::{
+    pattern, run_tiny_guest, Step, Stride, TinyGuestBuilder, TAG_CHECKED, TAG_MISMATCHES,
+};
+use vm_memory::{Bytes, GuestAddress};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn skip() -> bool {
+    match kvm_available() {
+        Ok(()) => false,
+        Err(why) => {
+            eprintln!("SKIP: {why}");
+            true
+        }
+    }
+}
+
+fn vm(mib: u64, platform: bool) -> Vm {
+    Vm::new(VmConfig {
+        layout: LayoutConfig {
+            boot_ram: mib * MIB,
+            hotplug_size: 0,
+        },
+        platform,
+    })
+    .expect("create VM")
+}
+
+#[test]
+fn pattern_in_every_block_of_256_mib() {
+    if skip() {
+        return;
+    }
+    let vm = vm(256, true);
+    let seed = 0x5eed_0000_0000_0001;
+    let image = TinyGuestBuilder::new(vm.window().layout())
+        .pattern_test(seed, Stride::Block)
+        .step(Step::Done)
+        .build()
+        .expect("build");
+    let run = run_tiny_guest(&vm, &image, TIMEOUT).expect("run");
+    println!(
+        "create-to-first-KVM_RUN: {:?}, exits: {}",
+        run.create_to_first_run, run.summary.exits
+    );
+    assert!(
+        !run.kicked,
+        "guest did not finish: {:?}",
+        run.summary.result
+    );
+    assert_eq!(run.summary.result.as_ref().ok(), Some(&StopReason::Handler));
+    let r = &run.summary.handler;
+    assert_eq!(r.value(TAG_MISMATCHES), Some(0));
+    assert_eq!(r.value(TAG_CHECKED), Some(128));
+    // Host side: the same pattern is visible through the window.
+    let mem = vm.window().guest_memory().expect("view");
+    for b in 0..128u64 {
+        let gpa = b * 2 * MIB;
+        let v: u64 = mem.read_obj(GuestAddress(gpa)).expect("read");
+        assert_eq!(v, pattern(gpa, seed), "block {b}");
+    }
+    let resident = vm.window().resident_bytes(0, 256 * MIB).expect("mincore");
+    println!("resident after touching 128 blocks: {} MiB", resident / MIB);
+    assert!(resident >= 128 * 4096);
+}
+
+#[test]
+fn pattern_in_every_page_of_64_mib() {
+    if skip() {
+        return;
+    }
+    let vm = vm(64, false);
+    let seed = 0xabcd;
+    let image = TinyGuestBuilder::new(vm.window().layout())
+        .pattern_test(seed, Stride::Page)
+        .step(Step::Done)
+        .build()
+        .expect("build");
+    let run = run_tiny_guest(&vm, &image, TIMEOUT).expect("run");
+    assert_eq!(run.summary.result.as_ref().ok(), Some(&StopReason::Handler));
+    let r = &run.summary.handler;
+    assert_eq!(r.value(TAG_MISMATCHES), Some(0));
+    // Every page except those holding the image itself.
+    let image_pages = image.bytes.len() as u64 / 4096;
+    assert_eq!(r.value(TAG_CHECKED), Some(64 * MIB / 4096 - image_pages));
+    let mem = vm.window().guest_memory().expect("view");
+    let gpa = 63 * MIB + 4096 * 7;
+    assert_eq!(
+        mem.read_obj::<u64>(GuestAddress(gpa)).ok(),
+        Some(pattern(gpa, seed))
+    );
+}
+
+#[test]
+fn two_vms_at_once_see_only_their_own_pattern() {
+    if skip() {
+        return;
+    }
+    let seeds = [0x1111_2222_3333_4444u64, 0x9999_8888_7777_6666u64];
+    let vms: Vec<Vm> = seeds.iter().map(|_| vm(128, true)).collect();
+    let (a, b) = (vms[0].window().host_range(), vms[1].window().host_range());
+    assert!(
+        a.end <= b.start || b.end <= a.start,
+        "windows overlap: {a:x?} {b:x?}"
+    );
+    std::thread::scope(|s| {
+        let handles: Vec<_> = vms
+            .iter()
+            .zip(seeds)
+            .map(|(vm, seed)| {
+                s.spawn(move || {
+                    let image = TinyGuestBuilder::new(vm.window().layout())
+                        .pattern_test(seed, Stride::Block)
+                        .step(Step::Done)
+                        .build()
+                        .expect("build");
+                    run_tiny_guest(vm, &image, TIMEOUT).expect("run")
+                })
+            })
+            .collect();
+        for h in handles {
+            let run = h.join().expect("thread");
+            assert_eq!(run.summary.result.as_ref().ok(), Some(&StopReason::Handler));
+            assert_eq!(run.summary.handler.value(TAG_MISMATCHES), Some(0));
+            assert_eq!(run.summary.handler.value(TAG_CHECKED), Some(64));
+        }
+    });
+    // Each window holds its own pattern and not the other's.
+    for (i, vm) in vms.iter().enumerate() {
+        let mem = vm.window().guest_memory().expect("view");
+        for blk in 0..64u64 {
+            let gpa = blk * 2 * MIB;
+            let v: u64 = mem.read_obj(GuestAddress(gpa)).expect("read");
+            assert_eq!(v, pattern(gpa, seeds[i]));
+            assert_ne!(v, pattern(gpa, seeds[1 - i]));
+        }
+    }
+}
+
+#[test]
+fn triple_fault_is_a_typed_error() {
+    if skip() {
+        return;
+    }
+    let vm = vm(16, false);
+    // hlt at CPL3 raises #GP; with no IDT that is a triple fault.
+    let image = TinyGuestBuilder::new(vm.window().layout())
+        .step(Step::Halt)
+        .build()
+        .expect("build");
+    let run = run_tiny_guest(&vm, &image, TIMEOUT).expect("run");
+    println!("hlt at CPL3: {:?}", run.summary.result);
+    assert!(matches!(
+        run.summary.result,
+        Err(VcpuError::Shutdown { .. })
+    ));
+}
+
+#[test]
+fn unexpected_exit_is_a_typed_error() {
+    if skip() {
+        return;
+    }
+    let vm = vm(16, false);
+    // Port I/O (allowed by IOPL=3) that the tiny guest's handler does not expect.
+    let image = TinyGuestBuilder::new(vm.window().layout())
+        .step(Step::Raw(vec![0xe6, 0x80])) // out 0x80, al
+        .step(Step::Done)
+        .build()
+        .expect("build");
+    let run = run_tiny_guest(&vm, &image, TIMEOUT).expect("run");
+    println!("out 0x80: {:?}", run.summary.result);
+    assert!(matches!(run.summary.result, Err(VcpuError::Handler { .. })));
+}
+
+#[test]
+fn spinning_guest_is_kicked_out() {
+    if skip() {
+        return;
+    }
+    let vm = vm(16, true);
+    let image = TinyGuestBuilder::new(vm.window().layout())
+        .step(Step::Spin)
+        .build()
+        .expect("build");
+    let run = run_tiny_guest(&vm, &image, Duration::from_millis(200)).expect("run");
+    assert!(run.kicked);
+    assert_eq!(run.summary.result.as_ref().ok(), Some(&StopReason::Kicked));
+}
+
+#[test]
+fn create_to_first_run_is_measured() {
+    if skip() {
+        return;
+    }
+    let mut v = Vec::new();
+    for _ in 0..5 {
+        v.push(tidepool_vmm::tiny_guest::measure_create_to_first_run().expect("measure"));
+    }
+    v.sort();
+    println!(
+        "create-to-first-KVM_RUN over 5 runs: min {:?}, median {:?}, max {:?}",
+        v[0], v[2], v[4]
+    );
+}
