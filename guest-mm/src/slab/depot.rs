@@ -82,9 +82,10 @@ impl Depot {
 
     /// Alloc miss with no full magazine: fill `mag` from slabs. Constructed objects go into
     /// `mag`; newly carved ones into `fresh` (the caller constructs them and moves them into
-    /// `mag`). Returns the number of objects handed out (0 when out of memory).
+    /// `mag`). Objects already waiting in `fresh` count against the magazine's room.
+    /// Returns the number of objects handed out (0 when out of memory).
     pub(crate) fn fill(&mut self, mag: &mut Magazine, fresh: &mut Vec<ObjPtr>) -> usize {
-        let want = mag.room();
+        let want = mag.room().saturating_sub(fresh.len());
         let got = self.slabs.take(want, mag.objs_mut(), fresh);
         if got > 0 {
             self.counters.slab_fills += 1;

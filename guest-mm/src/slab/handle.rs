@@ -109,13 +109,10 @@ impl SlabHandle {
             depot.put_empty(old_previous);
             drop(depot);
         } else {
-            let got = depot.fill(&mut self.loaded, &mut self.fresh);
+            depot.fill(&mut self.loaded, &mut self.fresh);
             drop(depot);
-            if got == 0 {
-                self.counters.alloc_failures.bump();
-                return Err(SlabError::OutOfMemory { node: self.node() });
-            }
-            // Constructors run outside the depot lock.
+            // Constructors run outside the depot lock. Should one panic, the carved objects
+            // stay in `fresh` and are constructed (again) on the next refill.
             self.cache.construct(&self.fresh);
             self.loaded.objs_mut().append(&mut self.fresh);
         }

@@ -63,7 +63,7 @@ mod tests;
 pub use backend::{SlabBackend, StdBackend};
 pub use handle::SlabHandle;
 pub use stats::SlabStats;
-pub use typed::{SlabBox, TypedHandle, TypedSlab};
+pub use typed::{OwnedSlabBox, SlabBox, TypedHandle, TypedSlab};
 
 use crate::frame::NodeId;
 use depot::{Depot, DepotShrink};
@@ -332,6 +332,8 @@ impl SlabCacheBuilder {
         if self.align > slab_size {
             return Err(SlabConfigError::BadAlign(self.align));
         }
+        let layout = Layout::from_size_align(slab_size, slab_size)
+            .map_err(|_| SlabConfigError::BadSlabSize(slab_size))?;
         let n = (slab_size / stride).min(u32::MAX as usize);
         let colour_step = CACHE_LINE.max(self.align);
         let slack = slab_size - n * stride;
@@ -348,6 +350,7 @@ impl SlabCacheBuilder {
             objects_per_slab: n as u32,
             colours: colours as u32,
             colour_step,
+            layout,
         })
     }
 
@@ -388,6 +391,8 @@ impl SlabCacheBuilder {
             shrink_calls: AtomicU64::new(0),
             shrink_bytes: AtomicU64::new(0),
             direct_frees: AtomicU64::new(0),
+            direct_allocs: AtomicU64::new(0),
+            direct_failures: AtomicU64::new(0),
         }))
     }
 }
@@ -414,6 +419,8 @@ pub struct SlabCache {
     shrink_calls: AtomicU64,
     shrink_bytes: AtomicU64,
     direct_frees: AtomicU64,
+    direct_allocs: AtomicU64,
+    direct_failures: AtomicU64,
 }
 
 impl fmt::Debug for SlabCache {
@@ -526,6 +533,7 @@ impl SlabCache {
             (r.totals(), r.live.len())
         };
         let direct = self.direct_frees.load(Ordering::Relaxed);
+        let direct_allocs = self.direct_allocs.load(Ordering::Relaxed);
         let g = &self.geo;
         let mut s = SlabStats {
             name: self.name.clone(),
@@ -538,11 +546,11 @@ impl SlabCache {
             magazine_size: self.magazine_size as u64,
             nodes: self.depots.len() as u64,
             live_handles: live_handles as u64,
-            allocs: totals.alloc_hits + totals.alloc_misses,
+            allocs: totals.alloc_hits + totals.alloc_misses + direct_allocs,
             frees: totals.free_hits + totals.free_misses + direct,
             alloc_hits: totals.alloc_hits,
-            alloc_misses: totals.alloc_misses,
-            alloc_failures: totals.alloc_failures,
+            alloc_misses: totals.alloc_misses + direct_allocs,
+            alloc_failures: totals.alloc_failures + self.direct_failures.load(Ordering::Relaxed),
             free_hits: totals.free_hits,
             free_misses: totals.free_misses + direct,
             magazines_allocated: self.magazines_allocated.load(Ordering::Relaxed),
@@ -636,10 +644,35 @@ impl SlabCache {
             .fetch_add(foreign.len() as u64, Ordering::Relaxed);
     }
 
+    /// Take one object straight from node `node`'s slabs, bypassing magazines.
+    pub(crate) fn alloc_direct(&self, node: NodeId) -> Result<NonNull<u8>, SlabError> {
+        let idx = usize::from(node.0);
+        if idx >= self.depots.len() {
+            return Err(SlabError::NoSuchNode {
+                node,
+                nodes: self.depots.len() as u16,
+            });
+        }
+        let got = self.depot(idx).slabs.take_one();
+        let Some((p, fresh)) = got else {
+            self.direct_failures.fetch_add(1, Ordering::Relaxed);
+            return Err(SlabError::OutOfMemory { node });
+        };
+        if fresh {
+            self.construct(&[p]);
+        }
+        self.direct_allocs.fetch_add(1, Ordering::Relaxed);
+        Ok(p.ptr())
+    }
+
     /// Return one object straight to its slab, bypassing magazines.
     pub(crate) fn free_direct(&self, node: usize, p: NonNull<u8>) {
         let mut foreign = Vec::new();
-        self.depot(node).give_back(ObjPtr::new(p), &mut foreign);
+        {
+            let mut d = self.depot(node);
+            d.give_back(ObjPtr::new(p), &mut foreign);
+            d.trim();
+        }
         self.forward(foreign, node);
         self.direct_frees.fetch_add(1, Ordering::Relaxed);
     }

@@ -32,12 +32,13 @@ pub(crate) struct Geometry {
     pub colours: u32,
     /// Bytes between two colours (a multiple of the alignment).
     pub colour_step: usize,
+    /// What the backend is asked for: `slab_size` bytes aligned to `slab_size`.
+    pub layout: Layout,
 }
 
 impl Geometry {
     fn slab_layout(&self) -> Layout {
-        // The builder checked that slab_size is a power of two that fits Layout's limits.
-        Layout::from_size_align(self.slab_size, self.slab_size).unwrap_or(Layout::new::<u8>())
+        self.layout
     }
 
     fn slab_shift(&self) -> u32 {
@@ -290,6 +291,24 @@ impl SlabSet {
         reused: &mut Vec<ObjPtr>,
         fresh: &mut Vec<ObjPtr>,
     ) -> usize {
+        self.take_with(want, |p, is_fresh| {
+            if is_fresh {
+                fresh.push(p);
+            } else {
+                reused.push(p);
+            }
+        })
+    }
+
+    /// Hand out one object: `(object, newly carved)`, or `None` when out of memory.
+    pub(crate) fn take_one(&mut self) -> Option<(ObjPtr, bool)> {
+        let mut out = None;
+        self.take_with(1, |p, is_fresh| out = Some((p, is_fresh)));
+        out
+    }
+
+    /// [`take`](Self::take) with a sink that gets each object and whether it is newly carved.
+    fn take_with(&mut self, want: usize, mut sink: impl FnMut(ObjPtr, bool)) -> usize {
         let mut got = 0;
         while got < want {
             let id = match self.lists[ListKind::Partial as usize].last() {
@@ -308,12 +327,12 @@ impl SlabSet {
             let mut carved = 0u64;
             while got < want {
                 if let Some(idx) = s.free.pop() {
-                    reused.push(object_at(&geo, s, idx));
+                    sink(object_at(&geo, s, idx), false);
                 } else if s.carved < geo.objects_per_slab {
                     let idx = s.carved;
                     s.carved += 1;
                     carved += 1;
-                    fresh.push(object_at(&geo, s, idx));
+                    sink(object_at(&geo, s, idx), true);
                 } else {
                     break;
                 }

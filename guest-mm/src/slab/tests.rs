@@ -534,7 +534,7 @@ fn frees_on_another_node_go_home() {
 fn many_threads_never_get_the_same_object_twice() {
     use std::sync::atomic::AtomicU64;
     const THREADS: usize = 4;
-    const ROUNDS: usize = 2000;
+    const ROUNDS: usize = if cfg!(miri) { 40 } else { 2000 };
     let backend = counting();
     // Each object carries an owner tag: 0 while free (the constructor sets it), the owner's
     // id while allocated. Swapping it on every alloc and free catches any double hand-out.
@@ -651,4 +651,115 @@ fn many_threads_never_get_the_same_object_twice() {
     assert!(s.hit_rate() > 0.5);
     cache.shrink();
     assert_eq!(backend.live_total(), 0);
+}
+
+#[test]
+fn owned_boxes_travel_between_threads() {
+    let backend = counting();
+    let slab =
+        TypedSlab::<(u64, String)>::with_config("owned", |b| b.nodes(2).backend(backend.clone()))
+            .unwrap();
+    let boxes: Vec<OwnedSlabBox<(u64, String)>> = (0..100)
+        .map(|i| {
+            slab.alloc_owned(NodeId((i % 2) as u16), (i, format!("block{i}")))
+                .unwrap()
+        })
+        .collect();
+    assert!(matches!(
+        slab.alloc_owned(NodeId(2), (0, String::new())),
+        Err(SlabError::NoSuchNode { .. })
+    ));
+    assert_eq!(backend.live[0].load(Ordering::SeqCst), 1);
+    assert_eq!(backend.live[1].load(Ordering::SeqCst), 1);
+    let sum = std::thread::spawn(move || {
+        let mut sum = 0;
+        for mut b in boxes {
+            b.0 += 1;
+            assert_eq!(b.1, format!("block{}", b.0 - 1));
+            sum += if b.0 % 10 == 0 {
+                OwnedSlabBox::into_inner(b).0
+            } else {
+                b.0
+            };
+        }
+        sum
+    })
+    .join()
+    .unwrap();
+    assert_eq!(sum, (1..=100).sum::<u64>());
+    let s = slab.stats();
+    assert_eq!(s.allocs, 100);
+    assert_eq!(s.frees, 100);
+    assert_eq!(s.alloc_misses, 100);
+    assert_eq!(s.objects_out_of_slabs, 0);
+    slab.cache().validate().unwrap();
+    assert_eq!(slab.cache().shrink().slabs_released, 2);
+    assert_eq!(backend.live_total(), 0);
+}
+
+#[test]
+fn a_panicking_constructor_leaves_the_handle_usable() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c2 = Arc::clone(&calls);
+    let cache = SlabCacheBuilder::new("panicky", 16, 8)
+        .magazine_size(4)
+        .constructor(move |p| {
+            if c2.fetch_add(1, Ordering::SeqCst) == 1 {
+                panic!("constructor failed");
+            }
+            // SAFETY: 16 writable bytes aligned to 8.
+            unsafe { p.cast::<u64>().as_ptr().write(42) };
+        })
+        .build()
+        .unwrap();
+    let mut h = cache.handle(n0()).unwrap();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h.alloc()));
+    assert!(r.is_err());
+    // The next refill constructs the objects the failed one carved.
+    let objs: Vec<_> = (0..8).map(|_| h.alloc().unwrap()).collect();
+    for p in &objs {
+        // SAFETY: ours, 16 bytes.
+        assert_eq!(unsafe { p.cast::<u64>().as_ptr().read() }, 42);
+    }
+    let distinct: HashSet<_> = objs.iter().collect();
+    assert_eq!(distinct.len(), 8);
+    for p in objs {
+        // SAFETY: allocated above, freed once.
+        unsafe { h.free(p) };
+    }
+    assert!(h.cached() <= 8);
+    cache.validate().unwrap();
+}
+
+#[test]
+fn caches_are_shrinkers() {
+    let a = SlabCacheBuilder::new("a", 32, 8).build().unwrap();
+    let b = TypedSlab::<[u8; 100]>::new("b").unwrap();
+    {
+        let mut h = a.handle(n0()).unwrap();
+        let p = h.alloc().unwrap();
+        // SAFETY: allocated above, freed once.
+        unsafe { h.free(p) };
+        let th = b.handle(n0()).unwrap();
+        drop(th.alloc([1; 100]).unwrap());
+    }
+    let shrinkers: Vec<Arc<dyn Shrinker>> = vec![a.clone(), b.cache().clone()];
+    let want: u64 = shrinkers.iter().map(|s| s.reclaimable_bytes()).sum();
+    assert!(want > 0);
+    let got: u64 = shrinkers.iter().map(|s| s.shrink().bytes_released).sum();
+    assert!(got >= want, "{got} < {want}");
+    assert_eq!(shrinkers[1].shrinker_name(), "b");
+    assert_eq!(a.stats().slab_bytes + b.stats().slab_bytes, 0);
+}
+
+#[test]
+fn thread_safety_of_the_public_types() {
+    fn send<T: Send>() {}
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<SlabCache>();
+    send_sync::<TypedSlab<std::cell::Cell<u8>>>();
+    send_sync::<OwnedSlabBox<u64>>();
+    send::<SlabHandle>();
+    send::<TypedHandle<u64>>();
+    send::<SlabCacheBuilder>();
 }

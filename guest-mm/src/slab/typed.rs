@@ -73,6 +73,24 @@ impl<T> TypedSlab<T> {
         })
     }
 
+    /// Move `value` into a slab object of `node` that is tied to no thread cache.
+    ///
+    /// The box keeps the cache alive, is `Send`/`Sync` when `T` is, and can be stored anywhere
+    /// (for example in a table of per-block metadata). The price: its alloc and its drop each
+    /// take the node's depot lock. On failure the value is dropped.
+    pub fn alloc_owned(&self, node: NodeId, value: T) -> Result<OwnedSlabBox<T>, SlabError> {
+        let p = self.cache.alloc_direct(node)?.cast::<T>();
+        // SAFETY: as in `TypedHandle::alloc`: the object is sized and aligned for `T` and was
+        // handed to us alone.
+        unsafe { p.as_ptr().write(value) };
+        Ok(OwnedSlabBox {
+            ptr: p,
+            node: usize::from(node.0),
+            cache: Arc::clone(&self.cache),
+            _owns: PhantomData,
+        })
+    }
+
     /// The untyped cache underneath.
     pub fn cache(&self) -> &Arc<SlabCache> {
         &self.cache
@@ -207,6 +225,72 @@ impl<T> Drop for SlabBox<'_, T> {
 }
 
 impl<T: fmt::Debug> fmt::Debug for SlabBox<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}
+
+/// An owned `T` in a slab object, tied to no thread cache (see [`TypedSlab::alloc_owned`]).
+/// Dropping it drops the `T` and returns the object straight to its slab.
+pub struct OwnedSlabBox<T> {
+    ptr: NonNull<T>,
+    node: usize,
+    cache: Arc<SlabCache>,
+    _owns: PhantomData<T>,
+}
+
+// SAFETY: the box owns its `T` exclusively (like `Box<T>`), and its drop frees the object
+// through the cache, which is `Sync`; so sending the box sends the `T`, which `T: Send` allows.
+unsafe impl<T: Send> Send for OwnedSlabBox<T> {}
+// SAFETY: `&OwnedSlabBox<T>` gives out only `&T`, which `T: Sync` allows to share.
+unsafe impl<T: Sync> Sync for OwnedSlabBox<T> {}
+
+impl<T> OwnedSlabBox<T> {
+    /// Move the value out and free the object.
+    pub fn into_inner(b: Self) -> T {
+        let b = ManuallyDrop::new(b);
+        // SAFETY: the box holds an initialized `T` that it owns; reading moves it out, and
+        // `ManuallyDrop` keeps the box's own `Drop` from dropping it again.
+        let v = unsafe { b.ptr.as_ptr().read() };
+        b.cache.free_direct(b.node, b.ptr.cast());
+        // SAFETY: `b` is in a `ManuallyDrop` and never used again, so moving its `Arc` out
+        // here is the only time it is dropped (the box's `Drop` does not run).
+        let cache: Arc<SlabCache> = unsafe { std::ptr::read(&b.cache) };
+        drop(cache);
+        v
+    }
+
+    /// The object's address.
+    pub fn as_ptr(b: &Self) -> *const T {
+        b.ptr.as_ptr()
+    }
+}
+
+impl<T> Deref for OwnedSlabBox<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        // SAFETY: the box owns an initialized, aligned `T` until it drops.
+        unsafe { self.ptr.as_ref() }
+    }
+}
+
+impl<T> DerefMut for OwnedSlabBox<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: as in `deref`, and `&mut self` makes this the only reference.
+        unsafe { self.ptr.as_mut() }
+    }
+}
+
+impl<T> Drop for OwnedSlabBox<T> {
+    fn drop(&mut self) {
+        // SAFETY: the box owns an initialized `T`; it is dropped exactly once, here.
+        unsafe { std::ptr::drop_in_place(self.ptr.as_ptr()) };
+        self.cache.free_direct(self.node, self.ptr.cast());
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for OwnedSlabBox<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(&**self, f)
     }
