@@ -21,6 +21,9 @@ use std::ptr::NonNull;
 ///
 /// The cache hands objects carved from this memory to safe code, so a backend that breaks
 /// these rules breaks memory safety.
+///
+/// Both methods are called with the node's depot lock held, so a backend must not allocate
+/// from or free to the cache it serves (that would deadlock).
 pub unsafe trait SlabBackend: Send + Sync + fmt::Debug {
     /// Allocate one slab of `layout` for `node`; `None` when out of memory.
     fn alloc_slab(&self, node: NodeId, layout: Layout) -> Option<NonNull<u8>>;

@@ -29,6 +29,9 @@
 //! any handle of the same cache, on any node: objects from another node's slabs go home when
 //! their magazine is taken apart.
 //!
+//! The tests pass under Miri (`cargo +nightly miri test -p guest-mm slab`, also with
+//! `-Zmiri-strict-provenance`).
+//!
 //! ## Example
 //!
 //! ```
