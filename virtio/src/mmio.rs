@@ -73,6 +73,10 @@ pub enum TransportError {
     /// Device ID 0 means "placeholder" to drivers; a real device needs a real ID.
     #[error("device type 0 is not a valid virtio device ID")]
     InvalidDeviceId,
+    /// A version-2 transport needs the device to offer VIRTIO_F_VERSION_1 (Linux refuses the
+    /// device otherwise).
+    #[error("the device does not offer VIRTIO_F_VERSION_1")]
+    MissingVersion1,
     /// A queue size the device offers that virtio_queue cannot represent.
     #[error("queue {index}: invalid maximum size {size} (must be a power of two, 1..=32768)")]
     InvalidQueueMaxSize {
@@ -257,6 +261,9 @@ impl<D: VirtioDevice + ?Sized> MmioTransport<D> {
     ) -> Result<Self, TransportError> {
         if device.device_type() == 0 {
             return Err(TransportError::InvalidDeviceId);
+        }
+        if device.avail_features() & FEATURE_VERSION_1 == 0 {
+            return Err(TransportError::MissingVersion1);
         }
         let queues = Self::fresh_queues(&*device)?;
         Ok(MmioTransport {

@@ -179,7 +179,7 @@ pub enum ResizeError {
     /// Not a multiple of the block size.
     #[error("{bytes:#x} is not a multiple of the block size {block_size:#x}")]
     Unaligned {
-        /// What was asked.
+        /// The hot-plugged part asked for (for a total: the total minus boot RAM).
         bytes: u64,
         /// The device's block size.
         block_size: u64,

@@ -581,3 +581,9 @@ fn bogus_ring_entry_needs_reset_without_panic() {
     assert!(g.init(offered));
     assert_eq!(g.request(state(BASE, 1)), Response::state(S::Plugged));
 }
+
+#[test]
+fn device_is_send() {
+    fn assert_send<T: Send>() {}
+    assert_send::<VirtioMem<FakeBackend>>();
+}

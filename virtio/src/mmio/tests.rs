@@ -568,7 +568,7 @@ fn failed_status_blocks_progress_until_reset() {
 
 #[test]
 fn rejects_device_id_zero_and_bad_queue_sizes() {
-    struct Bad(u32, [u16; 1]);
+    struct Bad(u32, [u16; 1], u64);
     impl VirtioDevice for Bad {
         fn device_type(&self) -> u32 {
             self.0
@@ -577,7 +577,7 @@ fn rejects_device_id_zero_and_bad_queue_sizes() {
             &self.1
         }
         fn avail_features(&self) -> u64 {
-            FEATURE_VERSION_1
+            self.2
         }
         fn set_acked_features(&mut self, _: u64) {}
         fn read_config(&self, _: u64, data: &mut [u8]) {
@@ -605,13 +605,26 @@ fn rejects_device_id_zero_and_bad_queue_sizes() {
     let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
     let mem = GuestMemoryAtomic::new(mmap);
     let trig: Arc<dyn IrqTrigger> = Arc::new(CountingTrigger::default());
-    let zero: Box<dyn VirtioDevice> = Box::new(Bad(0, [16]));
+    let zero: Box<dyn VirtioDevice> = Box::new(Bad(0, [16], FEATURE_VERSION_1));
     assert!(matches!(
         MmioTransport::new(zero, mem.clone(), trig.clone()),
         Err(TransportError::InvalidDeviceId)
     ));
     assert!(matches!(
-        MmioTransport::new(Box::new(Bad(5, [12])), mem, trig),
+        MmioTransport::new(Box::new(Bad(5, [16], 1)), mem.clone(), trig.clone()),
+        Err(TransportError::MissingVersion1)
+    ));
+    assert!(matches!(
+        MmioTransport::new(Box::new(Bad(5, [12], FEATURE_VERSION_1)), mem, trig),
         Err(TransportError::InvalidQueueMaxSize { index: 0, size: 12 })
     ));
+}
+
+#[test]
+fn transport_can_move_between_threads() {
+    fn assert_send<T: Send>() {}
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send::<MmioTransport>();
+    assert_send::<MmioTransport<EchoDevice>>();
+    assert_send_sync::<MmioInterrupt>();
 }
