@@ -17,7 +17,10 @@ use std::ops::Range;
 
 pub use boot::{BootState, Privilege};
 pub use program::{pattern, Step, Stride, REPORT_BASE, TAG_CHECKED, TAG_DONE, TAG_MISMATCHES};
-pub use run::{measure_create_to_first_run, run_tiny_guest, GuestReport, ReportCollector, TinyRun};
+pub use run::{
+    measure_create_to_first_run, run_tiny_guest, run_tiny_guest_on, GuestReport, ReportCollector,
+    TinyRun,
+};
 
 use crate::memory::layout::{align_up, Layout, GIB, MMIO_HOLE_END};
 
@@ -38,7 +41,7 @@ pub enum TinyGuestError {
         ram_end: u64,
     },
     /// A pattern range is outside guest RAM or not 8-byte aligned.
-    #[error("pattern range {0:x?} is not an 8-byte aligned range inside boot RAM")]
+    #[error("pattern range {0:x?} is not an 8-byte aligned range inside boot RAM or the hot-plug region")]
     BadRange(Range<u64>),
 }
 
@@ -122,7 +125,8 @@ impl TinyGuestBuilder {
     }
 
     fn check_ranges(&self) -> Result<(), TinyGuestError> {
-        let ram = self.layout.boot_ram_ranges();
+        let mut ram = self.layout.boot_ram_ranges();
+        ram.extend(self.layout.hotplug());
         let ok = |r: &Range<u64>| {
             r.start % 8 == 0
                 && r.start <= r.end

@@ -103,6 +103,17 @@ pub struct TinyRun {
 /// Copy `image` into `vm`'s memory, create vCPU 0 in the image's boot state, run it on its own
 /// thread until the guest reports done (or `timeout` passes, then it is kicked).
 pub fn run_tiny_guest(vm: &Vm, image: &GuestImage, timeout: Duration) -> Result<TinyRun, RunError> {
+    run_tiny_guest_on(vm, image, 0, timeout)
+}
+
+/// [`run_tiny_guest`] on a new vCPU `vcpu_id` (a VM can run several images one after the other,
+/// each on a fresh vCPU).
+pub fn run_tiny_guest_on(
+    vm: &Vm,
+    image: &GuestImage,
+    vcpu_id: u64,
+    timeout: Duration,
+) -> Result<TinyRun, RunError> {
     let mem = vm.window().guest_memory()?;
     mem.write_slice(&image.bytes, GuestAddress(image.load_addr))
         .map_err(|e| RunError::Load {
@@ -110,7 +121,7 @@ pub fn run_tiny_guest(vm: &Vm, image: &GuestImage, timeout: Duration) -> Result<
             reason: e.to_string(),
         })?;
     drop(mem);
-    let vcpu = vm.create_vcpu(0)?;
+    let vcpu = vm.create_vcpu(vcpu_id)?;
     let mut sregs = vcpu.sregs()?;
     image.boot.apply_sregs(&mut sregs);
     vcpu.set_sregs(&sregs)?;
