@@ -87,7 +87,7 @@ fn hotplug_blocks_memslots_and_removal() {
     assert_eq!(vm.window().resident_bytes(b, 2 * MIB).ok(), Some(0));
     let image = TinyGuestBuilder::new(vm.window().layout())
         .step(Step::Verify {
-            ranges: vec![b..b + 8],
+            ranges: std::iter::once(b..b + 8).collect(),
             seed,
             stride: Stride::Page,
         })
