@@ -7,6 +7,13 @@
 //! instructions the emulator cannot run is hidden here, in ONE list ([`DENY_LIST`]), each entry
 //! with the reason. Whole leaves that only describe a hidden feature are zeroed
 //! ([`ZEROED_LEAVES`]).
+//!
+//! Evidence: the tier-2 test `cpl0_probe` (`vmm/tests/tier2_probe.rs`, probes in
+//! `tiny_guest::probe`) runs each instruction at CPL0 and fails if one whose feature stays
+//! visible cannot run. On this host KVM offers CX16, CLWB and GFNI, and all three fail at CPL0;
+//! KVM here does not offer XSAVE, AVX or AVX-512 at all, so their entries are precautions for
+//! hosts whose KVM offers them (a host with hardware virtualization runs CPL0 natively and
+//! loses only those features by this list).
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
@@ -62,133 +69,61 @@ const VEX: &str = "VEX/EVEX-encoded, needs AVX state that XSAVE manages; hidden 
                    (the emulator decodes no VEX/EVEX instructions)";
 
 /// Every feature bit Tidepool hides, and why. This is the only place CPUID is filtered.
+#[rustfmt::skip]
 pub const DENY_LIST: &[DenyRule] = &[
     // Leaf 1, ECX.
-    deny(
-        1,
-        0,
-        Reg::Ecx,
-        13,
-        "cx16",
+    deny(1, 0, Reg::Ecx, 13, "cx16",
         "cmpxchg16b: a stock 6.1 kernel died with an emulation failure on `lock cmpxchg16b` at \
-         CPL0 under this KVM (shared/NOTES.md)",
-    ),
-    deny(
-        1,
-        0,
-        Reg::Ecx,
-        26,
-        "xsave",
+         CPL0 under this KVM (shared/NOTES.md); the tier-2 cpl0_probe confirms it \
+         (KVM_EXIT_INTERNAL_ERROR)"),
+    deny(1, 0, Reg::Ecx, 26, "xsave",
         "xsave/xrstor: the kernel's FPU init runs `xrstor` at CPL0, which this KVM cannot \
          emulate (KVM_EXIT_INTERNAL_ERROR, shared/NOTES.md); without XSAVE the kernel uses \
-         fxsave/fxrstor",
-    ),
-    deny(
-        1,
-        0,
-        Reg::Ecx,
-        27,
-        "osxsave",
-        "mirrors CR4.OSXSAVE; meaningless without XSAVE",
-    ),
+         fxsave/fxrstor, which the cpl0_probe shows working"),
+    deny(1, 0, Reg::Ecx, 27, "osxsave", "mirrors CR4.OSXSAVE; meaningless without XSAVE"),
     deny(1, 0, Reg::Ecx, 28, "avx", VEX),
     deny(1, 0, Reg::Ecx, 12, "fma", VEX),
     deny(1, 0, Reg::Ecx, 29, "f16c", VEX),
     // Leaf 7 sub-leaf 0, EBX.
+    deny(7, 0, Reg::Ebx, 4, "hle", "TSX lock elision; transactional execution is not emulated"),
     deny(7, 0, Reg::Ebx, 5, "avx2", VEX),
+    deny(7, 0, Reg::Ebx, 11, "rtm", "xbegin/xend; transactional execution is not emulated"),
     deny(7, 0, Reg::Ebx, 16, "avx512f", VEX),
     deny(7, 0, Reg::Ebx, 17, "avx512dq", VEX),
     deny(7, 0, Reg::Ebx, 21, "avx512ifma", VEX),
+    deny(7, 0, Reg::Ebx, 24, "clwb",
+        "offered by this host's KVM, but `clwb` at CPL0 ends in KVM_EXIT_INTERNAL_ERROR \
+         (tier-2 cpl0_probe); Linux falls back to clflushopt, which works"),
     deny(7, 0, Reg::Ebx, 26, "avx512pf", VEX),
     deny(7, 0, Reg::Ebx, 27, "avx512er", VEX),
     deny(7, 0, Reg::Ebx, 28, "avx512cd", VEX),
     deny(7, 0, Reg::Ebx, 30, "avx512bw", VEX),
     deny(7, 0, Reg::Ebx, 31, "avx512vl", VEX),
-    deny(
-        7,
-        0,
-        Reg::Ebx,
-        4,
-        "hle",
-        "TSX lock elision prefixes; transactional execution cannot be emulated",
-    ),
-    deny(
-        7,
-        0,
-        Reg::Ebx,
-        11,
-        "rtm",
-        "xbegin/xend; transactional execution cannot be emulated",
-    ),
     // Leaf 7 sub-leaf 0, ECX.
     deny(7, 0, Reg::Ecx, 1, "avx512vbmi", VEX),
-    deny(
-        7,
-        0,
-        Reg::Ecx,
-        3,
-        "pku",
-        "protection keys: rdpkru/wrpkru and the PKRU XSAVE component; needs XSAVE",
-    ),
-    deny(
-        7,
-        0,
-        Reg::Ecx,
-        4,
-        "ospke",
-        "mirrors CR4.PKE; hidden with PKU",
-    ),
-    deny(
-        7,
-        0,
-        Reg::Ecx,
-        5,
-        "waitpkg",
-        "umonitor/umwait/tpause are not emulated",
-    ),
+    deny(7, 0, Reg::Ecx, 3, "pku",
+        "protection keys: rdpkru/wrpkru and the PKRU XSAVE component; needs XSAVE"),
+    deny(7, 0, Reg::Ecx, 4, "ospke", "mirrors CR4.PKE; hidden with PKU"),
+    deny(7, 0, Reg::Ecx, 5, "waitpkg", "umonitor/umwait/tpause are not emulated"),
     deny(7, 0, Reg::Ecx, 6, "avx512_vbmi2", VEX),
+    deny(7, 0, Reg::Ecx, 8, "gfni",
+        "offered by this host's KVM, but `gf2p8mulb` at CPL0 ends in KVM_EXIT_INTERNAL_ERROR \
+         (tier-2 cpl0_probe)"),
     deny(7, 0, Reg::Ecx, 9, "vaes", VEX),
     deny(7, 0, Reg::Ecx, 10, "vpclmulqdq", VEX),
     deny(7, 0, Reg::Ecx, 11, "avx512_vnni", VEX),
     deny(7, 0, Reg::Ecx, 12, "avx512_bitalg", VEX),
     deny(7, 0, Reg::Ecx, 14, "avx512_vpopcntdq", VEX),
-    deny(
-        7,
-        0,
-        Reg::Ecx,
-        16,
-        "la57",
-        "5-level paging: keeps the guest on the 4-level tables the VMM and tiny guest use",
-    ),
+    deny(7, 0, Reg::Ecx, 16, "la57",
+        "5-level paging: keeps the guest on the 4-level tables the VMM and tiny guest use"),
     // Leaf 7 sub-leaf 0, EDX.
     deny(7, 0, Reg::Edx, 2, "avx512_4vnniw", VEX),
     deny(7, 0, Reg::Edx, 3, "avx512_4fmaps", VEX),
     deny(7, 0, Reg::Edx, 8, "avx512_vp2intersect", VEX),
-    deny(
-        7,
-        0,
-        Reg::Edx,
-        22,
-        "amx_bf16",
-        "AMX tiles are XSAVE-managed state",
-    ),
+    deny(7, 0, Reg::Edx, 22, "amx_bf16", "AMX tiles are XSAVE-managed state"),
     deny(7, 0, Reg::Edx, 23, "avx512_fp16", VEX),
-    deny(
-        7,
-        0,
-        Reg::Edx,
-        24,
-        "amx_tile",
-        "AMX tiles are XSAVE-managed state",
-    ),
-    deny(
-        7,
-        0,
-        Reg::Edx,
-        25,
-        "amx_int8",
-        "AMX tiles are XSAVE-managed state",
-    ),
+    deny(7, 0, Reg::Edx, 24, "amx_tile", "AMX tiles are XSAVE-managed state"),
+    deny(7, 0, Reg::Edx, 25, "amx_int8", "AMX tiles are XSAVE-managed state"),
     // Leaf 7 sub-leaf 1, EAX.
     deny(7, 1, Reg::Eax, 4, "avx_vnni", VEX),
     deny(7, 1, Reg::Eax, 5, "avx512_bf16", VEX),
@@ -203,6 +138,32 @@ pub const ZEROED_LEAVES: &[(u32, &str)] = &[(
     "XSAVE state enumeration (sizes, XCR0 bits, XSAVEOPT/XSAVEC/XSAVES in sub-leaf 1): \
      meaningless once XSAVE is hidden, and a guest must not find XSAVES there",
 )];
+
+/// Whether Tidepool hides feature bit `bit` of `reg` in leaf `leaf`/`subleaf` (by a
+/// [`DENY_LIST`] rule or because the whole leaf is in [`ZEROED_LEAVES`]).
+pub fn is_denied(leaf: u32, subleaf: u32, reg: Reg, bit: u8) -> bool {
+    ZEROED_LEAVES.iter().any(|(l, _)| *l == leaf)
+        || DENY_LIST
+            .iter()
+            .any(|r| r.leaf == leaf && r.subleaf == subleaf && r.reg == reg && r.bit == bit)
+}
+
+/// Whether `cpuid` (as from KVM_GET_SUPPORTED_CPUID) has feature bit `bit` of `reg` in
+/// `leaf`/`subleaf`.
+pub fn has_feature(cpuid: &[kvm_cpuid_entry2], leaf: u32, subleaf: u32, reg: Reg, bit: u8) -> bool {
+    cpuid
+        .iter()
+        .find(|e| e.function == leaf && e.index == subleaf)
+        .is_some_and(|e| {
+            let v = match reg {
+                Reg::Eax => e.eax,
+                Reg::Ebx => e.ebx,
+                Reg::Ecx => e.ecx,
+                Reg::Edx => e.edx,
+            };
+            v & (1 << bit) != 0
+        })
+}
 
 /// CPUID.1:ECX bit 31, "running under a hypervisor".
 const HYPERVISOR_BIT: u32 = 1 << 31;
@@ -291,7 +252,7 @@ mod tests {
                 );
             }
         }
-        for must in ["cx16", "xsave", "avx", "avx2", "avx512f"] {
+        for must in ["cx16", "xsave", "avx", "avx2", "avx512f", "clwb", "gfni"] {
             assert!(DENY_LIST.iter().any(|r| r.name == must), "{must}");
         }
     }

@@ -190,14 +190,24 @@ impl Vm {
 
     /// Create vCPU `id` with the filtered CPUID ([`cpuid::guest_cpuid`]).
     pub fn create_vcpu(&self, id: u64) -> Result<Vcpu, KvmError> {
-        let apic_id = u8::try_from(id)
+        let apic_id = Self::apic_id(id)?;
+        let cpuid = cpuid::guest_cpuid(&self.supported_cpuid, apic_id);
+        self.create_vcpu_with_cpuid(id, &cpuid)
+    }
+
+    /// Create vCPU `id` with exactly this CPUID (unfiltered: for probing the emulator only).
+    pub fn create_vcpu_with_cpuid(&self, id: u64, cpuid: &CpuId) -> Result<Vcpu, KvmError> {
+        let apic_id = Self::apic_id(id)?;
+        let fd = self.fd.create_vcpu(id).map_err(ioctl("KVM_CREATE_VCPU"))?;
+        fd.set_cpuid2(cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
+        Ok(Vcpu::new(apic_id, fd, Arc::clone(&self.window)))
+    }
+
+    fn apic_id(id: u64) -> Result<u8, KvmError> {
+        u8::try_from(id)
             .ok()
             .filter(|i| *i < 255)
-            .ok_or(KvmError::VcpuId(id))?;
-        let fd = self.fd.create_vcpu(id).map_err(ioctl("KVM_CREATE_VCPU"))?;
-        let cpuid = cpuid::guest_cpuid(&self.supported_cpuid, apic_id);
-        fd.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
-        Ok(Vcpu::new(apic_id, fd, Arc::clone(&self.window)))
+            .ok_or(KvmError::VcpuId(id))
     }
 
     /// Place `[gpa, gpa+len)` in the window and, for the hot-plug region, register the memslots

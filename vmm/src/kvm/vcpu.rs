@@ -185,12 +185,17 @@ pub struct RunSummary<H> {
 pub struct Vcpu {
     id: u8,
     fd: VcpuFd,
-    window: Arc<GuestWindow>,
+    /// Keeps the window (and so the memslots' backing) mapped while the vCPU exists.
+    _window: Arc<GuestWindow>,
 }
 
 impl Vcpu {
     pub(crate) fn new(id: u8, fd: VcpuFd, window: Arc<GuestWindow>) -> Vcpu {
-        Vcpu { id, fd, window }
+        Vcpu {
+            id,
+            fd,
+            _window: window,
+        }
     }
 
     /// vCPU id (also its APIC id).
@@ -283,8 +288,6 @@ impl Vcpu {
                 Step::Internal => break Err(self.internal_error()),
             }
         };
-        // Keep the window mapped until the vCPU is done with it.
-        let _window = &self.window;
         RunSummary {
             handler,
             exits,

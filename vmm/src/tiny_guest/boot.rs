@@ -26,6 +26,16 @@ pub const CR0_NE: u64 = 1 << 5;
 pub const CR0_PG: u64 = 1 << 31;
 /// CR4: physical address extension (needed for long mode).
 pub const CR4_PAE: u64 = 1 << 5;
+/// CR4: OS supports fxsave/fxrstor (enables SSE).
+pub const CR4_OSFXSR: u64 = 1 << 9;
+/// CR4: OS handles SIMD floating-point exceptions.
+pub const CR4_OSXMMEXCPT: u64 = 1 << 10;
+/// CR4: rd/wr{fs,gs}base enabled.
+pub const CR4_FSGSBASE: u64 = 1 << 16;
+/// CR4: xsave and XCR0 enabled.
+pub const CR4_OSXSAVE: u64 = 1 << 18;
+/// CR4: protection keys enabled.
+pub const CR4_PKE: u64 = 1 << 22;
 /// EFER: long mode enable.
 pub const EFER_LME: u64 = 1 << 8;
 /// EFER: long mode active.
@@ -169,6 +179,8 @@ pub struct BootState {
     pub rflags: u64,
     /// Privilege the code runs at.
     pub privilege: Privilege,
+    /// CR4 (at least [`CR4_PAE`]).
+    pub cr4: u64,
 }
 
 impl BootState {
@@ -200,7 +212,7 @@ impl BootState {
         sregs.idt.limit = 0;
         sregs.cr0 = CR0_PE | CR0_ET | CR0_NE | CR0_PG;
         sregs.cr3 = PML4_ADDR;
-        sregs.cr4 = CR4_PAE;
+        sregs.cr4 = self.cr4 | CR4_PAE;
         sregs.efer = EFER_LME | EFER_LMA;
     }
 

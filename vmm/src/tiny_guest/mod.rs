@@ -10,6 +10,7 @@
 //! Later drivers (a polled virtio-mem driver, free-page reporting) extend [`Step`].
 
 pub mod boot;
+pub mod probe;
 pub mod program;
 pub mod run;
 
@@ -74,6 +75,7 @@ pub struct TinyGuestBuilder {
     layout: Layout,
     steps: Vec<Step>,
     privilege: Privilege,
+    cr4: u64,
 }
 
 /// Fixed size reserved for code: the image's extent must be known before assembling, because
@@ -87,12 +89,19 @@ impl TinyGuestBuilder {
             layout: layout.clone(),
             steps: Vec::new(),
             privilege: Privilege::User,
+            cr4: boot::CR4_PAE,
         }
     }
 
     /// Run at this privilege instead of CPL3.
     pub fn privilege(mut self, p: Privilege) -> Self {
         self.privilege = p;
+        self
+    }
+
+    /// Also set these CR4 bits (e.g. [`boot::CR4_OSFXSR`] for SSE) at entry.
+    pub fn cr4(mut self, bits: u64) -> Self {
+        self.cr4 |= bits;
         self
     }
 
@@ -178,6 +187,7 @@ impl TinyGuestBuilder {
                 rsp: end,
                 rflags: boot::RFLAGS_FIXED | boot::RFLAGS_IOPL3,
                 privilege: self.privilege,
+                cr4: self.cr4,
             },
         })
     }
