@@ -19,8 +19,8 @@ use std::ops::Range;
 pub use boot::{BootState, Privilege};
 pub use program::{pattern, Step, Stride, REPORT_BASE, TAG_CHECKED, TAG_DONE, TAG_MISMATCHES};
 pub use run::{
-    measure_create_to_first_run, run_tiny_guest, run_tiny_guest_on, GuestReport, ReportCollector,
-    TinyRun,
+    measure_boot_phases, measure_create_to_first_run, run_tiny_guest, run_tiny_guest_on,
+    BootPhases, GuestReport, ReportCollector, RunPhases, TinyRun,
 };
 
 use crate::memory::layout::{align_up, Layout, GIB, MMIO_HOLE_END};

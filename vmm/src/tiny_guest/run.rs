@@ -98,6 +98,34 @@ pub struct TinyRun {
     pub kicked: bool,
     /// From the start of `Vm::new` to the first KVM_RUN.
     pub create_to_first_run: Option<Duration>,
+    /// Where the time before the first KVM_RUN went, after `Vm::new`.
+    pub phases: RunPhases,
+}
+
+/// Phases of starting a tiny guest on an existing VM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunPhases {
+    /// From the end of `Vm::new` to the start of [`run_tiny_guest_on`] (image building etc.).
+    pub before_run: Duration,
+    /// Copying the image into guest memory (building the vm-memory view included).
+    pub load_image: Duration,
+    /// KVM_CREATE_VCPU and KVM_SET_CPUID2.
+    pub create_vcpu: Duration,
+    /// KVM_GET_SREGS, KVM_SET_SREGS, KVM_SET_REGS.
+    pub set_registers: Duration,
+    /// Starting the vCPU thread until it issues its first KVM_RUN.
+    pub thread_to_first_run: Duration,
+}
+
+/// [`measure_boot_phases`]'s result: total and per-phase times to the first KVM_RUN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BootPhases {
+    /// From the start of `Vm::new` to the first KVM_RUN.
+    pub total: Duration,
+    /// Phases of `Vm::new`.
+    pub vm: crate::kvm::VmTimings,
+    /// Phases after `Vm::new`.
+    pub run: RunPhases,
 }
 
 /// Copy `image` into `vm`'s memory, create vCPU 0 in the image's boot state, run it on its own
@@ -114,6 +142,8 @@ pub fn run_tiny_guest_on(
     vcpu_id: u64,
     timeout: Duration,
 ) -> Result<TinyRun, RunError> {
+    let t0 = Instant::now();
+    let vm_done = vm.created_at() + vm.timings().total();
     let mem = vm.window().guest_memory()?;
     mem.write_slice(&image.bytes, GuestAddress(image.load_addr))
         .map_err(|e| RunError::Load {
@@ -121,28 +151,48 @@ pub fn run_tiny_guest_on(
             reason: e.to_string(),
         })?;
     drop(mem);
+    let t1 = Instant::now();
     let vcpu = vm.create_vcpu(vcpu_id)?;
+    let t2 = Instant::now();
     let mut sregs = vcpu.sregs()?;
     image.boot.apply_sregs(&mut sregs);
     vcpu.set_sregs(&sregs)?;
     vcpu.set_regs(&image.boot.regs())?;
+    let t3 = Instant::now();
     let handle = vcpu.spawn(ReportCollector::default())?;
     let (summary, kicked) = handle.join_timeout(timeout)?;
     let create_to_first_run = summary
         .first_run
         .map(|t| t.saturating_duration_since(vm.created_at()));
+    let phases = RunPhases {
+        before_run: t0.saturating_duration_since(vm_done),
+        load_image: t1 - t0,
+        create_vcpu: t2 - t1,
+        set_registers: t3 - t2,
+        thread_to_first_run: summary
+            .first_run
+            .map(|t| t.saturating_duration_since(t3))
+            .unwrap_or_default(),
+    };
     Ok(TinyRun {
         summary,
         kicked,
         create_to_first_run,
+        phases,
     })
 }
 
 /// Time from the start of VM creation (open /dev/kvm, create the VM with irqchip and PIT,
-/// reserve the window, register memslots for 64 MiB, create the vCPU, set CPUID and registers,
-/// load a minimal tiny guest) to the first KVM_RUN. The guest runs to completion (it reports
-/// done at once) before this returns, so a failure to run is an error, not a figure.
+/// reserve the window, register memslots for 64 MiB, build and load a minimal tiny guest,
+/// create the vCPU, set CPUID and registers, start its thread) to the first KVM_RUN. The guest
+/// runs to completion (it reports done at once) before this returns, so a failure to run is an
+/// error, not a figure.
 pub fn measure_create_to_first_run() -> Result<Duration, RunError> {
+    measure_boot_phases().map(|p| p.total)
+}
+
+/// [`measure_create_to_first_run`] with the time split into phases.
+pub fn measure_boot_phases() -> Result<BootPhases, RunError> {
     use crate::kvm::VmConfig;
     use crate::memory::{LayoutConfig, MIB};
     let vm = Vm::new(VmConfig {
@@ -157,9 +207,15 @@ pub fn measure_create_to_first_run() -> Result<Duration, RunError> {
         .build()?;
     let run = run_tiny_guest(&vm, &image, Duration::from_secs(10))?;
     run.summary.result?;
-    run.create_to_first_run
+    let total = run
+        .create_to_first_run
         .ok_or(RunError::Vcpu(VcpuError::UnexpectedExit {
             id: 0,
             what: "vCPU never entered KVM_RUN".into(),
-        }))
+        }))?;
+    Ok(BootPhases {
+        total,
+        vm: vm.timings(),
+        run: run.phases,
+    })
 }
