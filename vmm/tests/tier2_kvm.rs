@@ -216,3 +216,43 @@ fn create_to_first_run_is_measured() {
         v[v.len() - 1]
     );
 }
+
+#[derive(Debug)]
+struct PanickingHandler;
+
+impl tidepool_vmm::kvm::ExitHandler for PanickingHandler {
+    fn handle(
+        &mut self,
+        _exit: tidepool_vmm::kvm::Exit<'_>,
+    ) -> Result<tidepool_vmm::kvm::ExitAction, String> {
+        panic!("handler bug on purpose");
+    }
+}
+
+#[test]
+fn panicking_handler_ends_only_its_vcpu_thread() {
+    if skip() {
+        return;
+    }
+    let vm = vm(16, false);
+    let image = TinyGuestBuilder::new(vm.window().layout())
+        .step(Step::Done)
+        .build()
+        .expect("build");
+    let mem = vm.window().guest_memory().expect("view");
+    mem.write_slice(&image.bytes, GuestAddress(image.load_addr))
+        .expect("load");
+    let vcpu = vm.create_vcpu(0).expect("vcpu");
+    let mut sregs = vcpu.sregs().expect("sregs");
+    image.boot.apply_sregs(&mut sregs);
+    vcpu.set_sregs(&sregs).expect("set sregs");
+    vcpu.set_regs(&image.boot.regs()).expect("set regs");
+    let handle = vcpu.spawn(PanickingHandler).expect("spawn");
+    let err = handle.join().expect_err("the thread panicked");
+    println!("panicking handler: {err}");
+    assert!(matches!(err, VcpuError::ThreadPanicked { .. }));
+    assert!(err.to_string().contains("on purpose"));
+    // The VM is still usable: a new vCPU runs the guest to completion.
+    let run = tidepool_vmm::tiny_guest::run_tiny_guest_on(&vm, &image, 1, TIMEOUT).expect("run");
+    assert_eq!(run.summary.result.as_ref().ok(), Some(&StopReason::Handler));
+}

@@ -271,17 +271,16 @@ impl Vm {
     /// covering it (one per 128 MiB chunk, added when the chunk's first block is placed).
     pub fn place_block(&self, gpa: u64, len: u64) -> Result<(), KvmError> {
         let kind = self.window.layout().check_block(gpa, len)?;
+        // One lock over the whole operation keeps slot counts and placement in step.
+        let mut slots = self.hotplug_slots.lock().unwrap_or_else(|e| e.into_inner());
         self.window.place_block(gpa, len)?;
         if kind != RegionKind::Hotplug {
             return Ok(());
         }
         let region = self.window.layout().hotplug().unwrap_or(gpa..gpa + len);
-        let mut slots = self.hotplug_slots.lock().unwrap_or_else(|e| e.into_inner());
-        for piece in crate::memory::layout::split_memslots(gpa..gpa + len) {
-            if let Some(entry) = slots.get_mut(&piece.slot) {
-                entry.1 += piece.size;
-                continue;
-            }
+        let pieces = crate::memory::layout::split_memslots(gpa..gpa + len);
+        let mut added: Vec<MemslotSpec> = Vec::new();
+        for piece in pieces.iter().filter(|p| !slots.contains_key(&p.slot)) {
             let chunk = u64::from(piece.slot) * MEMSLOT_SIZE;
             let start = chunk.max(region.start);
             let end = (chunk + MEMSLOT_SIZE).min(region.end);
@@ -290,8 +289,23 @@ impl Vm {
                 gpa: start,
                 size: end - start,
             };
-            self.set_memslot(spec, false)?;
-            slots.insert(piece.slot, (spec, piece.size));
+            if let Err(e) = self.set_memslot(spec, false) {
+                // Undo: no slot or placed block may outlive a failed call.
+                for s in &added {
+                    let _ = self.set_memslot(*s, true);
+                }
+                let _ = self.window.remove_block(gpa, len);
+                return Err(e);
+            }
+            added.push(spec);
+        }
+        for s in added {
+            slots.insert(s.slot, (s, 0));
+        }
+        for piece in pieces {
+            if let Some(entry) = slots.get_mut(&piece.slot) {
+                entry.1 += piece.size;
+            }
         }
         Ok(())
     }
@@ -300,11 +314,11 @@ impl Vm {
     /// placed block this is, then discard and protect the range in the window.
     pub fn remove_block(&self, gpa: u64, len: u64) -> Result<(), KvmError> {
         let kind = self.window.layout().check_block(gpa, len)?;
+        let mut slots = self.hotplug_slots.lock().unwrap_or_else(|e| e.into_inner());
         if !self.window.is_range_placed(gpa, len) {
             return Err(MemoryError::NotPlaced { gpa, len }.into());
         }
         if kind == RegionKind::Hotplug {
-            let mut slots = self.hotplug_slots.lock().unwrap_or_else(|e| e.into_inner());
             for piece in crate::memory::layout::split_memslots(gpa..gpa + len) {
                 let Some(entry) = slots.get_mut(&piece.slot) else {
                     return Err(MemoryError::NotPlaced { gpa, len }.into());
