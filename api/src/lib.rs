@@ -7,9 +7,11 @@
 //! - [`openapi`]: the OpenAPI document generated from the handlers (checked in at
 //!   `resources/openapi.json`; regenerate with `UPDATE_OPENAPI=1 cargo test -p tidepool-api`).
 //! - [`client`]: an async HTTP/1 client over the Unix socket or TCP.
+//! - [`cli`]: clap subcommands and their run functions, for the `tidepool` binary.
 //! - [`testing`]: an in-memory backend for tests of the HTTP layer.
 
 pub mod backend;
+pub mod cli;
 pub mod client;
 pub mod error;
 pub mod metrics;

@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Default path of the daemon's Unix socket.
+pub const DEFAULT_SOCKET_PATH: &str = "/run/tidepool/api.sock";
 /// Default request body limit (1 MiB).
 pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
 /// Default time a handler waits for the backend.
@@ -144,6 +146,14 @@ fn bind_unix(path: &Path) -> Result<(std::os::unix::net::UnixListener, SocketGua
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    if !parent.exists() {
+        // A missing runtime directory is created private to the daemon's user.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&parent)
+            .map_err(io_err(format!("creating {}", parent.display())))?;
+    }
     let tmp_dir = parent.join(format!(
         ".tp{}-{}",
         std::process::id(),
