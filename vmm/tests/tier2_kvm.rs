@@ -256,3 +256,61 @@ fn panicking_handler_ends_only_its_vcpu_thread() {
     let run = tidepool_vmm::tiny_guest::run_tiny_guest_on(&vm, &image, 1, TIMEOUT).expect("run");
     assert_eq!(run.summary.result.as_ref().ok(), Some(&StopReason::Handler));
 }
+
+#[test]
+fn two_vcpus_fill_their_own_halves() {
+    if skip() {
+        return;
+    }
+    let vm = vm(128, true);
+    // vCPU 0 takes [2 MiB, 64 MiB) (the image lives in the first block), vCPU 1 the rest.
+    let halves = [
+        (2 * MIB..64 * MIB, 0xaaaa_u64),
+        (64 * MIB..128 * MIB, 0xbbbb_u64),
+    ];
+    let program = |(r, seed): (std::ops::Range<u64>, u64)| {
+        let ranges: Vec<_> = std::iter::once(r).collect();
+        vec![
+            Step::Fill {
+                ranges: ranges.clone(),
+                seed,
+                stride: Stride::Page,
+            },
+            Step::Verify {
+                ranges,
+                seed,
+                stride: Stride::Page,
+            },
+            Step::Done,
+        ]
+    };
+    let b = program(halves[0].clone())
+        .into_iter()
+        .fold(TinyGuestBuilder::new(vm.window().layout()), |b, s| {
+            b.step(s)
+        });
+    let image = b
+        .secondary(program(halves[1].clone()))
+        .build()
+        .expect("build");
+    let runs = tidepool_vmm::tiny_guest::run_tiny_guest_smp(&vm, &image, TIMEOUT).expect("run");
+    assert_eq!(runs.len(), 2);
+    for ((summary, kicked), (range, _)) in runs.iter().zip(&halves) {
+        assert!(!kicked);
+        assert_eq!(summary.result.as_ref().ok(), Some(&StopReason::Handler));
+        assert_eq!(summary.handler.value(TAG_MISMATCHES), Some(0));
+        assert_eq!(
+            summary.handler.value(TAG_CHECKED),
+            Some((range.end - range.start) / 4096)
+        );
+    }
+    let mem = vm.window().guest_memory().expect("view");
+    for (range, seed) in &halves {
+        for gpa in [range.start, range.end - 4096] {
+            assert_eq!(
+                mem.read_obj::<u64>(GuestAddress(gpa)).ok(),
+                Some(pattern(gpa, *seed))
+            );
+        }
+    }
+}

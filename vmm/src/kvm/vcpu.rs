@@ -235,6 +235,21 @@ impl Vcpu {
         })
     }
 
+    /// Mark the vCPU runnable (KVM_MP_STATE_RUNNABLE). With the in-kernel irqchip, every vCPU
+    /// but the BSP (id 0) otherwise waits for INIT/SIPI and never leaves KVM_RUN; the tiny guest
+    /// starts all its vCPUs directly.
+    pub fn set_runnable(&self) -> Result<(), VcpuError> {
+        self.fd
+            .set_mp_state(kvm_bindings::kvm_mp_state {
+                mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(|source| VcpuError::Setup {
+                id: self.id,
+                what: "KVM_SET_MP_STATE",
+                source,
+            })
+    }
+
     /// Start the run loop on a new thread named `vcpu<id>`.
     pub fn spawn<H: ExitHandler + Send + 'static>(
         self,

@@ -20,7 +20,7 @@ pub use boot::{BootState, Privilege};
 pub use program::{pattern, Step, Stride, REPORT_BASE, TAG_CHECKED, TAG_DONE, TAG_MISMATCHES};
 pub use run::{
     measure_boot_phases, measure_create_to_first_run, run_tiny_guest, run_tiny_guest_on,
-    BootPhases, GuestReport, ReportCollector, RunPhases, TinyRun,
+    run_tiny_guest_smp, BootPhases, GuestReport, ReportCollector, RunPhases, TinyRun,
 };
 
 use crate::memory::layout::{align_up, Layout, GIB, MMIO_HOLE_END};
@@ -53,14 +53,21 @@ pub struct GuestImage {
     pub load_addr: u64,
     /// The image (tables, code, stack page).
     pub bytes: Vec<u8>,
-    /// Where and how the vCPU starts.
+    /// Where and how vCPU 0 starts.
     pub boot: BootState,
+    /// Where and how vCPUs 1, 2, ... start (one per [`TinyGuestBuilder::secondary`] program).
+    pub secondary: Vec<BootState>,
 }
 
 impl GuestImage {
     /// Entry point.
     pub fn entry(&self) -> u64 {
         self.boot.rip
+    }
+
+    /// Boot state of every vCPU the image has a program for, vCPU 0 first.
+    pub fn boot_states(&self) -> impl Iterator<Item = &BootState> {
+        std::iter::once(&self.boot).chain(self.secondary.iter())
     }
 
     /// Guest-physical range the image occupies.
@@ -74,6 +81,7 @@ impl GuestImage {
 pub struct TinyGuestBuilder {
     layout: Layout,
     steps: Vec<Step>,
+    secondary: Vec<Vec<Step>>,
     privilege: Privilege,
     cr4: u64,
 }
@@ -88,6 +96,7 @@ impl TinyGuestBuilder {
         TinyGuestBuilder {
             layout: layout.clone(),
             steps: Vec::new(),
+            secondary: Vec::new(),
             privilege: Privilege::User,
             cr4: boot::CR4_PAE,
         }
@@ -108,6 +117,13 @@ impl TinyGuestBuilder {
     /// Append a step.
     pub fn step(mut self, s: Step) -> Self {
         self.steps.push(s);
+        self
+    }
+
+    /// Add a program for one more vCPU (vCPU 1 for the first call, and so on). Each program has
+    /// its own code area and stack page; all share the tables and report window.
+    pub fn secondary(mut self, steps: Vec<Step>) -> Self {
+        self.secondary.push(steps);
         self
     }
 
@@ -141,7 +157,7 @@ impl TinyGuestBuilder {
                 && r.start <= r.end
                 && ram.iter().any(|m| m.start <= r.start && r.end <= m.end)
         };
-        for s in &self.steps {
+        for s in self.steps.iter().chain(self.secondary.iter().flatten()) {
             if let Step::Fill { ranges, .. } | Step::Verify { ranges, .. } = s {
                 if let Some(bad) = ranges.iter().find(|r| !ok(r)) {
                     return Err(TinyGuestError::BadRange(bad.clone()));
@@ -156,9 +172,13 @@ impl TinyGuestBuilder {
         self.check_ranges()?;
         let map_end = self.map_end();
         let load_addr = boot::GDT_ADDR;
-        let code_addr = boot::PD_ADDR + boot::pd_count(map_end) * 0x1000;
-        let stack_page = code_addr + CODE_RESERVE;
-        let end = stack_page + 0x1000;
+        let code_base = boot::PD_ADDR + boot::pd_count(map_end) * 0x1000;
+        // One code area plus stack page per program.
+        let area = CODE_RESERVE + 0x1000;
+        let programs: Vec<&Vec<Step>> = std::iter::once(&self.steps)
+            .chain(self.secondary.iter())
+            .collect();
+        let end = code_base + area * programs.len() as u64;
         let ram_end = self.layout.low_ram().end;
         if end > ram_end {
             return Err(TinyGuestError::TooBig {
@@ -167,28 +187,36 @@ impl TinyGuestBuilder {
                 ram_end,
             });
         }
-        let code = program::assemble(&self.steps, code_addr, load_addr..end)?;
-        if code.len() as u64 > CODE_RESERVE {
-            return Err(TinyGuestError::TooBig {
-                start: code_addr,
-                end: code_addr + code.len() as u64,
-                ram_end: stack_page,
-            });
-        }
         let mut bytes = vec![0u8; (end - load_addr) as usize];
         boot::write_tables(&mut bytes, load_addr, map_end);
-        let off = (code_addr - load_addr) as usize;
-        bytes[off..off + code.len()].copy_from_slice(&code);
-        Ok(GuestImage {
-            load_addr,
-            bytes,
-            boot: BootState {
+        let mut states = Vec::new();
+        for (i, steps) in programs.into_iter().enumerate() {
+            let code_addr = code_base + area * i as u64;
+            let stack_top = code_addr + area;
+            let code = program::assemble(steps, code_addr, load_addr..end)?;
+            if code.len() as u64 > CODE_RESERVE {
+                return Err(TinyGuestError::TooBig {
+                    start: code_addr,
+                    end: code_addr + code.len() as u64,
+                    ram_end: code_addr + CODE_RESERVE,
+                });
+            }
+            let off = (code_addr - load_addr) as usize;
+            bytes[off..off + code.len()].copy_from_slice(&code);
+            states.push(BootState {
                 rip: code_addr,
-                rsp: end,
+                rsp: stack_top,
                 rflags: boot::RFLAGS_FIXED | boot::RFLAGS_IOPL3,
                 privilege: self.privilege,
                 cr4: self.cr4,
-            },
+            });
+        }
+        let boot = states.remove(0);
+        Ok(GuestImage {
+            load_addr,
+            bytes,
+            boot,
+            secondary: states,
         })
     }
 }
@@ -226,6 +254,27 @@ mod tests {
         // Page tables are in place.
         let pml4 = (boot::PML4_ADDR - img.load_addr) as usize;
         assert_eq!(img.bytes[pml4], 0x07);
+    }
+
+    #[test]
+    fn secondary_programs_get_their_own_code_and_stack() {
+        let img = TinyGuestBuilder::new(&layout(64))
+            .step(Step::Done)
+            .secondary(vec![Step::Spin])
+            .secondary(vec![Step::Halt])
+            .build()
+            .expect("build");
+        let states: Vec<_> = img.boot_states().collect();
+        assert_eq!(states.len(), 3);
+        let area = CODE_RESERVE + 0x1000;
+        assert_eq!(states[1].rip, states[0].rip + area);
+        assert_eq!(states[2].rip, states[0].rip + 2 * area);
+        assert_eq!(states[2].rsp, img.range().end);
+        // Each program's code begins with the same prologue.
+        for st in &states {
+            let off = (st.rip - img.load_addr) as usize;
+            assert_eq!(&img.bytes[off..off + 2], &[0x49, 0xba]);
+        }
     }
 
     #[test]

@@ -144,13 +144,7 @@ pub fn run_tiny_guest_on(
 ) -> Result<TinyRun, RunError> {
     let t0 = Instant::now();
     let vm_done = vm.created_at() + vm.timings().total();
-    let mem = vm.window().guest_memory()?;
-    mem.write_slice(&image.bytes, GuestAddress(image.load_addr))
-        .map_err(|e| RunError::Load {
-            addr: image.load_addr,
-            reason: e.to_string(),
-        })?;
-    drop(mem);
+    load_image(vm, image)?;
     let t1 = Instant::now();
     let vcpu = vm.create_vcpu(vcpu_id)?;
     let t2 = Instant::now();
@@ -158,6 +152,7 @@ pub fn run_tiny_guest_on(
     image.boot.apply_sregs(&mut sregs);
     vcpu.set_sregs(&sregs)?;
     vcpu.set_regs(&image.boot.regs())?;
+    vcpu.set_runnable()?;
     let t3 = Instant::now();
     let handle = vcpu.spawn(ReportCollector::default())?;
     let (summary, kicked) = handle.join_timeout(timeout)?;
@@ -180,6 +175,42 @@ pub fn run_tiny_guest_on(
         create_to_first_run,
         phases,
     })
+}
+
+/// Load `image` and run every program it has at once, program `i` on vCPU `i`, each on its own
+/// thread; wait for all (kicking those still running after `timeout`). Results in vCPU order.
+pub fn run_tiny_guest_smp(
+    vm: &Vm,
+    image: &GuestImage,
+    timeout: Duration,
+) -> Result<Vec<(RunSummary<ReportCollector>, bool)>, RunError> {
+    load_image(vm, image)?;
+    let mut handles = Vec::new();
+    for (i, state) in image.boot_states().enumerate() {
+        let vcpu = vm.create_vcpu(i as u64)?;
+        let mut sregs = vcpu.sregs()?;
+        state.apply_sregs(&mut sregs);
+        vcpu.set_sregs(&sregs)?;
+        vcpu.set_regs(&state.regs())?;
+        vcpu.set_runnable()?;
+        handles.push(vcpu.spawn(ReportCollector::default())?);
+    }
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    for h in handles {
+        let left = deadline.saturating_duration_since(Instant::now());
+        out.push(h.join_timeout(left)?);
+    }
+    Ok(out)
+}
+
+fn load_image(vm: &Vm, image: &GuestImage) -> Result<(), RunError> {
+    let mem = vm.window().guest_memory()?;
+    mem.write_slice(&image.bytes, GuestAddress(image.load_addr))
+        .map_err(|e| RunError::Load {
+            addr: image.load_addr,
+            reason: e.to_string(),
+        })
 }
 
 /// Time from the start of VM creation (open /dev/kvm, create the VM with irqchip and PIT,
