@@ -1,0 +1,46 @@
+//! Free page reporting through the balloon versus raw madvise, on this host.
+//!
+//! `cargo run --release -p tidepool-balloon --features bench --example reclaim_bench -- [MiB] [4k]`
+//! (`4k`: no transparent huge pages).
+
+use tidepool_balloon::bench::{ReclaimBench, ReclaimBenchConfig};
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let mib: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(1024);
+    let huge = args.next().as_deref() != Some("4k");
+    let cfg = ReclaimBenchConfig {
+        data_bytes: mib << 20,
+        huge_pages: huge,
+        ..Default::default()
+    };
+    match ReclaimBench::compare(cfg) {
+        Ok(f) => {
+            println!(
+                "data {mib} MiB, THP {huge}, host 2 MiB aligned {}",
+                f.host_huge_aligned
+            );
+            println!("populate        {:>8.3} s", f.populate.as_secs_f64());
+            println!(
+                "reporting       {:>8.2} GiB/s ({} reports, {} resident after)",
+                f.reporting.gib_per_s(),
+                f.reporting.operations,
+                f.reporting.resident_after
+            );
+            println!(
+                "raw madvise     {:>8.2} GiB/s ({} calls, {} resident after)",
+                f.raw.gib_per_s(),
+                f.raw.operations,
+                f.raw.resident_after
+            );
+            println!(
+                "ratio           {:>8.3}",
+                f.reporting.gib_per_s() / f.raw.gib_per_s()
+            );
+        }
+        Err(e) => {
+            eprintln!("reclaim bench failed: {e}");
+            std::process::exit(1);
+        }
+    }
+}

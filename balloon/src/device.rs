@@ -1,0 +1,475 @@
+//! The virtio-balloon device model: feature negotiation, queue roles, config space, and the
+//! queue handlers that feed the [`Ledger`].
+
+use crate::accounting::{AccountingSnapshot, InputErrors, Ledger, ResidencySample};
+use crate::backend::{RamMap, ReclaimBackend, ResidencyProbe};
+use crate::config::{mib_to_pages, BalloonConfig, ConfigSpace};
+use crate::error::{BackendError, BalloonError};
+use crate::inflate::{parse_pfns, MAX_PFNS_PER_BUFFER};
+use crate::reporting::{ReportOutcome, ReportedRange};
+use crate::stats::{GuestStats, MAX_STATS_BYTES};
+use crate::{
+    MIB, PAGE_SIZE, VIRTIO_BALLOON_F_DEFLATE_ON_OOM, VIRTIO_BALLOON_F_PAGE_POISON,
+    VIRTIO_BALLOON_F_REPORTING, VIRTIO_BALLOON_F_STATS_VQ, VIRTIO_ID_BALLOON,
+};
+use std::sync::Arc;
+use std::time::Duration;
+use tidepool_virtio::{DeviceError, GuestMem, InterruptKind, InterruptSink, VirtioDevice};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryMmap};
+
+/// What a queue is for. Linux numbers only the queues that exist: inflate 0, deflate 1, then
+/// stats if negotiated, then reporting if negotiated (free page hinting is never offered).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueRole {
+    /// PFNs to take from the guest.
+    Inflate,
+    /// PFNs to give back.
+    Deflate,
+    /// The statistics buffer.
+    Stats,
+    /// Free page reports.
+    Reporting,
+}
+
+/// The queues that exist for `features`, in index order.
+pub fn queue_roles(features: u64) -> Vec<QueueRole> {
+    let mut roles = vec![QueueRole::Inflate, QueueRole::Deflate];
+    if features & (1 << VIRTIO_BALLOON_F_STATS_VQ) != 0 {
+        roles.push(QueueRole::Stats);
+    }
+    if features & (1 << VIRTIO_BALLOON_F_REPORTING) != 0 {
+        roles.push(QueueRole::Reporting);
+    }
+    roles
+}
+
+struct Active {
+    mem: GuestMem,
+    queues: Vec<Queue>,
+    roles: Vec<QueueRole>,
+    interrupt: Arc<dyn InterruptSink>,
+}
+
+/// The virtio-balloon device.
+pub struct Balloon {
+    cfg: BalloonConfig,
+    avail_features: u64,
+    acked_features: u64,
+    queue_sizes: Vec<u16>,
+    config: ConfigSpace,
+    backend: Box<dyn ReclaimBackend>,
+    ledger: Ledger,
+    active: Option<Active>,
+    /// Head index of the stats buffer the device holds.
+    stats_held: Option<u16>,
+    latest_stats: Option<GuestStats>,
+    config_interrupts: u64,
+}
+
+impl std::fmt::Debug for Balloon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Balloon")
+            .field("cfg", &self.cfg)
+            .field("acked_features", &self.acked_features)
+            .field("config", &self.config)
+            .field("activated", &self.active.is_some())
+            .field("stats_held", &self.stats_held)
+            .finish_non_exhaustive()
+    }
+}
+
+fn queue_err(e: virtio_queue::Error) -> DeviceError {
+    DeviceError::Queue(e.to_string())
+}
+
+/// Read the device-readable part of a chain, up to `cap` bytes; device-writable descriptors
+/// are counted as wrong-direction and skipped.
+fn read_readable(
+    mem: &GuestMemoryMmap<()>,
+    chain: DescriptorChain<&GuestMemoryMmap<()>>,
+    cap: usize,
+    errors: &mut InputErrors,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut oversized = false;
+    for desc in chain {
+        if desc.is_write_only() {
+            errors.wrong_direction += 1;
+            continue;
+        }
+        let room = cap - out.len();
+        let want = desc.len() as usize;
+        if want > room {
+            oversized = true;
+        }
+        let take = want.min(room);
+        if take == 0 {
+            continue;
+        }
+        let start = out.len();
+        out.resize(start + take, 0);
+        if mem.read_slice(&mut out[start..], desc.addr()).is_err() {
+            errors.unreadable += 1;
+            out.truncate(start);
+        }
+    }
+    if oversized {
+        errors.oversized += 1;
+    }
+    if out.is_empty() {
+        errors.zero_length += 1;
+    }
+    out
+}
+
+impl Balloon {
+    /// A balloon over the guest RAM `backend` owns.
+    pub fn new(cfg: BalloonConfig, backend: Box<dyn ReclaimBackend>) -> Result<Self, BalloonError> {
+        cfg.validate()?;
+        let ram = RamMap::new(backend.guest_ram())
+            .map_err(|e| BalloonError::InvalidConfig(format!("backend RAM map: {e}")))?;
+        let avail_features = cfg.features();
+        let queue_sizes = vec![cfg.queue_size; queue_roles(avail_features).len()];
+        Ok(Balloon {
+            cfg,
+            avail_features,
+            acked_features: 0,
+            queue_sizes,
+            config: ConfigSpace::default(),
+            backend,
+            ledger: Ledger::new(ram),
+            active: None,
+            stats_held: None,
+            latest_stats: None,
+            config_interrupts: 0,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &BalloonConfig {
+        &self.cfg
+    }
+
+    /// The features the driver accepted.
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    fn acked(&self, bit: u32) -> bool {
+        self.acked_features & (1u64 << bit) != 0
+    }
+
+    /// The config space as the guest sees it.
+    pub fn config_space(&self) -> ConfigSpace {
+        self.config
+    }
+
+    /// The role of queue `index` under the negotiated features.
+    pub fn queue_role(&self, index: usize) -> Option<QueueRole> {
+        queue_roles(self.acked_features).get(index).copied()
+    }
+
+    /// Set the balloon target (memory to take from the guest) in MiB and raise a
+    /// config-change interrupt if the driver is running. Before activation the driver reads
+    /// the target when it probes.
+    pub fn set_target_mib(&mut self, mib: u64) -> Result<(), BalloonError> {
+        let ram_mib = self.ledger.ram().total() / MIB;
+        let pages =
+            mib_to_pages(mib)
+                .filter(|_| mib <= ram_mib)
+                .ok_or(BalloonError::TargetTooLarge {
+                    target_mib: mib,
+                    ram_mib,
+                })?;
+        self.config.num_pages = pages;
+        if let Some(active) = &self.active {
+            active
+                .interrupt
+                .signal(InterruptKind::ConfigChange)
+                .map_err(|e| BalloonError::Interrupt(e.to_string()))?;
+            self.config_interrupts += 1;
+        }
+        Ok(())
+    }
+
+    /// The balloon target in MiB.
+    pub fn target_mib(&self) -> u64 {
+        u64::from(self.config.num_pages) * PAGE_SIZE / MIB
+    }
+
+    /// The balloon size the guest reports (`actual`), in MiB.
+    pub fn actual_mib(&self) -> u64 {
+        u64::from(self.config.actual) * PAGE_SIZE / MIB
+    }
+
+    /// Config-change interrupts raised so far.
+    pub fn config_interrupts(&self) -> u64 {
+        self.config_interrupts
+    }
+
+    /// How often the VMM should call [`Self::request_stats`] (`None`: statistics disabled).
+    pub fn stats_interval(&self) -> Option<Duration> {
+        self.cfg
+            .stats_enabled()
+            .then(|| Duration::from_secs(u64::from(self.cfg.stats_interval_s)))
+    }
+
+    /// Change the statistics interval (0 stops periodic requests; the queue stays, since the
+    /// feature was negotiated).
+    pub fn set_stats_interval_s(&mut self, secs: u32) -> Result<(), BalloonError> {
+        if !self.cfg.stats_enabled() && secs > 0 {
+            return Err(BalloonError::StatsDisabled);
+        }
+        if secs > 0 {
+            self.cfg.stats_interval_s = secs;
+        }
+        Ok(())
+    }
+
+    /// Ask the guest for fresh statistics by returning the buffer the device holds. Returns
+    /// `Ok(false)` if no buffer is held (the guest has not primed the queue, or a request is
+    /// already outstanding).
+    pub fn request_stats(&mut self) -> Result<bool, BalloonError> {
+        if !self.acked(VIRTIO_BALLOON_F_STATS_VQ) {
+            return Err(BalloonError::StatsDisabled);
+        }
+        let active = self.active.as_mut().ok_or(BalloonError::NotActivated)?;
+        let Some(head) = self.stats_held else {
+            return Ok(false);
+        };
+        let idx = active
+            .roles
+            .iter()
+            .position(|r| *r == QueueRole::Stats)
+            .ok_or(BalloonError::StatsDisabled)?;
+        let mem = active.mem.memory();
+        let q = &mut active.queues[idx];
+        q.add_used(&*mem, head, 0)
+            .map_err(|e| BalloonError::Queue(e.to_string()))?;
+        self.stats_held = None;
+        if q.needs_notification(&*mem)
+            .map_err(|e| BalloonError::Queue(e.to_string()))?
+        {
+            active
+                .interrupt
+                .signal(InterruptKind::UsedBuffer)
+                .map_err(|e| BalloonError::Interrupt(e.to_string()))?;
+        }
+        Ok(true)
+    }
+
+    /// The latest statistics from the guest, if any arrived.
+    pub fn latest_stats(&self) -> Option<&GuestStats> {
+        self.latest_stats.as_ref()
+    }
+
+    /// Per-VM accounting.
+    pub fn accounting(&self) -> AccountingSnapshot {
+        self.ledger
+            .snapshot(self.config.num_pages, self.config.actual)
+    }
+
+    /// The host-side ledger (page sets and counters).
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Estimate refaults of reported pages and measure resident guest RAM with `probe`
+    /// (e.g. [`crate::MmapBackend`], which uses `mincore`).
+    pub fn sample_residency(
+        &mut self,
+        probe: &dyn ResidencyProbe,
+    ) -> Result<ResidencySample, BackendError> {
+        self.ledger.sample_residency(probe)
+    }
+
+    fn poisoned(&self) -> bool {
+        self.acked(VIRTIO_BALLOON_F_PAGE_POISON) && self.config.poison_val != 0
+    }
+
+    fn process_pfns(&mut self, idx: usize, inflate: bool) -> Result<(), DeviceError> {
+        let deflate_on_oom = self.acked(VIRTIO_BALLOON_F_DEFLATE_ON_OOM);
+        let target = self.config.num_pages;
+        let active = self.active.as_mut().ok_or(DeviceError::NotActivated)?;
+        let mem = active.mem.memory();
+        let q = &mut active.queues[idx];
+        let mut used = false;
+        while let Some(chain) = q.pop_descriptor_chain(&*mem) {
+            let head = chain.head_index();
+            let bytes = read_readable(
+                &mem,
+                chain,
+                MAX_PFNS_PER_BUFFER * 4,
+                &mut self.ledger.errors,
+            );
+            let pfns = parse_pfns(&bytes, &mut self.ledger);
+            if inflate {
+                self.ledger.inflate(self.backend.as_mut(), &pfns);
+            } else {
+                self.ledger.deflate(&pfns, target, deflate_on_oom);
+            }
+            q.add_used(&*mem, head, 0).map_err(queue_err)?;
+            used = true;
+        }
+        if used && q.needs_notification(&*mem).map_err(queue_err)? {
+            active.interrupt.signal(InterruptKind::UsedBuffer)?;
+        }
+        Ok(())
+    }
+
+    fn process_stats(&mut self, idx: usize) -> Result<(), DeviceError> {
+        let active = self.active.as_mut().ok_or(DeviceError::NotActivated)?;
+        let mem = active.mem.memory();
+        let q = &mut active.queues[idx];
+        let mut returned = false;
+        while let Some(chain) = q.pop_descriptor_chain(&*mem) {
+            let head = chain.head_index();
+            let bytes = read_readable(&mem, chain, MAX_STATS_BYTES, &mut self.ledger.errors);
+            let stats = GuestStats::parse(&bytes);
+            self.ledger.errors.unknown_stat_tags += stats.unknown_tags;
+            if stats.trailing_bytes > 0 {
+                self.ledger.errors.trailing_bytes += 1;
+            }
+            self.ledger.count_stats_update();
+            self.latest_stats = Some(stats);
+            // A driver sends one buffer and waits for it to come back; if it sends another,
+            // return the older one so that nothing leaks.
+            if let Some(old) = self.stats_held.replace(head) {
+                self.ledger.errors.extra_stats_buffers += 1;
+                q.add_used(&*mem, old, 0).map_err(queue_err)?;
+                returned = true;
+            }
+        }
+        if returned && q.needs_notification(&*mem).map_err(queue_err)? {
+            active.interrupt.signal(InterruptKind::UsedBuffer)?;
+        }
+        Ok(())
+    }
+
+    fn process_reports(&mut self, idx: usize) -> Result<(), DeviceError> {
+        let poisoned = self.poisoned();
+        let active = self.active.as_mut().ok_or(DeviceError::NotActivated)?;
+        let mem = active.mem.memory();
+        let q = &mut active.queues[idx];
+        let mut used = false;
+        let mut ranges = Vec::with_capacity(32);
+        while let Some(chain) = q.pop_descriptor_chain(&*mem) {
+            let head = chain.head_index();
+            ranges.clear();
+            for desc in chain {
+                if !desc.is_write_only() {
+                    self.ledger.errors.wrong_direction += 1;
+                    continue;
+                }
+                ranges.push(ReportedRange {
+                    gpa: desc.addr().0,
+                    len: u64::from(desc.len()),
+                });
+            }
+            let _: ReportOutcome = self.ledger.report(self.backend.as_mut(), &ranges, poisoned);
+            q.add_used(&*mem, head, 0).map_err(queue_err)?;
+            used = true;
+        }
+        if used && q.needs_notification(&*mem).map_err(queue_err)? {
+            active.interrupt.signal(InterruptKind::UsedBuffer)?;
+        }
+        Ok(())
+    }
+}
+
+impl VirtioDevice for Balloon {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BALLOON
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn num_queues_for(&self, acked: u64) -> usize {
+        queue_roles(acked & self.avail_features).len()
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        self.config.read(offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        self.config.driver_write(offset, data);
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMem,
+        queues: Vec<Queue>,
+        interrupt: Arc<dyn InterruptSink>,
+    ) -> Result<(), DeviceError> {
+        if self.active.is_some() {
+            return Err(DeviceError::Activate("already activated".into()));
+        }
+        let roles = queue_roles(self.acked_features);
+        if queues.len() != roles.len() {
+            return Err(DeviceError::Activate(format!(
+                "{} queues given, {} expected for features {:#x}",
+                queues.len(),
+                roles.len(),
+                self.acked_features
+            )));
+        }
+        let n = roles.len();
+        self.active = Some(Active {
+            mem,
+            queues,
+            roles,
+            interrupt,
+        });
+        // The driver may have queued buffers before DRIVER_OK (Linux primes the stats queue
+        // during probe): handle them now.
+        for i in 0..n {
+            if let Err(e) = self.process_queue(i) {
+                self.active = None;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize) -> Result<(), DeviceError> {
+        let active = self.active.as_ref().ok_or(DeviceError::NotActivated)?;
+        let role = *active
+            .roles
+            .get(index)
+            .ok_or(DeviceError::NoSuchQueue(index))?;
+        match role {
+            QueueRole::Inflate => self.process_pfns(index, true),
+            QueueRole::Deflate => self.process_pfns(index, false),
+            QueueRole::Stats => self.process_stats(index),
+            QueueRole::Reporting => self.process_reports(index),
+        }
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn reset(&mut self) -> Option<Vec<Queue>> {
+        let active = self.active.take()?;
+        // The driver starts over with an empty balloon: ballooned pages are the guest's again
+        // (they stay discarded until touched). Reported pages stay discarded and tracked.
+        self.ledger.reset_balloon();
+        self.stats_held = None;
+        self.config.actual = 0;
+        self.config.poison_val = 0;
+        self.acked_features = 0;
+        Some(active.queues)
+    }
+}
