@@ -28,6 +28,8 @@ pub enum ErrorKind {
     Internal,
     /// The feature exists in the API but is not implemented by this backend (501).
     Unsupported,
+    /// Too many requests for this VM are still waiting for it (503).
+    Busy,
     /// The VM did not answer in time (504).
     Timeout,
 }
@@ -45,6 +47,7 @@ impl ErrorKind {
             ErrorKind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorKind::Unsupported => StatusCode::NOT_IMPLEMENTED,
+            ErrorKind::Busy => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -61,13 +64,14 @@ impl ErrorKind {
             ErrorKind::UnsupportedMediaType => "unsupported_media_type",
             ErrorKind::Internal => "internal",
             ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Busy => "busy",
             ErrorKind::Timeout => "timeout",
         }
     }
 
     /// Parses a `code` string back into a kind (used by the client).
     pub fn from_code(code: &str) -> Option<ErrorKind> {
-        const ALL: [ErrorKind; 10] = [
+        const ALL: [ErrorKind; 11] = [
             ErrorKind::BadRequest,
             ErrorKind::Unauthorized,
             ErrorKind::NotFound,
@@ -77,6 +81,7 @@ impl ErrorKind {
             ErrorKind::UnsupportedMediaType,
             ErrorKind::Internal,
             ErrorKind::Unsupported,
+            ErrorKind::Busy,
             ErrorKind::Timeout,
         ];
         ALL.into_iter().find(|k| k.code() == code)
@@ -172,6 +177,7 @@ mod tests {
             ErrorKind::UnsupportedMediaType,
             ErrorKind::Internal,
             ErrorKind::Unsupported,
+            ErrorKind::Busy,
             ErrorKind::Timeout,
         ] {
             assert_eq!(ErrorKind::from_code(k.code()), Some(k));

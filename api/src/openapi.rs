@@ -32,21 +32,26 @@ impl Modify for BearerOnTcp {
     }
 }
 
-/// Documents the 504 every backend-calling operation can answer, once for all of them.
+/// Documents the 503 and 504 every backend-calling operation can answer, once for all.
 #[derive(Debug)]
-struct BackendTimeout;
+struct BackendBusyOrLate;
 
-impl Modify for BackendTimeout {
+fn error_response(description: &str) -> utoipa::openapi::Response {
+    ResponseBuilder::new()
+        .description(description)
+        .content(
+            "application/json",
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                .build(),
+        )
+        .build()
+}
+
+impl Modify for BackendBusyOrLate {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let response = ResponseBuilder::new()
-            .description("The VMM did not answer in time")
-            .content(
-                "application/json",
-                ContentBuilder::new()
-                    .schema(Some(Ref::from_schema_name("ErrorBody")))
-                    .build(),
-            )
-            .build();
+        let busy = error_response("Too many requests for this VM are waiting for it");
+        let late = error_response("The VMM did not answer in time");
         for (path, item) in openapi.paths.paths.iter_mut() {
             if path == "/v1/openapi.json" {
                 continue;
@@ -60,9 +65,9 @@ impl Modify for BackendTimeout {
             .into_iter()
             .flatten()
             {
-                op.responses
-                    .responses
-                    .insert("504".to_string(), response.clone().into());
+                let r = &mut op.responses.responses;
+                r.insert("503".to_string(), busy.clone().into());
+                r.insert("504".to_string(), late.clone().into());
             }
         }
     }
@@ -97,7 +102,7 @@ impl Modify for BackendTimeout {
         VmInfo, VmState, BootSource, StateAction, StateRequest, ResizeRequest, ResizePhase,
         ResizeStatus, MemoryInfo, BalloonRequest, BalloonInfo, BalloonStats,
     )),
-    modifiers(&BearerOnTcp, &BackendTimeout),
+    modifiers(&BearerOnTcp, &BackendBusyOrLate),
     security((), ("bearer" = [])),
     tags(
         (name = "host", description = "Host memory, metrics and this document"),

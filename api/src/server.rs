@@ -3,7 +3,7 @@
 
 use crate::backend::ApiBackend;
 use crate::error::{ApiError, ErrorKind};
-use crate::routes::{router, ApiState};
+use crate::routes::{router, ApiState, InFlight};
 use axum::extract::{Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::{self, Next};
@@ -21,6 +21,8 @@ use std::time::Duration;
 pub const DEFAULT_SOCKET_PATH: &str = "/run/tidepool/api.sock";
 /// Default request body limit (1 MiB).
 pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
+/// Default number of backend calls per VM in flight.
+pub const DEFAULT_MAX_INFLIGHT_PER_VM: usize = 8;
 /// Default time a handler waits for the backend.
 pub const DEFAULT_BACKEND_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -44,6 +46,8 @@ pub struct ServeConfig {
     pub body_limit: usize,
     /// How long a handler waits for the backend (504 after).
     pub backend_timeout: Duration,
+    /// Backend calls per VM that may be in flight; more get 503 at once.
+    pub max_inflight_per_vm: usize,
 }
 
 impl ServeConfig {
@@ -54,6 +58,7 @@ impl ServeConfig {
             tcp: None,
             body_limit: DEFAULT_BODY_LIMIT,
             backend_timeout: DEFAULT_BACKEND_TIMEOUT,
+            max_inflight_per_vm: DEFAULT_MAX_INFLIGHT_PER_VM,
         }
     }
 }
@@ -275,6 +280,7 @@ impl Server {
             state: ApiState {
                 backend,
                 timeout: cfg.backend_timeout,
+                inflight: Arc::new(InFlight::new(cfg.max_inflight_per_vm)),
             },
             body_limit: cfg.body_limit,
         })

@@ -74,6 +74,7 @@ struct Inner {
 #[derive(Debug, Default)]
 struct Gates {
     held: HashMap<String, bool>,
+    waiting: HashMap<String, usize>,
 }
 
 /// The in-memory backend. Cheap to clone (shared state).
@@ -131,18 +132,32 @@ impl MemBackend {
         }
     }
 
-    /// Number of calls currently waiting on a hold (for tests to know a call has arrived).
+    /// Whether VM `id` is held.
     pub fn is_held(&self, id: &str) -> bool {
         let (lock, _) = &*self.gates;
         let g = lock.lock().unwrap_or_else(|p| p.into_inner());
         g.held.contains_key(id)
     }
 
+    /// Number of calls for VM `id` currently blocked by a [`MemBackend::hold`].
+    pub fn waiting(&self, id: &str) -> usize {
+        let (lock, _) = &*self.gates;
+        let g = lock.lock().unwrap_or_else(|p| p.into_inner());
+        g.waiting.get(id).copied().unwrap_or(0)
+    }
+
     fn wait_gate(&self, id: &str) {
         let (lock, cv) = &*self.gates;
         let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
+        if !g.held.contains_key(id) {
+            return;
+        }
+        *g.waiting.entry(id.to_string()).or_default() += 1;
         while g.held.contains_key(id) {
             g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        if let Some(n) = g.waiting.get_mut(id) {
+            *n = n.saturating_sub(1);
         }
     }
 

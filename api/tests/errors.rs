@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_error, create, hotplug_vm, Case, Harness, TOKEN};
+use common::{assert_error, create, hotplug_vm, Case, Harness, MAX_INFLIGHT, TOKEN};
 use hyper::Method;
 use serde_json::{json, Value};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -471,4 +471,50 @@ fn the_spec_checker_rejects_bodies_that_do_not_match() {
     let r =
         std::panic::catch_unwind(|| spec.check(&Method::GET, "/v1/vms/{id}", &raw(418, json!({}))));
     assert!(r.is_err(), "undocumented status accepted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_vm_gets_503_beyond_its_in_flight_limit() {
+    let h = Harness::start().await;
+    let stuck = create(&h, &hotplug_vm()).await;
+    let other = create(&h, &hotplug_vm()).await;
+    let hold = h.backend.hold(&stuck.id);
+    let mut pending = Vec::new();
+    for _ in 0..MAX_INFLIGHT {
+        let c = h.unix.clone();
+        let id = stuck.id.clone();
+        pending.push(tokio::spawn(async move { c.get_vm(&id).await }));
+    }
+    // Wait (bounded) until all of them are blocked inside the backend.
+    let arrived = async {
+        while h.backend.waiting(&stuck.id) < MAX_INFLIGHT {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    assert!(tokio::time::timeout(Duration::from_secs(20), arrived)
+        .await
+        .is_ok());
+    let before = h.snapshot_without(&stuck.id).await;
+    let r = h
+        .raw(
+            Method::PUT,
+            &format!("/v1/vms/{}/state", stuck.id),
+            "/v1/vms/{id}/state",
+            Some(r#"{"action": "pause"}"#),
+        )
+        .await;
+    assert_error(&r, 503, "busy");
+    // Other VMs are served normally.
+    assert!(h.unix.get_vm(&other.id).await.is_ok());
+    assert_eq!(h.snapshot_without(&stuck.id).await, before);
+    drop(hold);
+    for p in pending {
+        let r = tokio::time::timeout(Duration::from_secs(20), p).await;
+        assert!(matches!(r, Ok(Ok(Ok(_)))), "{r:?}");
+    }
+    assert_eq!(
+        h.unix.get_vm(&stuck.id).await.map(|v| v.state).ok(),
+        Some(VmState::Running)
+    );
+    h.stop().await;
 }

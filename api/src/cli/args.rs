@@ -3,7 +3,8 @@
 use super::CliError;
 use crate::client::Client;
 use crate::server::{
-    ServeConfig, TcpConfig, DEFAULT_BACKEND_TIMEOUT, DEFAULT_BODY_LIMIT, DEFAULT_SOCKET_PATH,
+    ServeConfig, TcpConfig, DEFAULT_BACKEND_TIMEOUT, DEFAULT_BODY_LIMIT,
+    DEFAULT_MAX_INFLIGHT_PER_VM, DEFAULT_SOCKET_PATH,
 };
 use crate::types::*;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -368,6 +369,9 @@ pub struct ServeArgs {
     /// Seconds a request waits for the VMM before answering 504.
     #[arg(long, default_value_t = DEFAULT_BACKEND_TIMEOUT.as_secs())]
     pub backend_timeout: u64,
+    /// Requests per VM that may wait for it at once; more get 503.
+    #[arg(long, default_value_t = DEFAULT_MAX_INFLIGHT_PER_VM)]
+    pub max_inflight_per_vm: usize,
 }
 
 impl ServeArgs {
@@ -386,6 +390,7 @@ impl ServeArgs {
             tcp,
             body_limit: self.body_limit,
             backend_timeout: Duration::from_secs(self.backend_timeout.max(1)),
+            max_inflight_per_vm: self.max_inflight_per_vm,
         })
     }
 }

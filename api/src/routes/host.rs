@@ -20,7 +20,24 @@ use axum::Json;
     )
 )]
 pub async fn get_host(State(st): State<ApiState>) -> Result<Json<HostInfo>, ApiError> {
-    st.call(|b| b.host()).await.map(Json)
+    st.call(|b| b.host()).await.map(|h| Json(finite_host(h)))
+}
+
+/// JSON has no NaN or infinity (serde_json would print `null`, which the schema forbids):
+/// a backend's non-finite ratio is reported as 0.
+fn finite_host(mut h: HostInfo) -> HostInfo {
+    let fix = |v: &mut f64| {
+        if !v.is_finite() {
+            *v = 0.0;
+        }
+    };
+    fix(&mut h.overcommit_ratio);
+    for n in &mut h.nodes {
+        fix(&mut n.fragmentation_index);
+        fix(&mut n.thp_share);
+        fix(&mut n.overcommit_ratio);
+    }
+    h
 }
 
 /// Prometheus (OpenMetrics) text: pool, per-VM and per-device figures and the allocator
@@ -59,4 +76,35 @@ pub async fn openapi() -> Response {
         crate::openapi::spec_json(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_ratios_become_zero() {
+        let h = HostInfo {
+            nodes: vec![crate::types::NodeInfo {
+                node: 0,
+                total_mib: 0,
+                free_mib: 0,
+                assigned_mib: 0,
+                resident_mib: Default::default(),
+                fragmentation_index: f64::NAN,
+                thp_share: f64::INFINITY,
+                overcommit_ratio: 0.5,
+            }],
+            total_mib: 0,
+            free_mib: 0,
+            assigned_mib: 0,
+            overcommit_ratio: f64::NAN,
+            vm_count: 0,
+        };
+        let h = finite_host(h);
+        assert_eq!(h.overcommit_ratio, 0.0);
+        assert_eq!(h.nodes[0].fragmentation_index, 0.0);
+        assert_eq!(h.nodes[0].thp_share, 0.0);
+        assert_eq!(h.nodes[0].overcommit_ratio, 0.5);
+    }
 }

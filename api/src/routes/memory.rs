@@ -38,7 +38,7 @@ pub async fn resize_memory(
     let requested = req.requested_mib;
     let id2 = id.clone();
     let info = st
-        .call(move |b| b.resize_memory(&id2, requested))
+        .call_vm(&id, move |b| b.resize_memory(&id2, requested))
         .await
         .inspect_err(|e| {
             tracing::warn!(vm_id = %id, requested_mib = requested, error = %e, "resize refused");
@@ -76,7 +76,9 @@ pub async fn get_memory(
     State(st): State<ApiState>,
     VmId(id): VmId,
 ) -> Result<Json<MemoryInfo>, ApiError> {
-    st.call(move |b| b.get_memory(&id)).await.map(Json)
+    st.call_vm(&id.clone(), move |b| b.get_memory(&id))
+        .await
+        .map(Json)
 }
 
 /// Sets the balloon target.
@@ -106,7 +108,7 @@ pub async fn set_balloon(
     let target = req.target_mib;
     let id2 = id.clone();
     let info = st
-        .call(move |b| b.set_balloon(&id2, target))
+        .call_vm(&id, move |b| b.set_balloon(&id2, target))
         .await
         .inspect_err(|e| {
             tracing::warn!(vm_id = %id, target_mib = target, error = %e, "balloon target refused");
@@ -134,5 +136,7 @@ pub async fn balloon_stats(
     State(st): State<ApiState>,
     VmId(id): VmId,
 ) -> Result<Json<BalloonStats>, ApiError> {
-    st.call(move |b| b.balloon_stats(&id)).await.map(Json)
+    st.call_vm(&id.clone(), move |b| b.balloon_stats(&id))
+        .await
+        .map(Json)
 }

@@ -15,8 +15,76 @@ use axum::http::StatusCode;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Key of host-wide calls (host, list, create, metrics) in the in-flight table.
+const HOST_KEY: &str = "*host";
+
+/// Limits how many backend calls per VM may be in flight. A stuck VM then ties up at most
+/// that many blocking threads; further requests for it get 503 at once, and requests for
+/// other VMs are unaffected.
+#[derive(Debug)]
+pub struct InFlight {
+    max: usize,
+    map: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl InFlight {
+    /// A table allowing `max` calls per key.
+    pub fn new(max: usize) -> Self {
+        InFlight {
+            max: max.max(1),
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Semaphore>>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn try_acquire(self: &Arc<Self>, key: &str) -> Option<InFlightGuard> {
+        let sem = Arc::clone(
+            self.lock()
+                .entry(key.to_string())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.max))),
+        );
+        let permit = Arc::clone(&sem).try_acquire_owned().ok()?;
+        Some(InFlightGuard {
+            table: Arc::clone(self),
+            key: key.to_string(),
+            sem,
+            permit: Some(permit),
+        })
+    }
+
+    /// Number of keys with calls in flight (for tests).
+    pub fn keys(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// Holds one in-flight slot until the backend call returns; removes idle entries.
+struct InFlightGuard {
+    table: Arc<InFlight>,
+    key: String,
+    sem: Arc<Semaphore>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        let mut map = self.table.lock();
+        // Entries are cloned only under this lock: two references (the map's and ours) and
+        // all permits back means nobody else uses it.
+        if Arc::strong_count(&self.sem) == 2 && self.sem.available_permits() == self.table.max {
+            map.remove(&self.key);
+        }
+    }
+}
 
 /// Shared state of the handlers.
 #[derive(Clone)]
@@ -25,27 +93,49 @@ pub struct ApiState {
     pub backend: Arc<dyn ApiBackend>,
     /// How long a handler waits for the backend before answering 504.
     pub timeout: Duration,
+    /// Per-VM limit of calls in flight.
+    pub inflight: Arc<InFlight>,
 }
 
 impl std::fmt::Debug for ApiState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ApiState")
             .field("timeout", &self.timeout)
+            .field("inflight", &self.inflight)
             .finish_non_exhaustive()
     }
 }
 
 impl ApiState {
-    /// Runs `f` against the backend on a blocking thread, so that a slow VM does not hold up
-    /// the async workers. Answers `Timeout` when the backend takes longer than `self.timeout`
-    /// (the call itself then still completes in the background).
+    /// Runs a host-wide call (see [`ApiState::call_vm`]).
     pub async fn call<T, F>(&self, f: F) -> Result<T, ApiError>
     where
         F: FnOnce(&dyn ApiBackend) -> Result<T, ApiError> + Send + 'static,
         T: Send + 'static,
     {
+        self.call_vm(HOST_KEY, f).await
+    }
+
+    /// Runs `f` against the backend on a blocking thread, so that a slow VM does not hold up
+    /// the async workers. Answers `Busy` when too many calls for `vm` are already in flight,
+    /// and `Timeout` when the backend takes longer than `self.timeout` (the call itself then
+    /// still completes in the background and keeps its in-flight slot until it does).
+    pub async fn call_vm<T, F>(&self, vm: &str, f: F) -> Result<T, ApiError>
+    where
+        F: FnOnce(&dyn ApiBackend) -> Result<T, ApiError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let guard = self.inflight.try_acquire(vm).ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::Busy,
+                format!("too many requests for {vm} are still waiting for it; try again later"),
+            )
+        })?;
         let backend = Arc::clone(&self.backend);
-        let task = tokio::task::spawn_blocking(move || f(&*backend));
+        let task = tokio::task::spawn_blocking(move || {
+            let _guard = guard;
+            f(&*backend)
+        });
         match tokio::time::timeout(self.timeout, task).await {
             Err(_) => Err(ApiError::new(
                 ErrorKind::Timeout,
@@ -150,4 +240,42 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::MemBackend;
+
+    fn state(max: usize) -> ApiState {
+        ApiState {
+            backend: Arc::new(MemBackend::default()),
+            timeout: Duration::from_secs(30),
+            inflight: Arc::new(InFlight::new(max)),
+        }
+    }
+
+    #[tokio::test]
+    async fn in_flight_entries_are_removed_when_idle() {
+        let st = state(2);
+        for id in ["vm-1", "vm-2", "vm-3"] {
+            let r = st.call_vm(id, |b| b.list_vms()).await;
+            assert!(r.is_ok());
+        }
+        assert_eq!(st.inflight.keys(), 0);
+    }
+
+    #[tokio::test]
+    async fn in_flight_limit_is_per_key() {
+        let st = state(1);
+        let a = st.inflight.try_acquire("vm-1");
+        assert!(a.is_some());
+        assert!(st.inflight.try_acquire("vm-1").is_none());
+        let err = st.call_vm("vm-1", |b| b.list_vms()).await;
+        assert_eq!(err.map_err(|e| e.kind).err(), Some(ErrorKind::Busy));
+        assert!(st.call_vm("vm-2", |b| b.list_vms()).await.is_ok());
+        drop(a);
+        assert!(st.call_vm("vm-1", |b| b.list_vms()).await.is_ok());
+        assert_eq!(st.inflight.keys(), 0);
+    }
 }

@@ -76,7 +76,9 @@ pub async fn list_vms(State(st): State<ApiState>) -> Result<Json<Vec<VmInfo>>, A
     )
 )]
 pub async fn get_vm(State(st): State<ApiState>, VmId(id): VmId) -> Result<Json<VmInfo>, ApiError> {
-    st.call(move |b| b.get_vm(&id)).await.map(Json)
+    st.call_vm(&id.clone(), move |b| b.get_vm(&id))
+        .await
+        .map(Json)
 }
 
 /// Stops (if needed) and deletes a VM.
@@ -95,7 +97,7 @@ pub async fn get_vm(State(st): State<ApiState>, VmId(id): VmId) -> Result<Json<V
 )]
 pub async fn delete_vm(State(st): State<ApiState>, VmId(id): VmId) -> Result<StatusCode, ApiError> {
     let id2 = id.clone();
-    st.call(move |b| b.delete_vm(&id2))
+    st.call_vm(&id, move |b| b.delete_vm(&id2))
         .await
         .inspect_err(|e| tracing::warn!(vm_id = %id, error = %e, "vm delete refused"))?;
     tracing::info!(vm_id = %id, "vm deleted");
@@ -129,7 +131,7 @@ pub async fn set_state(
     let id2 = id.clone();
     let action = req.action;
     let info = st
-        .call(move |b| b.set_state(&id2, action))
+        .call_vm(&id, move |b| b.set_state(&id2, action))
         .await
         .inspect_err(|e| {
             tracing::warn!(vm_id = %id, action = action.as_str(), error = %e, "vm state change refused");

@@ -13,8 +13,10 @@ use tidepool_api::client::RawResponse;
 use tidepool_api::server::{ServeConfig, Server, TcpConfig};
 use tidepool_api::testing::MemBackend;
 use tidepool_api::types::VmInfo;
-use tidepool_api::Client;
+use tidepool_api::{ApiBackend, Client};
 
+/// Per-VM in-flight limit of the test servers.
+pub const MAX_INFLIGHT: usize = 4;
 pub const TOKEN: &str = "test-token-0123456789abcdef";
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -72,6 +74,7 @@ impl Harness {
             }),
             body_limit: 64 * 1024,
             backend_timeout,
+            max_inflight_per_vm: MAX_INFLIGHT,
         };
         let server =
             Server::bind(Arc::new(backend.clone()), cfg).unwrap_or_else(|e| panic!("bind: {e}"));
@@ -124,6 +127,18 @@ impl Harness {
             .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
         self.spec.check(&method, template, &r);
         r
+    }
+
+    /// Like [`Harness::snapshot`] but without asking about VM `skip` (which may be held).
+    pub async fn snapshot_without(&self, skip: &str) -> Value {
+        let mut out = Vec::new();
+        for vm in self.backend.list_vms().unwrap_or_default() {
+            if vm.id != skip {
+                let mem = self.backend.peek(&vm.id);
+                out.push(serde_json::json!({ "vm": vm, "memory": format!("{mem:?}") }));
+            }
+        }
+        Value::Array(out)
     }
 
     /// The VM list (validated) plus each VM's memory and balloon figures read directly from
