@@ -68,15 +68,18 @@ impl DriverQueue {
         }
     }
 
-    fn desc_addr(&self) -> u64 {
+    /// Guest address of the descriptor table.
+    pub fn desc_addr(&self) -> u64 {
         self.base.0
     }
 
-    fn avail_addr(&self) -> u64 {
+    /// Guest address of the avail (driver) ring.
+    pub fn avail_addr(&self) -> u64 {
         self.base.0 + 16 * u64::from(self.size)
     }
 
-    fn used_addr(&self) -> u64 {
+    /// Guest address of the used (device) ring.
+    pub fn used_addr(&self) -> u64 {
         // flags, idx, ring[size], used_event; the used ring is 4-byte aligned.
         (self.avail_addr() + 6 + 2 * u64::from(self.size)).next_multiple_of(4)
     }
