@@ -1,6 +1,7 @@
 //! Device tests that play the Linux driver over real guest memory: the driver side writes
 //! descriptors and buffers into a `GuestMemoryMmap`, the device pops them from real queues.
 
+mod fuzz;
 mod malformed;
 mod mmio;
 mod queues;
