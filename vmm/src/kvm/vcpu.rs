@@ -445,3 +445,92 @@ impl<H> Drop for VcpuHandle<H> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records what it saw; answers reads with 0xab; fails on port 0x99; stops on MMIO 0x1000.
+    #[derive(Default)]
+    struct Recorder {
+        seen: Vec<String>,
+    }
+
+    impl ExitHandler for Recorder {
+        fn handle(&mut self, exit: Exit<'_>) -> Result<ExitAction, String> {
+            self.seen.push(format!("{exit:?}"));
+            match exit {
+                Exit::MmioRead { data, .. } | Exit::IoIn { data, .. } => {
+                    data.fill(0xab);
+                    Ok(ExitAction::Continue)
+                }
+                Exit::IoOut { port: 0x99, .. } => Err("bad port".into()),
+                Exit::MmioWrite { addr: 0x1000, .. } => Ok(ExitAction::Stop),
+                _ => Ok(ExitAction::Continue),
+            }
+        }
+    }
+
+    fn step_kind(s: &Step) -> String {
+        match s {
+            Step::Continue => "continue".into(),
+            Step::Stop(r) => format!("stop {r:?}"),
+            Step::Fail(e) => format!("fail {e}"),
+            Step::Shutdown => "shutdown".into(),
+            Step::Internal => "internal".into(),
+        }
+    }
+
+    #[test]
+    fn device_exits_go_to_the_handler() {
+        let mut h = Recorder::default();
+        let mut buf = [0u8; 4];
+        let s = dispatch(0, VcpuExit::MmioRead(0x2000, &mut buf), &mut h);
+        assert_eq!(step_kind(&s), "continue");
+        assert_eq!(buf, [0xab; 4]);
+        let s = dispatch(0, VcpuExit::MmioWrite(0x1000, &[1, 2]), &mut h);
+        assert_eq!(step_kind(&s), "stop Handler");
+        let s = dispatch(3, VcpuExit::IoOut(0x99, &[0]), &mut h);
+        assert_eq!(step_kind(&s), "fail vCPU 3: exit handler: bad port");
+        let mut b = [0u8; 1];
+        let s = dispatch(0, VcpuExit::IoIn(0x60, &mut b), &mut h);
+        assert_eq!(step_kind(&s), "continue");
+        assert_eq!(b, [0xab]);
+        assert_eq!(h.seen.len(), 4);
+    }
+
+    #[test]
+    fn other_exits_become_typed_outcomes() {
+        let mut h = Recorder::default();
+        assert_eq!(
+            step_kind(&dispatch(0, VcpuExit::Hlt, &mut h)),
+            "stop Halted"
+        );
+        assert_eq!(
+            step_kind(&dispatch(0, VcpuExit::Shutdown, &mut h)),
+            "shutdown"
+        );
+        assert_eq!(
+            step_kind(&dispatch(0, VcpuExit::InternalError, &mut h)),
+            "internal"
+        );
+        assert_eq!(step_kind(&dispatch(0, VcpuExit::Intr, &mut h)), "continue");
+        let s = dispatch(1, VcpuExit::FailEntry(0x21, 1), &mut h);
+        assert!(matches!(
+            s,
+            Step::Fail(VcpuError::FailEntry {
+                id: 1,
+                reason: 0x21
+            })
+        ));
+        let s = dispatch(2, VcpuExit::Unsupported(77), &mut h);
+        assert!(matches!(
+            s,
+            Step::Fail(VcpuError::UnexpectedExit { id: 2, .. })
+        ));
+        let s = dispatch(0, VcpuExit::Debug(Default::default()), &mut h);
+        assert!(matches!(s, Step::Fail(VcpuError::UnexpectedExit { .. })));
+        // None of these reached the handler.
+        assert!(h.seen.is_empty());
+    }
+}

@@ -250,3 +250,48 @@ pub fn measure_boot_phases() -> Result<BootPhases, RunError> {
         run: run.phases,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collector_records_reports_and_stops_on_done() {
+        let mut c = ReportCollector::default();
+        let w = |c: &mut ReportCollector, addr: u64, data: &[u8]| {
+            c.handle(Exit::MmioWrite { addr, data })
+        };
+        assert_eq!(
+            w(&mut c, REPORT_BASE + 8, &7u64.to_le_bytes()),
+            Ok(ExitAction::Continue)
+        );
+        assert_eq!(
+            w(&mut c, REPORT_BASE + 16, &9u64.to_le_bytes()),
+            Ok(ExitAction::Continue)
+        );
+        assert_eq!(c.value(1), Some(7));
+        assert_eq!(c.value(2), Some(9));
+        assert_eq!(c.value(3), None);
+        // Wrong size, outside the window, reads and port I/O are refused.
+        assert!(w(&mut c, REPORT_BASE + 8, &[1, 2, 3, 4]).is_err());
+        assert!(w(&mut c, REPORT_BASE + 0x1000, &0u64.to_le_bytes()).is_err());
+        let mut d = [0u8; 8];
+        assert!(c
+            .handle(Exit::MmioRead {
+                addr: REPORT_BASE,
+                data: &mut d
+            })
+            .is_err());
+        assert!(c
+            .handle(Exit::IoOut {
+                port: 0x80,
+                data: &[0]
+            })
+            .is_err());
+        assert_eq!(
+            w(&mut c, REPORT_BASE, &0u64.to_le_bytes()),
+            Ok(ExitAction::Stop)
+        );
+        assert_eq!(c.reports.len(), 3);
+    }
+}
