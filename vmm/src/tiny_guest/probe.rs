@@ -11,6 +11,7 @@ use kvm_bindings::kvm_xcrs;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::boot::{CR4_FSGSBASE, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_OSXSAVE, CR4_PKE};
+use super::program::TAG_USER;
 use super::run::{ReportCollector, RunError};
 use super::{Privilege, Step, TinyGuestBuilder};
 use crate::kvm::cpuid::{has_feature, is_denied, Reg};
@@ -88,12 +89,54 @@ pub enum ProbeOutcome {
 pub struct ProbeResult {
     /// The probe's name.
     pub name: &'static str,
-    /// Whether KVM's supported CPUID offers the feature (baseline instructions: true).
+    /// Whether KVM_GET_SUPPORTED_CPUID offers the feature (baseline instructions: true).
     pub offered: bool,
-    /// Whether Tidepool's CPUID filter hides it from guests.
-    pub hidden: bool,
-    /// What happened; None when the feature is not offered (not run).
-    pub outcome: Option<ProbeOutcome>,
+    /// Whether Tidepool's deny list names the feature.
+    pub denied: bool,
+    /// Whether a guest kernel of a Tidepool VM (filtered CPUID, CPL0) actually sees the feature
+    /// (baseline instructions: true). On this host it can see a feature that is denied, or
+    /// not even offered: see [`cpl0_cpuid`].
+    pub visible: bool,
+    /// What happened when the instruction ran at CPL0 (the feature bit forced on in the
+    /// vCPU's CPUID so that KVM accepts the CR4/XCR0 bits it needs).
+    pub outcome: ProbeOutcome,
+}
+
+/// CPUID as a Tidepool guest kernel sees it: the listed leaves, read by `cpuid` at CPL0 in a
+/// VM whose vCPU has Tidepool's filtered CPUID. Returns EAX, EBX, ECX, EDX per leaf.
+///
+/// On this host (`kvm_pvm`) the answer is mostly the host CPU's, whatever KVM_SET_CPUID2 set:
+/// only a few KVM-managed bits (leaf 1 ECX: CX16, x2APIC, TSC-deadline, hypervisor; the APIC
+/// ID) follow the VMM's CPUID.
+pub fn cpl0_cpuid(leaves: &[(u32, u32)]) -> Result<Vec<[u32; 4]>, RunError> {
+    let vm = Vm::new(VmConfig {
+        layout: LayoutConfig {
+            boot_ram: 16 * MIB,
+            hotplug_size: 0,
+        },
+        platform: false,
+    })?;
+    let mut b = TinyGuestBuilder::new(vm.window().layout()).privilege(Privilege::Kernel);
+    for (i, (leaf, subleaf)) in leaves.iter().enumerate() {
+        b = b.step(Step::ReportCpuid {
+            leaf: *leaf,
+            subleaf: *subleaf,
+            tag: TAG_USER + 4 * i as u64,
+        });
+    }
+    let image = b.step(Step::Done).build()?;
+    let run = super::run_tiny_guest(&vm, &image, Duration::from_secs(10))?;
+    run.summary.result?;
+    let r = &run.summary.handler;
+    let mut out = Vec::new();
+    for i in 0..leaves.len() as u64 {
+        let mut regs = [0u32; 4];
+        for (j, reg) in regs.iter_mut().enumerate() {
+            *reg = r.value(TAG_USER + 4 * i + j as u64).unwrap_or(0) as u32;
+        }
+        out.push(regs);
+    }
+    Ok(out)
 }
 
 const PCLMUL: Feature = (1, 0, Reg::Ecx, 1);
@@ -330,7 +373,51 @@ fn probe_code(probe: &Probe) -> Result<Vec<u8>, IcedError> {
     a.assemble(0)
 }
 
-/// Run `probe` at CPL0 in a fresh 16 MiB VM with KVM's unfiltered CPUID.
+/// Run every probe; `visible` comes from one [`cpl0_cpuid`] read.
+pub fn run_probes(probes: &[Probe], timeout: Duration) -> Result<Vec<ProbeResult>, RunError> {
+    let mut leaves: Vec<(u32, u32)> = probes
+        .iter()
+        .filter_map(|p| p.feature.map(|(l, s, _, _)| (l, s)))
+        .collect();
+    leaves.sort_unstable();
+    leaves.dedup();
+    let seen = cpl0_cpuid(&leaves)?;
+    probes
+        .iter()
+        .map(|p| {
+            let visible = p.feature.is_none_or(|(l, s, r, b)| {
+                leaves
+                    .iter()
+                    .position(|x| *x == (l, s))
+                    .and_then(|i| seen.get(i))
+                    .is_some_and(|regs| regs[r as usize] & (1 << b) != 0)
+            });
+            run_probe(p, timeout).map(|mut res| {
+                res.visible = visible;
+                res
+            })
+        })
+        .collect()
+}
+
+fn force_feature(cpuid: &mut [kvm_bindings::kvm_cpuid_entry2], (leaf, subleaf, reg, bit): Feature) {
+    for e in cpuid
+        .iter_mut()
+        .filter(|e| e.function == leaf && e.index == subleaf)
+    {
+        let v = match reg {
+            Reg::Eax => &mut e.eax,
+            Reg::Ebx => &mut e.ebx,
+            Reg::Ecx => &mut e.ecx,
+            Reg::Edx => &mut e.edx,
+        };
+        *v |= 1 << bit;
+    }
+}
+
+/// Run `probe` at CPL0 in a fresh 16 MiB VM, with KVM's supported CPUID plus the probe's
+/// feature (and XSAVE, when the probe needs CR4.OSXSAVE) forced on. `visible` is left true;
+/// [`run_probes`] fills it in.
 pub fn run_probe(probe: &Probe, timeout: Duration) -> Result<ProbeResult, RunError> {
     let vm = Vm::new(VmConfig {
         layout: LayoutConfig {
@@ -339,20 +426,18 @@ pub fn run_probe(probe: &Probe, timeout: Duration) -> Result<ProbeResult, RunErr
         },
         platform: false,
     })?;
-    let supported = vm.supported_cpuid().clone();
+    let mut cpuid = vm.supported_cpuid().clone();
     let offered = probe
         .feature
-        .is_none_or(|(l, s, r, b)| has_feature(supported.as_slice(), l, s, r, b));
-    let hidden = probe
+        .is_none_or(|(l, s, r, b)| has_feature(cpuid.as_slice(), l, s, r, b));
+    let denied = probe
         .feature
         .is_some_and(|(l, s, r, b)| is_denied(l, s, r, b));
-    if !offered {
-        return Ok(ProbeResult {
-            name: probe.name,
-            offered,
-            hidden,
-            outcome: None,
-        });
+    if let Some(f) = probe.feature {
+        force_feature(cpuid.as_mut_slice(), f);
+    }
+    if probe.cr4 & CR4_OSXSAVE != 0 {
+        force_feature(cpuid.as_mut_slice(), XSAVE);
     }
     let code = probe_code(probe).map_err(super::TinyGuestError::from)?;
     let image = TinyGuestBuilder::new(vm.window().layout())
@@ -368,7 +453,7 @@ pub fn run_probe(probe: &Probe, timeout: Duration) -> Result<ProbeResult, RunErr
             reason: e.to_string(),
         })?;
     drop(mem);
-    let vcpu = vm.create_vcpu_with_cpuid(0, &supported)?;
+    let vcpu = vm.create_vcpu_with_cpuid(0, &cpuid)?;
     let mut sregs = vcpu.sregs()?;
     image.boot.apply_sregs(&mut sregs);
     vcpu.set_sregs(&sregs)?;
@@ -393,7 +478,8 @@ pub fn run_probe(probe: &Probe, timeout: Duration) -> Result<ProbeResult, RunErr
     Ok(ProbeResult {
         name: probe.name,
         offered,
-        hidden,
-        outcome: Some(classify(&summary.result)),
+        denied,
+        visible: true,
+        outcome: classify(&summary.result),
     })
 }

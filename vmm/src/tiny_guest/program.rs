@@ -77,6 +77,16 @@ pub enum Step {
         /// Value.
         value: u64,
     },
+    /// Execute `cpuid` with `leaf`/`subleaf` and report EAX, EBX, ECX, EDX under tags
+    /// `tag`, `tag + 1`, `tag + 2`, `tag + 3` (shows what CPUID the guest really sees).
+    ReportCpuid {
+        /// EAX input.
+        leaf: u32,
+        /// ECX input.
+        subleaf: u32,
+        /// First of the four tags.
+        tag: u64,
+    },
     /// Execute `hlt` (at CPL3 without an IDT this triple-faults: KVM_EXIT_SHUTDOWN).
     Halt,
     /// Spin forever (for kick tests).
@@ -167,6 +177,16 @@ pub fn assemble(steps: &[Step], ip: u64, image: Range<u64>) -> Result<Vec<u8>, I
             Step::Report { tag, value } => {
                 a.mov(rax, *value)?;
                 report(&mut a, (*tag).min(MAX_TAG), rax)?;
+            }
+            Step::ReportCpuid { leaf, subleaf, tag } => {
+                a.mov(eax, *leaf)?;
+                a.mov(ecx, *subleaf)?;
+                a.cpuid()?;
+                let t = (*tag).min(MAX_TAG - 3);
+                report(&mut a, t, rax)?;
+                report(&mut a, t + 1, rbx)?;
+                report(&mut a, t + 2, rcx)?;
+                report(&mut a, t + 3, rdx)?;
             }
             Step::Halt => a.hlt()?,
             Step::Spin => {
