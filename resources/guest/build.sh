@@ -16,7 +16,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-# shellcheck source=../lib/debian-kernel.sh
+# shellcheck source=resources/lib/debian-kernel.sh
 . "$here/../lib/debian-kernel.sh"
 
 force=0
@@ -102,6 +102,7 @@ for applet in $("$TP_BUSYBOX" --list); do
 done
 
 # modules, decompressed, and the list /init loads in order
+# shellcheck disable=SC2086 # a list of module names
 tp_install_modules "$TP_KDIR/root" "$TP_KVER" "$rootfs" "$rootfs/etc/tidepool/modules" $GUEST_MODULES
 cp "$mdir/modules.dep" "$rootfs/lib/modules/$TP_KVER/modules.dep"
 for f in modules.builtin modules.order; do

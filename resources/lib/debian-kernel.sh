@@ -276,7 +276,7 @@ tp_pack_cpio() {
     tp_need cpio cpio
     find "$dir" -exec touch -h -d @0 {} +
     (
-        cd "$dir"
+        cd "$dir" || exit 1
         find . -mindepth 1 | LC_ALL=C sort |
             cpio --quiet -o -H newc -R 0:0 --reproducible
     ) >"$out.cpio.tmp"
