@@ -264,6 +264,9 @@ pub struct ResidencySample {
     pub refaulted_bytes: u64,
     /// Host-resident bytes over all guest RAM.
     pub resident_bytes: u64,
+    /// Ballooned bytes that are resident: the guest touched pages it gave away without
+    /// deflating them first (or only read them: reads map the zero page).
+    pub ballooned_resident_bytes: u64,
 }
 
 /// The balloon's host-side state: page sets and counters. Inflate, deflate and reporting
@@ -371,14 +374,10 @@ impl Ledger {
             }
         }
         for &(gpa, len) in self.ram.ranges() {
-            let mut off = 0;
-            while off < len {
-                let pages = ((len - off) / PAGE_SIZE).min(PROBE_CHUNK_PAGES as u64) as usize;
-                let chunk = &mut buf[..pages];
-                probe.residency(gpa + off, chunk)?;
-                sample.resident_bytes += chunk.iter().filter(|r| **r).count() as u64 * PAGE_SIZE;
-                off += pages as u64 * PAGE_SIZE;
-            }
+            sample.resident_bytes += resident_in(probe, gpa, len, &mut buf)?;
+        }
+        for (gpa, len) in self.ballooned.runs() {
+            sample.ballooned_resident_bytes += resident_in(probe, gpa, len, &mut buf)?;
         }
         self.counters.refaulted_bytes_total += sample.refaulted_bytes;
         self.counters.residency_samples += 1;
@@ -414,6 +413,25 @@ impl Ledger {
     pub(crate) fn reset_balloon(&mut self) {
         self.ballooned = PageSet::new(&self.ram);
     }
+}
+
+/// Resident bytes of `[gpa, gpa+len)`, probed in chunks of `buf.len()` pages.
+fn resident_in(
+    probe: &dyn ResidencyProbe,
+    gpa: u64,
+    len: u64,
+    buf: &mut [bool],
+) -> Result<u64, BackendError> {
+    let mut resident = 0;
+    let mut off = 0;
+    while off < len {
+        let pages = ((len - off) / PAGE_SIZE).min(buf.len() as u64) as usize;
+        let chunk = &mut buf[..pages];
+        probe.residency(gpa + off, chunk)?;
+        resident += chunk.iter().filter(|r| **r).count() as u64 * PAGE_SIZE;
+        off += pages as u64 * PAGE_SIZE;
+    }
+    Ok(resident)
 }
 
 /// Whole and partially covered `huge`-sized blocks of `[gpa, gpa+len)`.

@@ -42,6 +42,9 @@ pub struct ReclaimBenchConfig {
     /// Report blocks in a scattered order, as a guest's free lists would, so that adjacent
     /// blocks rarely merge into one discard.
     pub scatter: bool,
+    /// Measured rounds (each: populate + reporting, populate + raw, alternating which goes
+    /// first); [`ReclaimBench::compare`] keeps the median run of each.
+    pub rounds: u32,
 }
 
 impl Default for ReclaimBenchConfig {
@@ -52,6 +55,7 @@ impl Default for ReclaimBenchConfig {
             blocks_per_report: 32,
             huge_pages: true,
             scatter: true,
+            rounds: 5,
         }
     }
 }
@@ -76,12 +80,12 @@ impl BenchRun {
     }
 }
 
-/// The full comparison [`ReclaimBench::compare`] produces.
+/// The full comparison [`ReclaimBench::compare`] produces (median runs).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ReclaimFigures {
-    /// Time to make the data area resident before the reporting run.
+    /// Median time to make the data area resident.
     pub populate: Duration,
-    /// Resident bytes of the data area before the reporting run.
+    /// Smallest resident size of the data area after populating (should be all of it).
     pub resident_before: u64,
     /// Free page reporting through the device.
     pub reporting: BenchRun,
@@ -265,27 +269,44 @@ impl ReclaimBench {
 
     /// One untimed warm-up round (the first touch of fresh memory and the first pass through
     /// the reporting path pay one-time costs: on this host the first THP populate of 1 GiB took
-    /// 2 s against 0.05 s later, and the first reporting pass ran at half speed), then: populate,
-    /// report everything, populate again, discard everything raw.
+    /// 2 s against 0.05 s later), then `rounds` measured rounds of "populate, report
+    /// everything" and "populate, discard everything raw", alternating which goes first so that
+    /// neither always inherits the other's page-table state. Returns the median run of each.
     pub fn compare(cfg: ReclaimBenchConfig) -> Result<ReclaimFigures, BenchError> {
         let mut b = ReclaimBench::new(cfg)?;
         b.populate()?;
         b.run_reporting()?;
         b.populate()?;
         b.run_raw_madvise()?;
-        let populate = b.populate()?;
-        let resident_before = b.resident_bytes()?;
-        let reporting = b.run_reporting()?;
-        b.populate()?;
-        let raw = b.run_raw_madvise()?;
+        let mut populate = Vec::new();
+        let mut resident_before = u64::MAX;
+        let mut reporting = Vec::new();
+        let mut raw = Vec::new();
+        for round in 0..cfg.rounds.max(1) {
+            for step in 0..2 {
+                populate.push(b.populate()?);
+                resident_before = resident_before.min(b.resident_bytes()?);
+                if (round + step) % 2 == 0 {
+                    reporting.push(b.run_reporting()?);
+                } else {
+                    raw.push(b.run_raw_madvise()?);
+                }
+            }
+        }
+        populate.sort_unstable();
         Ok(ReclaimFigures {
-            populate,
+            populate: populate[populate.len() / 2],
             resident_before,
-            reporting,
-            raw,
+            reporting: median(reporting),
+            raw: median(raw),
             host_huge_aligned: b.host_huge_aligned(),
         })
     }
+}
+
+fn median(mut runs: Vec<BenchRun>) -> BenchRun {
+    runs.sort_unstable_by_key(|r| r.elapsed);
+    runs.get(runs.len() / 2).copied().unwrap_or_default()
 }
 
 /// Block indices in report order: sequential, or a deterministic scatter (a stride coprime
@@ -326,6 +347,7 @@ mod tests {
     fn small_comparison_runs_and_frees_everything() {
         let cfg = ReclaimBenchConfig {
             data_bytes: 64 << 20,
+            rounds: 2,
             ..Default::default()
         };
         let f = ReclaimBench::compare(cfg).unwrap();

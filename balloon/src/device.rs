@@ -332,7 +332,10 @@ impl Balloon {
                 self.ledger.errors.trailing_bytes += 1;
             }
             self.ledger.count_stats_update();
-            self.latest_stats = Some(stats);
+            // An update without a single whole entry tells nothing: keep the last one.
+            if bytes.len() >= crate::stats::STAT_ENTRY_SIZE {
+                self.latest_stats = Some(stats);
+            }
             // A driver sends one buffer and waits for it to come back; if it sends another,
             // return the older one so that nothing leaks.
             if let Some(old) = self.stats_held.replace(head) {

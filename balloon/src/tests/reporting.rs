@@ -82,10 +82,21 @@ fn refaults_are_estimated_from_residency() {
     assert_eq!(a.reported_bytes, 2 * H - (1 << 20));
     assert_eq!(a.refaulted_bytes, 1 << 20);
     assert_eq!(a.sampled_resident_bytes, Some(RAM - 2 * H + (1 << 20)));
+    assert_eq!(s.ballooned_resident_bytes, 0);
+    // A guest that uses ballooned pages without deflating shows up.
+    vm.send_pfns(0, &[0x3000, 0x3001]);
+    fake.touch(0x300_0000, 0x1000);
+    assert_eq!(
+        vm.dev
+            .sample_residency(&fake)
+            .unwrap()
+            .ballooned_resident_bytes,
+        0x1000
+    );
     // A second sample finds nothing new.
     let s = vm.dev.sample_residency(&fake).unwrap();
     assert_eq!(s.refaulted_bytes, 0);
-    assert_eq!(vm.dev.accounting().counters.residency_samples, 2);
+    assert_eq!(vm.dev.accounting().counters.residency_samples, 3);
 }
 
 #[test]

@@ -71,6 +71,13 @@ fn a_second_buffer_returns_the_first() {
     let e = vm.dev.accounting().input_errors;
     assert_eq!(e.extra_stats_buffers, 1);
     assert_eq!(e.trailing_bytes, 1);
+    // A device-writable (wrong direction) buffer carries nothing: the last stats stay.
+    assert_eq!(vm.kick(2, &[Buf::inb(a, 10)]), 1);
+    assert_eq!(
+        vm.dev.latest_stats().unwrap().get(StatTag::FreeMemory),
+        Some(2)
+    );
+    assert_eq!(vm.dev.accounting().input_errors.wrong_direction, 1);
 }
 
 #[test]
