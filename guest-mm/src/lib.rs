@@ -14,10 +14,14 @@
 pub mod frame;
 pub mod host;
 pub mod monitor;
+pub mod pcp;
 pub mod policy;
 pub mod slab;
 pub mod topology;
+pub mod zone;
 
 pub use frame::{
     FrameId, MigrateType, NodeId, FRAME_SIZE, MAX_ORDER, NR_ORDERS, PAGEBLOCK_ORDER, THP_ORDER,
 };
+pub use pcp::{CpuCache, PcpConfig};
+pub use zone::{AllocError, FreeError, ValidateError, Zone, ZoneError, ZoneStats};
