@@ -7,8 +7,11 @@
 //! Frames on the cache's stacks are allocated in the zone's metadata but the zone counts them
 //! as *cached*, not allocated: each time the cache takes the zone lock it reports how many
 //! frames it holds, so the zone's `cached` figure is exact as of the cache's last lock.
-//! When the zone isolates pageblocks it bumps an epoch; the cache notices on its next
-//! operation and gives back the frames that now lie in isolated pageblocks.
+//! When the zone isolates or unisolates pageblocks it bumps an epoch; the cache notices on its
+//! next operation (one atomic load), gives back the frames that now lie in isolated pageblocks
+//! and from then on sends frees into isolated ranges straight to the zone. A cache on another
+//! thread that is inside an operation while the isolation happens may still hand out one
+//! frame of the range; users of isolation (compaction, hot-unplug) see it as allocated.
 //!
 //! The fast path cannot see the zone's metadata, so a double free into the cache is detected
 //! only when the frame is flushed back to the zone (the flush then returns the error).
@@ -69,6 +72,8 @@ pub struct CpuCache<'z> {
     reported: [u64; NR_TYPES],
     epoch: IsolationEpoch,
     seen_epoch: u64,
+    /// Isolated frame ranges [start, end) as of `seen_epoch`; frees into them bypass the cache.
+    isolated: Vec<(u64, u64)>,
     base: u64,
     nr: u64,
     stats: PcpStats,
@@ -105,6 +110,7 @@ impl<'z> CpuCache<'z> {
             reported: [0; NR_TYPES],
             seen_epoch: epoch.get(),
             epoch,
+            isolated: Vec::new(),
             base,
             nr,
             stats: PcpStats::default(),
@@ -120,6 +126,16 @@ impl<'z> CpuCache<'z> {
             }
         }
         n
+    }
+
+    /// Frames of type `mt` currently held on the local stacks.
+    pub fn cached_frames_of(&self, mt: MigrateType) -> u64 {
+        let t = mt.index();
+        if t >= NR_TYPES {
+            return 0;
+        }
+        ((self.lists[0][t].len() as u64) << SLOT_ORDERS[0])
+            + ((self.lists[1][t].len() as u64) << SLOT_ORDERS[1])
     }
 
     /// The cache's counters.
@@ -174,6 +190,13 @@ impl<'z> CpuCache<'z> {
         if !frame.is_aligned(order) {
             return Err(FreeError::InvalidOrder(order));
         }
+        if self.epoch.get() != self.seen_epoch {
+            self.flush_isolated();
+        }
+        if !self.isolated.is_empty() && self.in_isolated(frame) {
+            // Like Linux, a block freed into an isolated pageblock goes straight to the zone.
+            return lock(self.zone).free_as(frame, order, mt);
+        }
         let list = &mut self.lists[slot][t];
         list.push(frame);
         if list.len() > self.high[slot] {
@@ -205,7 +228,6 @@ impl<'z> CpuCache<'z> {
     fn refill(&mut self, slot: usize, mt: MigrateType) -> Result<FrameId, AllocError> {
         let order = SLOT_ORDERS[slot];
         let mut z = lock(self.zone);
-        self.seen_epoch = self.epoch.get();
         let list = &mut self.lists[slot][mt.index()];
         let mut res = Ok(());
         for _ in 0..self.batch[slot] {
@@ -243,12 +265,20 @@ impl<'z> CpuCache<'z> {
         r
     }
 
-    /// Give back the frames that lie in isolated pageblocks.
+    fn in_isolated(&self, f: FrameId) -> bool {
+        self.isolated.iter().any(|&(s, e)| f.0 >= s && f.0 < e)
+    }
+
+    /// After an isolation change: give back the frames that lie in isolated pageblocks and
+    /// take a fresh copy of the isolated ranges.
     #[cold]
     #[allow(clippy::needless_range_loop)] // parallel per-type arrays
     fn flush_isolated(&mut self) {
         let mut z = lock(self.zone);
         self.seen_epoch = self.epoch.get();
+        self.isolated.clear();
+        self.isolated
+            .extend(z.isolated_ranges().map(|(s, n)| (s.0, s.0 + n)));
         for slot in 0..2 {
             for t in 0..NR_TYPES {
                 let order = SLOT_ORDERS[slot];

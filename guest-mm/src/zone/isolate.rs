@@ -32,34 +32,22 @@ impl Zone {
                 return Err(ZoneError::AlreadyIsolated(FrameId(f.max(self.base))));
             }
         }
-        for edge in [s, e] {
-            if u64::from(edge) < self.nr {
-                if let Some((h, _, KIND_ALLOC)) = self.containing_block(edge) {
-                    if h < edge {
-                        return Err(ZoneError::Straddling(FrameId(self.base + u64::from(h))));
-                    }
-                }
-            }
-        }
+        self.check_straddle(s, e)?;
         self.split_free_at(s);
         self.split_free_at(e);
         for pb in self.pb_index(s)..=self.pb_index(e - 1) {
             self.pb_types[pb] = ISOLATE as u8;
         }
-        let mut pos = s;
-        while pos < e {
-            let m = self.meta[pos as usize];
-            if m.kind == KIND_FREE {
-                self.list_move(pos, ISOLATE);
-            }
-            pos += 1u32 << m.order;
-        }
+        // Free blocks move to the isolate lists, merging with isolated neighbours.
+        self.remerge(s, e);
         self.epoch.bump();
         Ok(())
     }
 
     /// Give the isolated pageblocks of `[start, start + count)` type `mt` again; their free
-    /// blocks return to `mt`'s lists and merge with their buddies.
+    /// blocks return to `mt`'s lists and merge with their buddies. Every pageblock of the range
+    /// must be isolated and no allocated block may cross its ends (a sub-range of an isolated
+    /// range may be given back).
     pub fn unisolate_range(
         &mut self,
         start: FrameId,
@@ -76,9 +64,34 @@ impl Zone {
                 return Err(ZoneError::NotIsolated(FrameId(f.max(self.base))));
             }
         }
+        self.check_straddle(s, e)?;
+        self.split_free_at(s);
+        self.split_free_at(e);
         for pb in self.pb_index(s)..=self.pb_index(e - 1) {
             self.pb_types[pb] = mt as u8;
         }
+        self.remerge(s, e);
+        self.epoch.bump();
+        Ok(())
+    }
+
+    /// Refuse when an allocated block crosses an end of [s, e).
+    fn check_straddle(&self, s: u32, e: u32) -> Result<(), ZoneError> {
+        for edge in [s, e] {
+            if u64::from(edge) < self.nr {
+                if let Some((h, _, KIND_ALLOC)) = self.containing_block(edge) {
+                    if h < edge {
+                        return Err(ZoneError::Straddling(FrameId(self.base + u64::from(h))));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-insert every free block of [s, e) after a pageblock type change, so that it lands on
+    /// its pageblock's list and merges with every buddy it may now merge with.
+    fn remerge(&mut self, s: u32, e: u32) {
         let mut pos = s;
         while pos < e {
             let m = self.meta[pos as usize];
@@ -96,7 +109,29 @@ impl Zone {
             }
             pos += 1u32 << m.order;
         }
-        Ok(())
+    }
+
+    /// The isolated ranges as maximal runs of isolated pageblocks: (first frame, frames).
+    pub fn isolated_ranges(&self) -> impl Iterator<Item = (FrameId, u64)> + '_ {
+        let zend = self.base + self.nr;
+        let frame_of = move |pb: usize| {
+            (((self.pb_first + pb as u64) << PAGEBLOCK_ORDER).max(self.base)).min(zend)
+        };
+        let mut pb = 0usize;
+        std::iter::from_fn(move || {
+            while pb < self.pb_types.len() && self.pb_types[pb] as usize != ISOLATE {
+                pb += 1;
+            }
+            if pb >= self.pb_types.len() {
+                return None;
+            }
+            let start = pb;
+            while pb < self.pb_types.len() && self.pb_types[pb] as usize == ISOLATE {
+                pb += 1;
+            }
+            let s = frame_of(start);
+            Some((FrameId(s), frame_of(pb).max(s) - s))
+        })
     }
 
     /// If a free block starts before `edge` and covers it, split it so that a block starts
