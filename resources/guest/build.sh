@@ -25,7 +25,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
     --force) force=1 ;;
     -h | --help)
-        sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,/^set -euo/p' "$0" | sed -n 's/^# \{0,1\}//p'
         exit 0
         ;;
     -*) tp_die "unknown option '$1' (see --help)" ;;

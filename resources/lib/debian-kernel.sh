@@ -22,7 +22,7 @@ tp_sha256() { sha256sum "$@" | cut -d' ' -f1; }
 
 # tp_pkg_version PKG: the candidate version apt would install, or nothing.
 tp_pkg_version() {
-    apt-cache show --no-all-versions "$1" 2>/dev/null | sed -n 's/^Version: //p' | head -n1
+    { apt-cache show --no-all-versions "$1" 2>/dev/null || true; } | sed -n 's/^Version: //p' | head -n1
 }
 
 # tp_kernel_resolve: set TP_KPKG (the -unsigned package), TP_KPKG_VERSION and TP_KVER (the module
@@ -33,7 +33,7 @@ tp_kernel_resolve() {
     local dep=""
     TP_KPKG="${TIDEPOOL_KERNEL_PKG:-}"
     if [ -z "$TP_KPKG" ] && command -v apt-cache >/dev/null 2>&1; then
-        dep=$(apt-cache depends --important "$TP_META_PKG" 2>/dev/null |
+        dep=$({ apt-cache depends --important "$TP_META_PKG" 2>/dev/null || true; } |
             sed -n 's/^ *Depends: \(linux-image-[^ ]*-cloud-amd64\(-unsigned\)\?\)$/\1/p' | head -n1)
         if [ -n "$dep" ]; then
             case "$dep" in

@@ -52,7 +52,7 @@ while [ $# -gt 0 ]; do
     --no-require-kvm) require_kvm=0 ;;
     -q | --quiet) quiet=1 ;;
     -h | --help)
-        sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,/^set -euo/p' "$0" | sed -n 's/^# \{0,1\}//p'
         exit 0
         ;;
     --) shift; break ;;
