@@ -516,3 +516,70 @@ fn pool_snapshot_drives_monitor_actions() {
     let json = serde_json::to_string(&p.snapshot(vec![]).unwrap()).unwrap();
     assert!(json.contains("\"zones\""));
 }
+
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    fn policy(k: u8, a: u16, b: u16) -> NumaPolicy {
+        match k % 4 {
+            0 => NumaPolicy::Local,
+            1 => NumaPolicy::Preferred(n(a)),
+            2 if a != b => NumaPolicy::Interleave(vec![n(a), n(b)]),
+            2 => NumaPolicy::Interleave(vec![n(a)]),
+            _ if a != b => NumaPolicy::Bind(vec![n(a), n(b)]),
+            _ => NumaPolicy::Bind(vec![n(a)]),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Random alloc/free sequences under random policies: every block lands on a node
+        /// its policy allows, blocks never overlap, the pool validates, and freeing
+        /// everything restores every zone.
+        #[test]
+        fn random_ops_keep_pool_valid(
+            ops in proptest::collection::vec(
+                (any::<bool>(), 0u8..4, 0u16..4, 0u16..4, 0u16..4, 0u8..=10, any::<u16>()),
+                1..300,
+            )
+        ) {
+            let p = pool4();
+            let mut live: BTreeMap<u64, (u64, u8)> = BTreeMap::new();
+            for (is_alloc, k, a, b, local, order, pick) in ops {
+                if is_alloc || live.is_empty() {
+                    let pol = policy(k, a, b);
+                    match p.alloc(order, MT, &pol, n(local)) {
+                        Ok((f, node)) => {
+                            prop_assert!(pol.allows(node));
+                            prop_assert_eq!(p.node_of(f), Some(node));
+                            prop_assert!(f.is_aligned(order));
+                            let end = f.0 + (1u64 << order);
+                            if let Some((_, &(e, _))) = live.range(..f.0).next_back() {
+                                prop_assert!(e <= f.0);
+                            }
+                            if let Some((&s, _)) = live.range(f.0..).next() {
+                                prop_assert!(end <= s);
+                            }
+                            live.insert(f.0, (end, order));
+                        }
+                        Err(PoolError::OutOfMemory { .. }) => {}
+                        Err(e) => prop_assert!(false, "unexpected error {e}"),
+                    }
+                } else {
+                    let key = *live.keys().nth(usize::from(pick) % live.len()).unwrap();
+                    let (_, order) = live.remove(&key).unwrap();
+                    p.free(FrameId(key), order).unwrap();
+                }
+            }
+            p.validate().unwrap();
+            for (s, (_, order)) in live {
+                p.free(FrameId(s), order).unwrap();
+            }
+            p.validate().unwrap();
+            prop_assert!(p.stats().unwrap().iter().all(|s| s.free == NODE_FRAMES));
+        }
+    }
+}
