@@ -16,6 +16,7 @@ pub mod host;
 pub mod monitor;
 pub mod pcp;
 pub mod policy;
+pub mod pool;
 pub mod slab;
 pub mod topology;
 pub mod zone;
