@@ -640,6 +640,10 @@ impl<D: VirtioDevice + ?Sized> MmioTransport<D> {
 
     /// The driver notified queue `queue` (through an ioeventfd or a QueueNotify write): let
     /// the device process it.
+    ///
+    /// A notification before activation is refused ([`TransportError::NotActivated`]) and
+    /// counted, not replayed: Linux's balloon driver kicks its stats queue before DRIVER_OK,
+    /// so a device that must see buffers queued that early looks at its queues in `activate`.
     pub fn notify(&mut self, queue: u32) -> Result<(), TransportError> {
         if !self.is_activated() {
             MmioCounters::bump(&self.counters.notify_rejected);
