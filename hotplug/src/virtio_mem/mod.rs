@@ -20,6 +20,8 @@ pub mod request;
 pub mod state;
 
 #[cfg(test)]
+mod pool_tests;
+#[cfg(test)]
 mod test_utils;
 #[cfg(test)]
 mod tests;

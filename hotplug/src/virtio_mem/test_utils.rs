@@ -146,7 +146,7 @@ pub fn config() -> VirtioMemConfig {
 }
 
 /// A guest with a virtio-mem device behind a virtio-mmio transport.
-pub struct Guest {
+pub struct Guest<B: MemoryBackend + Send = FakeBackend> {
     /// Guest RAM (leaked so the mock queue can borrow it for the whole test).
     pub mmap: &'static GuestMemoryMmap<()>,
     /// The driver's ring.
@@ -154,18 +154,25 @@ pub struct Guest {
     /// Interrupt counter.
     pub trigger: Arc<Trigger>,
     /// The transport with the device.
-    pub t: MmioTransport<VirtioMem<FakeBackend>>,
+    pub t: MmioTransport<VirtioMem<B>>,
     sent: u16,
 }
 
-impl Guest {
+impl Guest<FakeBackend> {
     /// A powered-on guest whose driver has not probed yet.
-    pub fn new(cfg: VirtioMemConfig) -> Guest {
+    pub fn new(cfg: VirtioMemConfig) -> Self {
         Self::with_backend(cfg, FakeBackend::new())
     }
 
-    /// Same with a given backend.
-    pub fn with_backend(cfg: VirtioMemConfig, backend: FakeBackend) -> Guest {
+    /// A guest whose driver probed with the features Linux 6.1 accepts.
+    pub fn booted(cfg: VirtioMemConfig) -> Self {
+        Self::booted_with(cfg, FakeBackend::new())
+    }
+}
+
+impl<B: MemoryBackend + Send> Guest<B> {
+    /// A powered-on guest over `backend` whose driver has not probed yet.
+    pub fn with_backend(cfg: VirtioMemConfig, backend: B) -> Self {
         let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), GUEST_RAM as usize)])
             .expect("test guest memory");
         let mmap: &'static GuestMemoryMmap<()> = Box::leak(Box::new(mmap));
@@ -187,9 +194,9 @@ impl Guest {
         }
     }
 
-    /// A guest whose driver probed with the features Linux 6.1 accepts.
-    pub fn booted(cfg: VirtioMemConfig) -> Guest {
-        let mut g = Self::new(cfg);
+    /// A guest over `backend` whose driver probed with the features Linux 6.1 accepts.
+    pub fn booted_with(cfg: VirtioMemConfig, backend: B) -> Self {
+        let mut g = Self::with_backend(cfg, backend);
         let offered = g.offered();
         assert!(
             g.init(offered),
@@ -351,12 +358,12 @@ impl Guest {
     }
 
     /// The device.
-    pub fn dev(&self) -> &VirtioMem<FakeBackend> {
+    pub fn dev(&self) -> &VirtioMem<B> {
         self.t.device()
     }
 
     /// The device, mutably (host-side calls).
-    pub fn dev_mut(&mut self) -> &mut VirtioMem<FakeBackend> {
+    pub fn dev_mut(&mut self) -> &mut VirtioMem<B> {
         self.t.device_mut()
     }
 
