@@ -41,6 +41,7 @@ done
 GUEST_MODULES="virtio_mmio virtio_pci virtio_mem virtio_balloon"
 GUEST_CMDLINE="console=ttyS0 reboot=k panic=-1 memhp_default_state=online_movable"
 
+tp_lock
 tp_kernel_resolve
 tp_busybox_fetch
 tp_need gcc gcc
@@ -160,3 +161,7 @@ mv "$stage" "$dir.tmp"
 mv -T "$dir.tmp" "$dir"
 tp_log "built guest $TP_KVER ($TP_KPKG_VERSION): $dir"
 publish
+# Keep the three newest builds; older ones only take space.
+ls -1dt "$guest_root"/*-*/ 2>/dev/null | tail -n +4 | while IFS= read -r old; do
+    [ "${old%/}" = "$dir" ] || rm -rf "${old%/}"
+done

@@ -11,6 +11,17 @@ tp_die() { printf '[tidepool] error: %s\n' "$*" >&2; exit 1; }
 # The cache root: ${XDG_CACHE_HOME:-$HOME/.cache}/tidepool
 tp_cache_root() { printf '%s/tidepool' "${XDG_CACHE_HOME:-$HOME/.cache}"; }
 
+# tp_lock: hold an exclusive lock on the cache for the rest of the script, so that two builds
+# (CI and a developer, two worktrees) do not unpack or replace the same directory at once.
+tp_lock() {
+    local root
+    root=$(tp_cache_root)
+    mkdir -p "$root"
+    command -v flock >/dev/null 2>&1 || return 0
+    exec 9>"$root/.lock"
+    flock -w 900 9 || tp_die "timed out waiting for the cache lock $root/.lock"
+}
+
 # tp_need CMD PACKAGE: fail clearly when a host tool is missing.
 tp_need() {
     command -v "$1" >/dev/null 2>&1 ||

@@ -70,6 +70,7 @@ mkdir -p "$cache"
 [ -n "$log" ] || log="$cache/last-serial.log"
 mkdir -p "$(dirname "$log")"
 
+tp_lock
 tp_kernel_resolve
 tp_busybox_fetch
 
@@ -98,6 +99,9 @@ if [ ! -f "$base" ]; then
     tp_pack_cpio "$bw" "$base" none
     rm -rf "$bw"
 fi
+
+# The shared cache is ready; let other runs use it while this one boots.
+exec 9>&-
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/tidepool-l1run.XXXXXX")
 cleanup() { rm -rf "$work"; }
