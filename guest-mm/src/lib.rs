@@ -11,6 +11,7 @@
 //!
 //! See `docs/guest-mm.md` for the design.
 
+pub mod compaction;
 pub mod frame;
 pub mod host;
 pub mod monitor;
@@ -18,11 +19,16 @@ pub mod pcp;
 pub mod policy;
 pub mod pool;
 pub mod slab;
+pub mod thp;
 pub mod topology;
 pub mod zone;
 
+pub use compaction::{
+    compact_full, compact_until, CompactResult, CompactionStats, MoveError, Mover,
+};
 pub use frame::{
     FrameId, MigrateType, NodeId, FRAME_SIZE, MAX_ORDER, NR_ORDERS, PAGEBLOCK_ORDER, THP_ORDER,
 };
 pub use pcp::{CpuCache, PcpConfig};
+pub use thp::{alloc_thp, split_thp, ThpOutcome, ThpStats};
 pub use zone::{AllocError, FreeError, ValidateError, Zone, ZoneError, ZoneStats};

@@ -14,6 +14,7 @@
 mod error;
 pub(crate) mod freelist;
 mod isolate;
+mod query;
 mod stats;
 mod validate;
 
@@ -65,6 +66,8 @@ pub struct Zone {
     alloc_failures: u64,
     mobility_grouping: bool,
     epoch: IsolationEpoch,
+    compaction: crate::compaction::CompactionStats,
+    thp: crate::thp::ThpStats,
 }
 
 impl Zone {
@@ -107,6 +110,8 @@ impl Zone {
             alloc_failures: 0,
             mobility_grouping: true,
             epoch: IsolationEpoch::default(),
+            compaction: Default::default(),
+            thp: Default::default(),
         };
         let mut pos = base.0;
         while pos < end {
