@@ -17,6 +17,9 @@ use crate::topology::Topology;
 use crate::zone::{AllocError, FreeError, ValidateError, Zone, ZoneError, ZoneStats};
 use std::sync::{Mutex, MutexGuard};
 
+mod migrate;
+pub use migrate::{MigrateStats, Migration};
+
 /// Frames in 1 GiB, the default zone alignment.
 pub const GIB_FRAMES: u64 = 1 << MAX_ORDER;
 
