@@ -36,6 +36,11 @@ fn main() {
                 f.raw.resident_after
             );
             println!(
+                "device overhead {:>8.1} us/GiB (reporting time outside madvise; {:.2} ms in madvise)",
+                f.reporting.overhead_us_per_gib(),
+                f.reporting.in_discard.as_secs_f64() * 1e3
+            );
+            println!(
                 "ratio           {:>8.3}",
                 f.reporting.gib_per_s() / f.raw.gib_per_s()
             );

@@ -4,153 +4,9 @@
 
 use crate::backend::{RamMap, ReclaimBackend, ResidencyProbe};
 use crate::error::BackendError;
+pub use crate::pageset::PageSet;
 use crate::{HUGE_PAGE_SIZE, MIB, PAGE_SIZE};
 use serde::Serialize;
-
-/// A set of 4 KiB guest pages over a [`RamMap`], one bit per page.
-#[derive(Clone, Debug)]
-pub struct PageSet {
-    ram: RamMap,
-    /// Per RAM range: its first bit index in `words`.
-    first_bit: Vec<u64>,
-    words: Vec<u64>,
-    count: u64,
-}
-
-impl PageSet {
-    /// An empty set over `ram`.
-    pub fn new(ram: &RamMap) -> Self {
-        let mut first_bit = Vec::with_capacity(ram.ranges().len());
-        let mut bits = 0u64;
-        for &(_, len) in ram.ranges() {
-            first_bit.push(bits);
-            bits += len / PAGE_SIZE;
-        }
-        PageSet {
-            ram: ram.clone(),
-            first_bit,
-            words: vec![0; bits.div_ceil(64) as usize],
-            count: 0,
-        }
-    }
-
-    /// Number of pages in the set.
-    pub fn pages(&self) -> u64 {
-        self.count
-    }
-
-    /// Bytes in the set.
-    pub fn bytes(&self) -> u64 {
-        self.count * PAGE_SIZE
-    }
-
-    /// Bit ranges `(first_bit, nbits)` of the pieces of `[gpa, gpa+len)` inside RAM.
-    fn bit_pieces(&self, gpa: u64, len: u64) -> Vec<(u64, u64)> {
-        let end = gpa.saturating_add(len);
-        let mut out = Vec::new();
-        for (i, &(s, l)) in self.ram.ranges().iter().enumerate() {
-            let a = s.max(gpa);
-            let b = (s + l).min(end);
-            if a < b {
-                let first = self.first_bit[i] + (a - s) / PAGE_SIZE;
-                let last = self.first_bit[i] + (b - s).div_ceil(PAGE_SIZE);
-                out.push((first, last - first));
-            }
-        }
-        out
-    }
-
-    /// Apply `f(word_index, mask)` to every word overlapping bits `[first, first+n)`.
-    fn for_words(first: u64, n: u64, mut f: impl FnMut(usize, u64)) {
-        let end = first + n;
-        let mut bit = first;
-        while bit < end {
-            let w = bit / 64;
-            let lo = bit % 64;
-            let hi = (end - w * 64).min(64);
-            let mask = if hi - lo == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << (hi - lo)) - 1) << lo
-            };
-            f(w as usize, mask);
-            bit = (w + 1) * 64;
-        }
-    }
-
-    /// Add `[gpa, gpa+len)` minus the pages in `except`; returns how many pages were added.
-    /// `except` must be a set over the same RAM map.
-    pub fn insert_except(&mut self, gpa: u64, len: u64, except: Option<&PageSet>) -> u64 {
-        let mut added = 0;
-        for (first, n) in self.bit_pieces(gpa, len) {
-            let words = &mut self.words;
-            Self::for_words(first, n, |w, mask| {
-                let excl = except.and_then(|e| e.words.get(w)).copied().unwrap_or(0);
-                let new = mask & !excl & !words[w];
-                words[w] |= new;
-                added += u64::from(new.count_ones());
-            });
-        }
-        self.count += added;
-        added
-    }
-
-    /// Add `[gpa, gpa+len)`; returns how many pages were added.
-    pub fn insert(&mut self, gpa: u64, len: u64) -> u64 {
-        self.insert_except(gpa, len, None)
-    }
-
-    /// Remove `[gpa, gpa+len)`; returns how many pages were removed.
-    pub fn remove(&mut self, gpa: u64, len: u64) -> u64 {
-        let mut removed = 0;
-        for (first, n) in self.bit_pieces(gpa, len) {
-            let words = &mut self.words;
-            Self::for_words(first, n, |w, mask| {
-                let gone = words[w] & mask;
-                words[w] &= !mask;
-                removed += u64::from(gone.count_ones());
-            });
-        }
-        self.count -= removed;
-        removed
-    }
-
-    /// Whether the page at `gpa` is in the set.
-    pub fn contains(&self, gpa: u64) -> bool {
-        let mut hit = false;
-        for (first, _) in self.bit_pieces(gpa, 1) {
-            hit = self.words[(first / 64) as usize] & (1 << (first % 64)) != 0;
-        }
-        hit
-    }
-
-    /// Maximal runs `(gpa, len)` of pages in the set.
-    pub fn runs(&self) -> Vec<(u64, u64)> {
-        let mut out: Vec<(u64, u64)> = Vec::new();
-        for (i, &(s, l)) in self.ram.ranges().iter().enumerate() {
-            let first = self.first_bit[i];
-            let n = l / PAGE_SIZE;
-            let mut p = 0;
-            while p < n {
-                let bit = first + p;
-                let word = self.words[(bit / 64) as usize];
-                if word == 0 && bit % 64 == 0 && p + 64 <= n {
-                    p += 64;
-                    continue;
-                }
-                if word & (1 << (bit % 64)) != 0 {
-                    let gpa = s + p * PAGE_SIZE;
-                    match out.last_mut() {
-                        Some(last) if last.0 + last.1 == gpa => last.1 += PAGE_SIZE,
-                        _ => out.push((gpa, PAGE_SIZE)),
-                    }
-                }
-                p += 1;
-            }
-        }
-        out
-    }
-}
 
 /// Cumulative counters of what the guest did through the balloon.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -329,9 +185,8 @@ impl Ledger {
     /// Discard `[gpa, gpa+len)` (contained in RAM, 4 KiB aligned) through `backend`, counting
     /// huge-block effects. Returns false (and counts a failure) if the backend refused.
     pub(crate) fn discard(&mut self, backend: &mut dyn ReclaimBackend, gpa: u64, len: u64) -> bool {
-        let pieces: Vec<(u64, u64)> = self.ram.split(gpa, len).collect();
         let mut ok = true;
-        for (a, l) in pieces {
+        for (a, l) in self.ram.split(gpa, len) {
             self.counters.discard_calls += 1;
             if backend.discard(a, l).is_err() {
                 self.counters.discard_failures += 1;
@@ -459,36 +314,6 @@ pub fn huge_blocks(gpa: u64, len: u64, huge: u64) -> (u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ram() -> RamMap {
-        RamMap::new(&[(0, 0x40_0000), (0x100_0000, 0x20_0000)]).unwrap()
-    }
-
-    #[test]
-    fn page_set_insert_remove_runs() {
-        let mut s = PageSet::new(&ram());
-        assert_eq!(s.insert(0x1000, 0x3000), 3);
-        assert_eq!(s.insert(0x2000, 0x3000), 1);
-        assert_eq!(s.pages(), 4);
-        assert!(s.contains(0x4000) && !s.contains(0x5000) && !s.contains(0x0));
-        // Across a word boundary and into the second range's bit space.
-        assert_eq!(s.insert(0x3f_f000, 0x1000), 1);
-        assert_eq!(s.insert(0x100_0000, 0x20_0000), 512);
-        assert_eq!(
-            s.runs(),
-            vec![
-                (0x1000, 0x4000),
-                (0x3f_f000, 0x1000),
-                (0x100_0000, 0x20_0000)
-            ]
-        );
-        assert_eq!(s.remove(0x100_1000, 0x10_0000), 256);
-        assert_eq!(s.remove(0x0, 0x40_0000), 5);
-        assert_eq!(s.pages(), 256);
-        assert_eq!(s.runs(), vec![(0x100_0000, 0x1000), (0x110_1000, 0xff000)]);
-        let mut t = PageSet::new(&ram());
-        assert_eq!(t.insert_except(0x100_0000, 0x20_0000, Some(&s)), 256);
-    }
 
     #[test]
     fn huge_block_counting() {

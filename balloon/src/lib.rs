@@ -27,6 +27,7 @@ pub mod device;
 pub mod error;
 pub mod inflate;
 pub mod mmap_backend;
+pub mod pageset;
 pub mod reporting;
 pub mod stats;
 #[cfg(any(test, feature = "bench"))]

@@ -177,7 +177,7 @@ impl ReclaimBackend for MmapBackend {
         if !self.ram.contains(gpa, len) {
             return Err(BackendError::NotGuestRam { gpa, len });
         }
-        for (a, l) in self.ram.split(gpa, len).collect::<Vec<_>>() {
+        for (a, l) in self.ram.split(gpa, len) {
             // A RAM range lies inside one region (checked at construction), so each piece does.
             let r = self
                 .locate(a, l)
