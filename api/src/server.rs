@@ -223,13 +223,22 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The token of an `Authorization: Bearer <token>` header value (scheme case-insensitive).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
 async fn require_token(State(token): State<Arc<String>>, req: Request, next: Next) -> Response {
     let ok = req
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), token.as_bytes()));
+        .and_then(bearer_token)
+        .is_some_and(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
     if !ok {
         tracing::warn!(path = %req.uri().path(), "rejected TCP request without a valid token");
         return ApiError::new(ErrorKind::Unauthorized, "missing or wrong bearer token")
@@ -365,6 +374,15 @@ pub async fn serve(backend: Arc<dyn ApiBackend>, cfg: ServeConfig) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bearer_header_parsing() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer  abc "), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+        assert_eq!(bearer_token("Bearerabc"), None);
+    }
 
     #[test]
     fn constant_time_compare() {
