@@ -356,3 +356,42 @@ fn cache_gives_back_frames_that_become_isolated() {
     assert_eq!(z.stats().isolated_free, 511);
     z.validate().unwrap();
 }
+
+#[test]
+fn caches_on_two_threads_share_one_zone() {
+    let zm = Mutex::new(Zone::new(NodeId(0), FrameId(0), 1 << 14));
+    std::thread::scope(|s| {
+        for seed in 0..2u64 {
+            let zm = &zm;
+            s.spawn(move || {
+                let mut c = CpuCache::new(zm);
+                let mut held: Vec<(FrameId, u8, MigrateType)> = Vec::new();
+                let mut x = seed * 7919 + 1;
+                for _ in 0..20_000 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let mt = MigrateType::ALLOCATABLE[(x % 3) as usize];
+                    let order = if x % 16 == 0 { 9 } else { 0 };
+                    if x % 5 < 3 || held.is_empty() {
+                        if let Ok(f) = c.alloc(order, mt) {
+                            held.push((f, order, mt));
+                        }
+                    } else {
+                        let (f, o, t) = held.swap_remove((x as usize / 5) % held.len());
+                        c.free(f, o, t).unwrap();
+                    }
+                }
+                for (f, o, t) in held {
+                    c.free(f, o, t).unwrap();
+                }
+                c.drain().unwrap();
+            });
+        }
+    });
+    let z = zm.into_inner().unwrap();
+    z.validate().unwrap();
+    let s = z.stats();
+    assert_eq!((s.free, s.allocated, s.cached), (1 << 14, 0, 0));
+    assert_eq!(s.free_blocks_per_order[14], 1);
+}

@@ -47,7 +47,6 @@ impl IsolationEpoch {
 }
 
 /// A buddy allocator over the frames `[base, base + nr_frames)` of one node.
-#[derive(Debug)]
 pub struct Zone {
     node: NodeId,
     base: u64,
@@ -68,6 +67,21 @@ pub struct Zone {
     epoch: IsolationEpoch,
     compaction: crate::compaction::CompactionStats,
     thp: crate::thp::ThpStats,
+}
+
+impl std::fmt::Debug for Zone {
+    /// A summary: the per-frame metadata is far too large to print.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Zone")
+            .field("node", &self.node)
+            .field("base", &FrameId(self.base))
+            .field("nr_frames", &self.nr)
+            .field("free", &self.free_frames())
+            .field("alloc_frames", &self.alloc_frames)
+            .field("cached_frames", &self.cached_frames)
+            .field("mobility_grouping", &self.mobility_grouping)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Zone {
