@@ -151,6 +151,7 @@ pub fn compact_full(zone: &mut Zone, mover: &mut dyn Mover) -> CompactResult {
         pb: pbs.len(),
         hint: 0,
     };
+    let mut seen = 0u64;
     'migrate: for lo in 0..pbs.len() {
         if free_scan.pb <= lo {
             break;
@@ -166,6 +167,15 @@ pub fn compact_full(zone: &mut Zone, mover: &mut dyn Mover) -> CompactResult {
             .map(|(f, o, _)| (f, o))
             .collect();
         for (from, o) in sources {
+            seen += 1;
+            if o >= PAGEBLOCK_ORDER {
+                // Whole pageblocks move only into a free block at least as big, higher up;
+                // without one the block stays and the scanners go on.
+                if let Some(to) = big_dest(zone, &pbs, free_scan.pb, lo, o) {
+                    move_one(zone, mover, from, to, o, &mut r);
+                }
+                continue;
+            }
             let Some(to) = free_scan.take(zone, &pbs, lo, o) else {
                 break 'migrate;
             };
@@ -174,8 +184,10 @@ pub fn compact_full(zone: &mut Zone, mover: &mut dyn Mover) -> CompactResult {
     }
     r.status = if r.frames_moved > 0 {
         CompactStatus::Compacted
-    } else {
+    } else if seen == 0 {
         CompactStatus::AlreadyFree
+    } else {
+        CompactStatus::Failed
     };
     r.block = zone
         .largest_free_order()
@@ -401,6 +413,30 @@ impl DestFinder {
         // isolated region cannot be chosen).
         zone.alloc(order, MigrateType::Movable).ok()
     }
+}
+
+/// A free block of order >= `order` whose head lies in a pageblock in (lo, below), the
+/// highest first; allocated as MOVABLE and returned.
+fn big_dest(
+    zone: &mut Zone,
+    pbs: &[(FrameId, u64)],
+    below: usize,
+    lo: usize,
+    order: u8,
+) -> Option<FrameId> {
+    for i in (lo + 1..below.min(pbs.len())).rev() {
+        let s = pbs[i].0;
+        if let Some((h, o)) = zone.free_block_at(s) {
+            let ok_type = zone.pageblock_type(h) != MigrateType::Isolate;
+            // The highest order-`order` piece of the free block that starts in this pageblock.
+            let t = FrameId(s.0 & !((1u64 << order) - 1));
+            let fits = ok_type && o >= order && t >= h && t.0 > pbs[lo].0 .0;
+            if fits && zone.alloc_at(t, order, MigrateType::Movable).is_ok() {
+                return Some(t);
+            }
+        }
+    }
+    None
 }
 
 /// The free scanner of [`compact_full`]: walks MOVABLE pageblocks down from the zone end.

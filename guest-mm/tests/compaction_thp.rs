@@ -396,3 +396,49 @@ mod props {
         }
     }
 }
+
+#[test]
+fn compact_full_moves_huge_blocks_only_into_free_huge_space() {
+    let mut z = Zone::new(NodeId(0), FrameId(0), 8 * 512);
+    let mut mover = RecordingMover::default();
+    let thp = z.alloc(9, M).unwrap();
+    assert_eq!(thp, FrameId(0));
+    mover.own(thp, 9);
+    // Pageblocks 1..=5 hold one small movable frame each; 6 and 7 are free.
+    for pb in 1..=5u64 {
+        let f = FrameId(pb * 512 + 9);
+        z.alloc_at(f, 0, M).unwrap();
+        mover.own(f, 0);
+    }
+    let r = compact_full(&mut z, &mut mover);
+    assert_eq!(r.status, CompactStatus::Compacted);
+    z.validate().unwrap();
+    check_ownership(&z, &mover);
+    let (from, to, o) = mover.moves[0];
+    assert_eq!((from, o), (thp, 9));
+    assert_eq!(
+        to,
+        FrameId(7 * 512),
+        "the huge block goes to the highest free pageblock"
+    );
+    // The small frames were packed into pageblock 6, so 0..=5 coalesce.
+    let homes: BTreeSet<FrameId> = mover.contents.keys().map(|f| f.pageblock_start()).collect();
+    assert_eq!(homes, BTreeSet::from([FrameId(6 * 512), FrameId(7 * 512)]));
+    assert_eq!(z.largest_free_order(), Some(11));
+    // Nothing movable at all: AlreadyFree; only pinned blocks: Failed.
+    let mut empty = Zone::new(NodeId(0), FrameId(0), 1024);
+    assert_eq!(
+        compact_full(&mut empty, &mut mover).status,
+        CompactStatus::AlreadyFree
+    );
+    let mut pinned = Zone::new(NodeId(0), FrameId(0), 1024);
+    let p = pinned.alloc_at(FrameId(3), 0, M);
+    p.unwrap();
+    mover.own(FrameId(3), 0);
+    mover.refuse.insert(FrameId(3));
+    assert_eq!(
+        compact_full(&mut pinned, &mut mover).status,
+        CompactStatus::Failed
+    );
+    pinned.validate().unwrap();
+}
