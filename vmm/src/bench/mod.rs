@@ -4,6 +4,7 @@
 //! `--json` the report prints as one JSON object; otherwise as a table, with progress lines on
 //! stderr while the suite runs.
 
+pub mod alloc;
 pub mod trace;
 
 use std::collections::BTreeMap;
@@ -112,7 +113,7 @@ pub static SUITES: &[Suite] = &[
     Suite {
         name: "alloc",
         about: "guest-mm allocator: order-0/order-9 pairs, fragmentation after churn, THP success, slab",
-        run: None,
+        run: Some(alloc::run),
     },
     Suite {
         name: "boot",
