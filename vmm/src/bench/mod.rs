@@ -5,6 +5,7 @@
 //! stderr while the suite runs.
 
 pub mod alloc;
+pub mod reclaim;
 pub mod trace;
 
 use std::collections::BTreeMap;
@@ -128,7 +129,7 @@ pub static SUITES: &[Suite] = &[
     Suite {
         name: "reclaim",
         about: "free page reporting reclaim against raw madvise discard",
-        run: None,
+        run: Some(reclaim::run),
     },
     Suite {
         name: "api",
