@@ -5,6 +5,7 @@
 //! stderr while the suite runs.
 
 pub mod alloc;
+pub mod boot;
 pub mod reclaim;
 pub mod trace;
 
@@ -119,7 +120,7 @@ pub static SUITES: &[Suite] = &[
     Suite {
         name: "boot",
         about: "VM create to first instruction, VMM overhead per VM",
-        run: None,
+        run: Some(boot::run),
     },
     Suite {
         name: "hotplug",
