@@ -4,8 +4,9 @@
 //! [`compact_until`] makes one order-N block free: it picks the naturally aligned order-N
 //! regions whose allocated blocks are all MOVABLE, fewest allocated frames first, isolates the
 //! region's pageblocks (so nothing new lands there), moves each allocated block to a
-//! destination outside (densely used MOVABLE pageblocks first, from the zone end, like Linux's
-//! free scanner), frees the sources, and gives the pageblocks their types back, which
+//! destination outside (first the holes of pageblocks pinned by unmovable or reclaimable
+//! data, which can never become huge anyway; then densely used MOVABLE pageblocks, from the
+//! zone end, like Linux's free scanner), frees the sources, and gives the pageblocks their types back, which
 //! coalesces the region. If the mover refuses a block, the destination is freed and the next
 //! region is tried.
 //!
@@ -355,31 +356,37 @@ fn try_region(
     ok && zone.free_block_at(start).is_some_and(|(_, o)| o >= order)
 }
 
-/// Destinations for [`compact_until`]: MOVABLE pageblocks outside the isolated range that
-/// have free frames, most densely used first, higher addresses first among equals.
+/// Destinations for [`compact_until`]: pageblocks outside the isolated range that have free
+/// frames. Pageblocks pinned by an unmovable or reclaimable allocation come first (they can
+/// never become a free 2 MiB block, so their holes are the cheapest place for moved data),
+/// then MOVABLE pageblocks, most densely used first, higher addresses first among equals.
 struct DestFinder {
     pbs: Vec<FrameId>,
 }
 
 impl DestFinder {
     fn new(zone: &Zone, iso_s: u64, iso_e: u64) -> Self {
-        let mut cands: Vec<(u64, std::cmp::Reverse<u64>)> = Vec::new();
+        let mut cands: Vec<(bool, u64, std::cmp::Reverse<u64>)> = Vec::new();
         for (s, n) in pageblocks(zone) {
-            if (s.0 >= iso_s && s.0 < iso_e) || zone.pageblock_type(s) != MigrateType::Movable {
+            let t = zone.pageblock_type(s);
+            if (s.0 >= iso_s && s.0 < iso_e) || t == MigrateType::Isolate {
                 continue;
             }
-            let free: u64 = zone
-                .blocks_in(s, n)
-                .filter(|b| b.free)
-                .map(|b| 1u64 << b.order)
-                .sum();
-            if free > 0 && free < n {
-                cands.push((free, std::cmp::Reverse(s.0)));
+            let (mut free, mut pinned) = (0u64, false);
+            for b in zone.blocks_in(s, n) {
+                if b.free {
+                    free += 1u64 << b.order;
+                } else if b.mt != MigrateType::Movable {
+                    pinned = true;
+                }
+            }
+            if free > 0 && free < n && (pinned || t == MigrateType::Movable) {
+                cands.push((!pinned, free, std::cmp::Reverse(s.0)));
             }
         }
         cands.sort_unstable();
         DestFinder {
-            pbs: cands.into_iter().map(|(_, s)| FrameId(s.0)).collect(),
+            pbs: cands.into_iter().map(|(_, _, s)| FrameId(s.0)).collect(),
         }
     }
 

@@ -141,6 +141,36 @@ fn destinations_prefer_densely_used_movable_pageblocks() {
 }
 
 #[test]
+fn destinations_prefer_pageblocks_pinned_by_unmovable_data() {
+    // Pageblock 3 is the densest MOVABLE one, but pageblock 1 holds an unmovable frame: it can
+    // never become a free 2 MiB block, so moved data goes into its holes first.
+    let keep: Vec<u64> = (0..8).collect();
+    let (mut z, mut mover) = scattered(4, &keep);
+    for i in 0..6 {
+        let f = FrameId(i);
+        mover.contents.remove(&f);
+        z.free(f, 0).unwrap();
+    }
+    for i in 8..400 {
+        z.alloc_at(FrameId(1536 + i), 0, M).unwrap();
+        mover.own(FrameId(1536 + i), 0);
+    }
+    z.alloc_at(FrameId(512 + 100), 0, U).unwrap();
+    let r = compact_until(&mut z, 9, &mut mover);
+    assert_eq!(r.status, CompactStatus::Compacted);
+    assert_eq!(r.block, Some(FrameId(0)));
+    assert_eq!(mover.moves.len(), 2);
+    assert!(mover
+        .moves
+        .iter()
+        .all(|&(_, to, _)| to.pageblock_start() == FrameId(512)));
+    assert_eq!(z.allocation_at(FrameId(512 + 100)).map(|a| a.2), Some(U));
+    z.free(FrameId(512 + 100), 0).unwrap();
+    z.validate().unwrap();
+    check_ownership(&z, &mover);
+}
+
+#[test]
 fn a_refused_move_gives_up_the_region_and_tries_the_next() {
     let (mut z, mut mover) = scattered(4, &[5]);
     mover.refuse.insert(FrameId(5));
