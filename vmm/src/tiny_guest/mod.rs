@@ -7,12 +7,17 @@
 //! The page tables identity-map `[0, map_end)` with 2 MiB pages, all with the U bit, where
 //! `map_end` covers the VM's layout and the 32-bit hole (so the report window is mapped).
 //!
-//! Later drivers (a polled virtio-mem driver, free-page reporting) extend [`Step`].
+//! Polled virtio drivers ([`virtio_mem_driver`], [`fpr_driver`], built on [`virtq`]) are steps
+//! too; [`harness`] runs them against real device models through the virtio-mmio transport.
 
 pub mod boot;
+pub mod fpr_driver;
+pub mod harness;
 pub mod probe;
 pub mod program;
 pub mod run;
+pub mod virtio_mem_driver;
+pub mod virtq;
 
 use std::ops::Range;
 
@@ -44,6 +49,9 @@ pub enum TinyGuestError {
     /// A pattern range is outside guest RAM or not 8-byte aligned.
     #[error("pattern range {0:x?} is not an 8-byte aligned range inside boot RAM or the hot-plug region")]
     BadRange(Range<u64>),
+    /// A driver step's parameters do not fit the layout or the image.
+    #[error("driver step: {0}")]
+    BadDriver(String),
 }
 
 /// A raw guest image: bytes loaded at `load_addr`, plus the register state to start it.
@@ -149,7 +157,7 @@ impl TinyGuestBuilder {
         align_up(self.layout.end().max(MMIO_HOLE_END), GIB).unwrap_or(MMIO_HOLE_END)
     }
 
-    fn check_ranges(&self) -> Result<(), TinyGuestError> {
+    fn check_ranges(&self, image: &Range<u64>) -> Result<(), TinyGuestError> {
         let mut ram = self.layout.boot_ram_ranges();
         ram.extend(self.layout.hotplug());
         let ok = |r: &Range<u64>| {
@@ -158,10 +166,19 @@ impl TinyGuestBuilder {
                 && ram.iter().any(|m| m.start <= r.start && r.end <= m.end)
         };
         for s in self.steps.iter().chain(self.secondary.iter().flatten()) {
-            if let Step::Fill { ranges, .. } | Step::Verify { ranges, .. } = s {
-                if let Some(bad) = ranges.iter().find(|r| !ok(r)) {
-                    return Err(TinyGuestError::BadRange(bad.clone()));
+            match s {
+                Step::Fill { ranges, .. } | Step::Verify { ranges, .. } => {
+                    if let Some(bad) = ranges.iter().find(|r| !ok(r)) {
+                        return Err(TinyGuestError::BadRange(bad.clone()));
+                    }
                 }
+                Step::VirtioMem(d) => d
+                    .check(&self.layout, image)
+                    .map_err(TinyGuestError::BadDriver)?,
+                Step::FreePageReporting(d) => d
+                    .check(&self.layout, image)
+                    .map_err(TinyGuestError::BadDriver)?,
+                _ => {}
             }
         }
         Ok(())
@@ -169,7 +186,6 @@ impl TinyGuestBuilder {
 
     /// Assemble the image.
     pub fn build(self) -> Result<GuestImage, TinyGuestError> {
-        self.check_ranges()?;
         let map_end = self.map_end();
         let load_addr = boot::GDT_ADDR;
         let code_base = boot::PD_ADDR + boot::pd_count(map_end) * 0x1000;
@@ -179,6 +195,7 @@ impl TinyGuestBuilder {
             .chain(self.secondary.iter())
             .collect();
         let end = code_base + area * programs.len() as u64;
+        self.check_ranges(&(load_addr..end))?;
         let ram_end = self.layout.low_ram().end;
         if end > ram_end {
             return Err(TinyGuestError::TooBig {

@@ -95,6 +95,10 @@ pub enum Step {
     Raw(Vec<u8>),
     /// Report [`TAG_DONE`], then halt in case the VMM resumes the vCPU anyway.
     Done,
+    /// A polled virtio-mem driver (clobbers every register but r10, r11, r14).
+    VirtioMem(super::virtio_mem_driver::VirtioMemDriver),
+    /// A polled free-page-reporting (virtio-balloon) driver (same register rule).
+    FreePageReporting(super::fpr_driver::FprDriver),
 }
 
 fn report(a: &mut CodeAssembler, tag: u64, value: AsmRegister64) -> Result<(), IcedError> {
@@ -201,6 +205,8 @@ pub fn assemble(steps: &[Step], ip: u64, image: Range<u64>) -> Result<Vec<u8>, I
                 report(&mut a, TAG_DONE, rax)?;
                 a.hlt()?;
             }
+            Step::VirtioMem(d) => d.emit(&mut a)?,
+            Step::FreePageReporting(d) => d.emit(&mut a)?,
         }
     }
     a.assemble(ip)

@@ -204,7 +204,7 @@ pub fn run_tiny_guest_smp(
     Ok(out)
 }
 
-fn load_image(vm: &Vm, image: &GuestImage) -> Result<(), RunError> {
+pub(crate) fn load_image(vm: &Vm, image: &GuestImage) -> Result<(), RunError> {
     let mem = vm.window().guest_memory()?;
     mem.write_slice(&image.bytes, GuestAddress(image.load_addr))
         .map_err(|e| RunError::Load {

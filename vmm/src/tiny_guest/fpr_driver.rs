@@ -1,0 +1,553 @@
+//! A polled free-page-reporting driver for the tiny guest (virtio-balloon, runs at CPL3).
+//!
+//! It probes the balloon (device ID 5), accepts only VIRTIO_F_VERSION_1 and
+//! VIRTIO_BALLOON_F_REPORTING, so the queues are inflate 0, deflate 1 and reporting 2, sets
+//! all three up, and sets DRIVER_OK. Reports are chains of up to 32 device-writable
+//! descriptors of 2 MiB each (order 9, as Linux reports on x86_64) on queue 2; the driver
+//! notifies and polls the used ring for each chain.
+//!
+//! Two programs ([`FprProgram`]):
+//! - [`FprProgram::TouchReportVerify`]: write every 4 KiB page of a range, report it as free,
+//!   then read every page again and count the words that are not zero (a discarded page must
+//!   read as zeros). With `wait_for_host`, the driver waits for mailbox value 1 before
+//!   reporting and 2 before re-reading, so the host can measure residency in between.
+//! - [`FprProgram::Phases`]: for the density benchmark, each phase touches the next window of
+//!   a ring of windows and reports the previous window as free, with per-phase `rdtsc`
+//!   deltas; after the last phase the last window is reported too.
+
+use std::ops::Range;
+
+use iced_x86::code_asm::*;
+
+use super::program::Step;
+use super::virtq::{
+    check_common, emit_probe, emit_submit_and_wait, overlaps, report, wait_mailbox, Virtq,
+    DESC_F_NEXT, DESC_F_WRITE, FEATURE_VERSION_1, TAG_DRIVER_FAILED,
+};
+use super::{GuestImage, TinyGuestBuilder, TinyGuestError};
+use crate::memory::Layout;
+
+/// virtio device ID of the balloon.
+pub const VIRTIO_ID_BALLOON: u32 = 5;
+/// VIRTIO_BALLOON_F_REPORTING as a feature mask.
+pub const FEATURE_REPORTING: u64 = 1 << 5;
+/// Size of one reported block: 2 MiB (order 9).
+pub const REPORT_BLOCK: u64 = 2 << 20;
+/// Most blocks per report (Linux's PAGE_REPORTING_CAPACITY).
+pub const REPORT_CAPACITY: u32 = 32;
+/// Index of the reporting queue when only REPORTING is negotiated.
+pub const REPORTING_QUEUE: u32 = 2;
+
+/// Report tag: the range was written; the value is its length in bytes.
+pub const TAG_FPR_TOUCHED: u64 = 50;
+/// Report tag: the range was reported free and every chain came back; the value is bytes.
+pub const TAG_FPR_REPORTED: u64 = 51;
+/// Report tag: words that did not read as zero after the report.
+pub const TAG_FPR_NONZERO: u64 = 52;
+/// Report tag: words read after the report.
+pub const TAG_FPR_CHECKED: u64 = 53;
+/// Report tag: a phase ended; the value is the phase index.
+pub const TAG_FPR_PHASE: u64 = 54;
+/// Report tag: `rdtsc` cycles the phase spent touching its window.
+pub const TAG_FPR_PHASE_TOUCH_TSC: u64 = 55;
+/// Report tag: `rdtsc` cycles the phase spent reporting the previous window.
+pub const TAG_FPR_PHASE_REPORT_TSC: u64 = 56;
+/// Report tag: all phases are done (the last window reported too); the value is the phase
+/// count.
+pub const TAG_FPR_PHASES_DONE: u64 = 57;
+/// Report tag: report chains submitted so far (just before [`TAG_FPR_REPORTED`] or
+/// [`TAG_FPR_PHASES_DONE`]).
+pub const TAG_FPR_CHAINS: u64 = 58;
+
+/// What the driver does once the device is up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FprProgram {
+    /// Touch `range`, report it free, verify it reads as zeros (see the module docs).
+    TouchReportVerify {
+        /// 2 MiB-aligned range of boot RAM.
+        range: Range<u64>,
+        /// Wait for mailbox 1 before reporting and 2 before verifying.
+        wait_for_host: bool,
+    },
+    /// `phases` phases over a ring of `windows` windows of `window` bytes from `base`.
+    Phases {
+        /// Start of the first window (2 MiB aligned).
+        base: u64,
+        /// Window size (a 2 MiB multiple).
+        window: u64,
+        /// Windows in the ring (at least 2, so the window touched is never the one reported).
+        windows: u32,
+        /// Number of phases.
+        phases: u32,
+    },
+}
+
+impl FprProgram {
+    /// The guest RAM the program touches.
+    pub fn range(&self) -> Range<u64> {
+        match self {
+            FprProgram::TouchReportVerify { range, .. } => range.clone(),
+            FprProgram::Phases {
+                base,
+                window,
+                windows,
+                ..
+            } => *base..base.saturating_add(window.saturating_mul(u64::from(*windows))),
+        }
+    }
+}
+
+/// The polled free-page-reporting driver's parameters (a [`super::Step::FreePageReporting`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FprDriver {
+    /// Guest-physical base of the balloon's virtio-mmio window.
+    pub mmio_base: u64,
+    /// Guest-physical address of the driver's four scratch pages in low RAM (mailbox, then
+    /// one page per queue).
+    pub scratch: u64,
+    /// Size of each queue (power of two, 32..=64).
+    pub queue_size: u16,
+    /// Pattern seed for touched pages (`pattern(gpa, seed)` in each page's first word).
+    pub seed: u64,
+    /// What to do.
+    pub program: FprProgram,
+}
+
+impl FprDriver {
+    /// A driver with queue size 32 running `program`.
+    pub fn new(mmio_base: u64, scratch: u64, program: FprProgram) -> FprDriver {
+        FprDriver {
+            mmio_base,
+            scratch,
+            queue_size: 32,
+            seed: 0xf1ee_0000_0000_0000,
+            program,
+        }
+    }
+
+    /// Guest-physical address of the mailbox.
+    pub fn mailbox(&self) -> u64 {
+        self.scratch + super::virtq::MAILBOX_OFFSET
+    }
+
+    /// The scratch pages the driver uses.
+    pub fn scratch_range(&self) -> Range<u64> {
+        self.scratch..self.scratch + 0x4000
+    }
+
+    fn queues(&self) -> [Virtq; 3] {
+        [0, 1, 2].map(|i| Virtq {
+            index: i,
+            page_off: 0x1000 * (i as i32 + 1),
+            size: self.queue_size,
+        })
+    }
+
+    /// Check the parameters against the layout and the image's range.
+    pub(crate) fn check(&self, layout: &Layout, image: &Range<u64>) -> Result<(), String> {
+        check_common(
+            layout,
+            image,
+            self.mmio_base,
+            self.scratch_range(),
+            self.queue_size,
+            REPORT_CAPACITY as u16,
+        )?;
+        if let FprProgram::Phases {
+            window,
+            windows,
+            phases,
+            ..
+        } = &self.program
+        {
+            if *window == 0 || *windows < 2 || *phases == 0 {
+                return Err(
+                    "phases need a non-empty window, at least 2 windows and 1 phase".into(),
+                );
+            }
+        }
+        let r = self.program.range();
+        let in_ram = layout
+            .boot_ram_ranges()
+            .iter()
+            .any(|m| m.start <= r.start && r.end <= m.end);
+        if r.is_empty()
+            || r.start % REPORT_BLOCK != 0
+            || r.end % REPORT_BLOCK != 0
+            || !in_ram
+            || overlaps(&r, image)
+            || overlaps(&r, &self.scratch_range())
+        {
+            return Err(format!(
+                "range {r:x?} must be 2 MiB aligned boot RAM clear of the image and scratch"
+            ));
+        }
+        if let FprProgram::Phases { window, .. } = &self.program {
+            if window % REPORT_BLOCK != 0 {
+                return Err(format!("window {window:#x} is not a 2 MiB multiple"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Emit the driver. Registers: r15 MMIO base, rbp scratch; the routines take rdi..rsi.
+    pub(crate) fn emit(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
+        let queues = self.queues();
+        let mut fail = a.create_label();
+        let mut end = a.create_label();
+        let mut main = a.create_label();
+        let mut touch = a.create_label();
+        let mut report_free = a.create_label();
+        let mut count_nonzero = a.create_label();
+        a.jmp(main)?;
+        a.set_label(&mut touch)?;
+        self.emit_touch(a)?;
+        a.set_label(&mut report_free)?;
+        a.nop()?;
+        self.emit_report_free(a, &queues[REPORTING_QUEUE as usize])?;
+        a.set_label(&mut count_nonzero)?;
+        emit_count_nonzero(a)?;
+
+        a.set_label(&mut main)?;
+        a.mov(r15, self.mmio_base)?;
+        a.mov(rbp, self.scratch)?;
+        // Chains submitted, kept in r12.
+        a.xor(r12d, r12d)?;
+        emit_probe(
+            a,
+            VIRTIO_ID_BALLOON,
+            FEATURE_VERSION_1 | FEATURE_REPORTING,
+            &queues,
+            fail,
+        )?;
+        match &self.program {
+            FprProgram::TouchReportVerify {
+                range,
+                wait_for_host,
+            } => {
+                let len = range.end - range.start;
+                a.mov(rdi, range.start)?;
+                a.mov(rsi, range.end)?;
+                a.call(touch)?;
+                a.mov(rax, len)?;
+                report(a, TAG_FPR_TOUCHED, rax)?;
+                if *wait_for_host {
+                    wait_mailbox(a, 1)?;
+                }
+                a.mov(rdi, range.start)?;
+                a.mov(rsi, range.end)?;
+                a.call(report_free)?;
+                report(a, TAG_FPR_CHAINS, r12)?;
+                a.mov(rax, len)?;
+                report(a, TAG_FPR_REPORTED, rax)?;
+                if *wait_for_host {
+                    wait_mailbox(a, 2)?;
+                }
+                a.mov(rdi, range.start)?;
+                a.mov(rsi, range.end)?;
+                a.call(count_nonzero)?;
+                report(a, TAG_FPR_NONZERO, rax)?;
+                report(a, TAG_FPR_CHECKED, rcx)?;
+            }
+            FprProgram::Phases {
+                base,
+                window,
+                windows,
+                phases,
+            } => self.emit_phases(
+                a,
+                PhaseParams {
+                    base: *base,
+                    window: *window,
+                    windows: *windows,
+                    phases: *phases,
+                },
+                touch,
+                report_free,
+            )?,
+        }
+        a.jmp(end)?;
+        a.set_label(&mut fail)?;
+        report(a, TAG_DRIVER_FAILED, rax)?;
+        a.set_label(&mut end)?;
+        a.nop()
+    }
+
+    /// Routine: write `pattern(p, seed)` at the first word of every page of [rdi, rsi).
+    /// Clobbers rax, rdx, rdi.
+    fn emit_touch(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
+        let mut top = a.create_label();
+        let mut done = a.create_label();
+        a.mov(rdx, self.seed)?;
+        a.set_label(&mut top)?;
+        a.cmp(rdi, rsi)?;
+        a.jae(done)?;
+        a.mov(rax, rdi)?;
+        a.xor(rax, rdx)?;
+        a.mov(qword_ptr(rdi), rax)?;
+        a.add(rdi, 4096)?;
+        a.jmp(top)?;
+        a.set_label(&mut done)?;
+        a.ret()
+    }
+
+    /// Routine: report [rdi, rsi) free in chains of up to 32 blocks of 2 MiB on `q`, each
+    /// submitted and waited for. Counts chains in r12. Clobbers rax, rcx, rdx, rdi.
+    fn emit_report_free(&self, a: &mut CodeAssembler, q: &Virtq) -> Result<(), IcedError> {
+        let mut chain = a.create_label();
+        let mut add = a.create_label();
+        let mut close = a.create_label();
+        let mut done = a.create_label();
+        let capacity = REPORT_CAPACITY.min(u32::from(q.size)) as i32;
+        a.set_label(&mut chain)?;
+        a.cmp(rdi, rsi)?;
+        a.jae(done)?;
+        a.xor(ecx, ecx)?;
+        a.set_label(&mut add)?;
+        // Descriptor rcx: rdi, 2 MiB, device-writable, next rcx + 1.
+        a.mov(eax, ecx)?;
+        a.shl(eax, 4)?;
+        a.mov(qword_ptr(rbp + rax + q.desc(0)), rdi)?;
+        a.mov(dword_ptr(rbp + rax + (q.desc(0) + 8)), REPORT_BLOCK as i32)?;
+        a.mov(
+            word_ptr(rbp + rax + (q.desc(0) + 12)),
+            i32::from(DESC_F_WRITE | DESC_F_NEXT),
+        )?;
+        a.lea(edx, dword_ptr(rcx + 1))?;
+        a.mov(word_ptr(rbp + rax + (q.desc(0) + 14)), dx)?;
+        a.add(rdi, REPORT_BLOCK as i32)?;
+        a.inc(ecx)?;
+        a.cmp(ecx, capacity)?;
+        a.jae(close)?;
+        a.cmp(rdi, rsi)?;
+        a.jb(add)?;
+        a.set_label(&mut close)?;
+        // The last descriptor ends the chain.
+        a.lea(eax, dword_ptr(rcx - 1))?;
+        a.shl(eax, 4)?;
+        a.mov(
+            word_ptr(rbp + rax + (q.desc(0) + 12)),
+            i32::from(DESC_F_WRITE),
+        )?;
+        emit_submit_and_wait(a, q)?;
+        a.inc(r12)?;
+        a.jmp(chain)?;
+        a.set_label(&mut done)?;
+        a.ret()
+    }
+
+    fn emit_phases(
+        &self,
+        a: &mut CodeAssembler,
+        p: PhaseParams,
+        touch: CodeLabel,
+        report_free: CodeLabel,
+    ) -> Result<(), IcedError> {
+        let PhaseParams {
+            base,
+            window,
+            windows,
+            phases,
+        } = p;
+        let ring_end = base + window * u64::from(windows);
+        let mut top = a.create_label();
+        let mut first = a.create_label();
+        let mut no_wrap = a.create_label();
+        let mut done = a.create_label();
+        // rbx: phase, r13: current window, r8: previous window, r9: tsc mark.
+        a.xor(ebx, ebx)?;
+        a.mov(r13, base)?;
+        a.mov(r8, base)?;
+        a.set_label(&mut top)?;
+        a.cmp(ebx, phases as i32)?;
+        a.jae(done)?;
+        rdtsc_into(a, r9)?;
+        a.mov(rdi, r13)?;
+        a.mov(rsi, window)?;
+        a.add(rsi, r13)?;
+        a.call(touch)?;
+        rdtsc_into(a, rax)?;
+        a.mov(rcx, rax)?;
+        a.sub(rax, r9)?;
+        a.mov(r9, rcx)?;
+        report(a, TAG_FPR_PHASE_TOUCH_TSC, rax)?;
+        a.test(ebx, ebx)?;
+        a.jz(first)?;
+        a.mov(rdi, r8)?;
+        a.mov(rsi, window)?;
+        a.add(rsi, r8)?;
+        a.push(r8)?;
+        a.push(r9)?;
+        a.call(report_free)?;
+        a.pop(r9)?;
+        a.pop(r8)?;
+        a.set_label(&mut first)?;
+        rdtsc_into(a, rax)?;
+        a.sub(rax, r9)?;
+        report(a, TAG_FPR_PHASE_REPORT_TSC, rax)?;
+        report(a, TAG_FPR_PHASE, rbx)?;
+        a.mov(r8, r13)?;
+        a.mov(rax, window)?;
+        a.add(r13, rax)?;
+        a.mov(rax, ring_end)?;
+        a.cmp(r13, rax)?;
+        a.jb(no_wrap)?;
+        a.mov(r13, base)?;
+        a.set_label(&mut no_wrap)?;
+        a.inc(ebx)?;
+        a.jmp(top)?;
+        a.set_label(&mut done)?;
+        // The last window touched goes back too.
+        a.mov(rdi, r8)?;
+        a.mov(rsi, window)?;
+        a.add(rsi, r8)?;
+        a.call(report_free)?;
+        report(a, TAG_FPR_CHAINS, r12)?;
+        report(a, TAG_FPR_PHASES_DONE, rbx)
+    }
+}
+
+#[derive(Clone, Copy)]
+struct PhaseParams {
+    base: u64,
+    window: u64,
+    windows: u32,
+    phases: u32,
+}
+
+/// `reg = rdtsc` (edx:eax combined). Clobbers rax, rdx.
+fn rdtsc_into(a: &mut CodeAssembler, reg: AsmRegister64) -> Result<(), IcedError> {
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    if reg != rax {
+        a.mov(reg, rax)?;
+    }
+    Ok(())
+}
+
+/// Routine: rax = pages of [rdi, rsi) whose first word is not zero, rcx = pages read.
+/// Clobbers rdi.
+fn emit_count_nonzero(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    let mut top = a.create_label();
+    let mut zero = a.create_label();
+    let mut done = a.create_label();
+    a.xor(eax, eax)?;
+    a.xor(ecx, ecx)?;
+    a.set_label(&mut top)?;
+    a.cmp(rdi, rsi)?;
+    a.jae(done)?;
+    a.inc(rcx)?;
+    a.cmp(qword_ptr(rdi), 0)?;
+    a.je(zero)?;
+    a.inc(rax)?;
+    a.set_label(&mut zero)?;
+    a.add(rdi, 4096)?;
+    a.jmp(top)?;
+    a.set_label(&mut done)?;
+    a.ret()
+}
+
+/// A tiny guest (for `layout`) that runs `driver` and then reports done.
+pub fn fpr_program(layout: &Layout, driver: FprDriver) -> Result<GuestImage, TinyGuestError> {
+    TinyGuestBuilder::new(layout)
+        .step(Step::FreePageReporting(driver))
+        .step(Step::Done)
+        .build()
+}
+
+/// Where [`fpr_phases_program`] puts its ring of windows: from 2 MiB, above the image and
+/// the driver's scratch pages.
+pub const PHASES_BASE: u64 = REPORT_BLOCK;
+
+/// The density benchmark's guest: `phases` phases over a ring of `windows` windows of
+/// `window_mib` MiB from [`PHASES_BASE`]; each phase touches its window and reports the
+/// previous one free, with per-phase `rdtsc` reports ([`TAG_FPR_PHASE_TOUCH_TSC`],
+/// [`TAG_FPR_PHASE_REPORT_TSC`], [`TAG_FPR_PHASE`]) and the host's arrival times. The driver
+/// uses [`super::virtq::DEFAULT_SCRATCH`]; the balloon's window is at `mmio_base`.
+pub fn fpr_phases_program(
+    layout: &Layout,
+    mmio_base: u64,
+    window_mib: u64,
+    windows: u32,
+    phases: u32,
+) -> Result<(GuestImage, FprDriver), TinyGuestError> {
+    let driver = FprDriver::new(
+        mmio_base,
+        super::virtq::DEFAULT_SCRATCH,
+        FprProgram::Phases {
+            base: PHASES_BASE,
+            window: window_mib.saturating_mul(1 << 20),
+            windows,
+            phases,
+        },
+    );
+    Ok((fpr_program(layout, driver.clone())?, driver))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{LayoutConfig, MIB};
+    use crate::tiny_guest::virtq::{DEFAULT_MMIO_BASE, DEFAULT_SCRATCH};
+
+    fn layout(mib: u64) -> Layout {
+        Layout::new(LayoutConfig {
+            boot_ram: mib * MIB,
+            hotplug_size: 0,
+        })
+        .expect("layout")
+    }
+
+    #[test]
+    fn programs_assemble() {
+        let d = FprDriver::new(
+            DEFAULT_MMIO_BASE,
+            DEFAULT_SCRATCH,
+            FprProgram::TouchReportVerify {
+                range: 64 * MIB..128 * MIB,
+                wait_for_host: true,
+            },
+        );
+        let img = fpr_program(&layout(256), d).expect("build");
+        assert!(img.range().end <= DEFAULT_SCRATCH);
+        let (_, d) =
+            fpr_phases_program(&layout(256), DEFAULT_MMIO_BASE, 64, 3, 10).expect("phases");
+        assert_eq!(d.program.range(), PHASES_BASE..PHASES_BASE + 192 * MIB);
+    }
+
+    #[test]
+    fn bad_programs_are_refused() {
+        let l = layout(256);
+        let bad = |program: FprProgram| {
+            let d = FprDriver::new(DEFAULT_MMIO_BASE, DEFAULT_SCRATCH, program);
+            matches!(fpr_program(&l, d), Err(TinyGuestError::BadDriver(_)))
+        };
+        let trv = |range: Range<u64>| FprProgram::TouchReportVerify {
+            range,
+            wait_for_host: false,
+        };
+        assert!(bad(trv(0..64 * MIB)), "covers the image and scratch");
+        assert!(bad(trv(64 * MIB + 4096..128 * MIB)), "misaligned");
+        assert!(bad(trv(128 * MIB..512 * MIB)), "outside RAM");
+        assert!(bad(trv(64 * MIB..64 * MIB)), "empty");
+        let ph = |window: u64, windows: u32, phases: u32| FprProgram::Phases {
+            base: PHASES_BASE,
+            window,
+            windows,
+            phases,
+        };
+        assert!(bad(ph(64 * MIB, 1, 4)), "one window");
+        assert!(bad(ph(64 * MIB, 2, 0)), "no phase");
+        assert!(bad(ph(3 * MIB, 2, 1)), "window not a 2 MiB multiple");
+        assert!(bad(ph(128 * MIB, 2, 1)), "ring beyond RAM");
+        assert!(!bad(ph(64 * MIB, 2, 1)));
+        // The reporting queue must hold a full report.
+        let mut d = FprDriver::new(DEFAULT_MMIO_BASE, DEFAULT_SCRATCH, ph(64 * MIB, 2, 1));
+        d.queue_size = 16;
+        assert!(matches!(
+            fpr_program(&l, d),
+            Err(TinyGuestError::BadDriver(_))
+        ));
+    }
+}

@@ -1,0 +1,227 @@
+//! Tier-2 test of free page reporting end to end on a real vCPU without Linux: the tiny
+//! guest's polled driver probes the real balloon through the real virtio-mmio transport,
+//! touches 256 MiB at CPL3, reports it free in 2 MiB blocks, and the balloon's real madvise
+//! backend discards it from the VM's window; the guest then reads zeros. Skips when /dev/kvm
+//! cannot be opened.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tidepool_balloon::{Balloon, BalloonConfig, MmapBackend};
+use tidepool_virtio::MmioTransport;
+use tidepool_vmm::kvm::{kvm_available, StopReason, VcpuHandle, Vm, VmConfig};
+use tidepool_vmm::memory::{LayoutConfig, MIB};
+use tidepool_vmm::tiny_guest::fpr_driver::*;
+use tidepool_vmm::tiny_guest::harness::{start_tiny_guest, DeviceExitHandler, NoIrq, ReportLog};
+use tidepool_vmm::tiny_guest::virtq::{
+    ProbeFailure, DEFAULT_MMIO_BASE, DEFAULT_SCRATCH, TAG_DRIVER_FAILED, TAG_DRIVER_READY,
+};
+use tidepool_vmm::tiny_guest::GuestReport;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+type Handle = VcpuHandle<DeviceExitHandler<Balloon>>;
+
+fn wait(
+    log: &ReportLog,
+    handle: &Handle,
+    what: &str,
+    pred: impl Fn(&GuestReport) -> bool,
+) -> GuestReport {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some((_, r)) = log.wait_for(0, Duration::from_millis(200), &pred) {
+            return r;
+        }
+        if let Some(code) = log.last(TAG_DRIVER_FAILED) {
+            panic!("driver failed: {:?}", ProbeFailure::from_code(code));
+        }
+        assert!(
+            !handle.is_finished() && Instant::now() < deadline,
+            "guest ended or timed out waiting for {what}; reports: {:?}",
+            log.snapshot()
+                .iter()
+                .map(|r| (r.tag, r.value))
+                .collect::<Vec<_>>()
+        );
+    }
+}
+
+fn vm_and_balloon(
+    ram: u64,
+) -> (
+    Vm,
+    vm_memory::GuestMemoryMmap,
+    Arc<Mutex<MmioTransport<Balloon>>>,
+) {
+    let vm = Vm::new(VmConfig {
+        layout: LayoutConfig {
+            boot_ram: ram,
+            hotplug_size: 0,
+        },
+        platform: false,
+    })
+    .expect("create VM");
+    let view = vm.window().guest_memory().expect("view");
+    let mem = (*view).clone();
+    let mut backend = MmapBackend::with_ram(&mem, &[(0, ram)]).expect("backend");
+    backend.advise_huge().expect("THP advice");
+    // The default config also offers STATS_VQ, DEFLATE_ON_OOM and PAGE_POISON: the driver
+    // accepts only REPORTING, so the reporting queue is index 2.
+    let balloon = Balloon::new(BalloonConfig::default(), Box::new(backend)).expect("balloon");
+    let transport = MmioTransport::new(
+        Box::new(balloon),
+        GuestMemoryAtomic::new(mem.clone()),
+        Arc::new(NoIrq::default()),
+    )
+    .expect("transport");
+    (vm, mem, Arc::new(Mutex::new(transport)))
+}
+
+#[test]
+fn polled_fpr_driver_reports_touched_memory_and_reads_zeros() {
+    if let Err(why) = kvm_available() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    let ram = 512 * MIB;
+    let (vm, mem, transport) = vm_and_balloon(ram);
+    let range = 128 * MIB..384 * MIB;
+    let len = range.end - range.start;
+    let driver = FprDriver::new(
+        DEFAULT_MMIO_BASE,
+        DEFAULT_SCRATCH,
+        FprProgram::TouchReportVerify {
+            range: range.clone(),
+            wait_for_host: true,
+        },
+    );
+    let mailbox = driver.mailbox();
+    let image = fpr_program(vm.window().layout(), driver).expect("build");
+    let log = Arc::new(ReportLog::default());
+    let handler = DeviceExitHandler::new(DEFAULT_MMIO_BASE, Arc::clone(&transport), log.clone());
+    let handle = start_tiny_guest(&vm, &image, 0, handler).expect("start");
+
+    let ready = wait(&log, &handle, "DRIVER_OK", |r| r.tag == TAG_DRIVER_READY);
+    assert_eq!(ready.value & 0xf, 0xf);
+    {
+        let t = transport.lock().expect("lock");
+        let acked = t.device().acked_features();
+        assert_eq!(acked, (1 << 32) | (1 << 5), "VERSION_1 and REPORTING only");
+    }
+    let touched = wait(&log, &handle, "touch", |r| r.tag == TAG_FPR_TOUCHED);
+    assert_eq!(touched.value, len);
+    let before = vm
+        .window()
+        .resident_bytes(range.start, len)
+        .expect("mincore");
+
+    mem.write_obj(1u64, GuestAddress(mailbox)).expect("go");
+    let reported = wait(&log, &handle, "report", |r| r.tag == TAG_FPR_REPORTED);
+    assert_eq!(reported.value, len);
+    let after = vm
+        .window()
+        .resident_bytes(range.start, len)
+        .expect("mincore");
+    println!(
+        "window residency of the {} MiB range: {} MiB before the report, {} MiB after \
+         ({:?} from the touch report to the end of reporting, {} chains)",
+        len / MIB,
+        before / MIB,
+        after / MIB,
+        reported.at - touched.at,
+        log.last(TAG_FPR_CHAINS).unwrap_or(0)
+    );
+    assert!(
+        before >= len * 9 / 10,
+        "the guest's touch made the range resident"
+    );
+    assert!(
+        after <= before / 10,
+        "residency must drop by at least 90%: {before} -> {after}"
+    );
+    assert_eq!(log.last(TAG_FPR_CHAINS), Some(len / REPORT_BLOCK / 32));
+    {
+        let t = transport.lock().expect("lock");
+        let acc = t.device().accounting();
+        assert_eq!(acc.reported_bytes, len);
+        assert_eq!(acc.counters.reports, len / REPORT_BLOCK / 32);
+        assert_eq!(acc.counters.whole_huge_blocks, len / REPORT_BLOCK);
+        assert_eq!(acc.input_errors, Default::default());
+    }
+
+    mem.write_obj(2u64, GuestAddress(mailbox)).expect("go");
+    let (summary, kicked) = handle.join_timeout(WAIT).expect("join");
+    assert!(!kicked);
+    assert_eq!(summary.result.as_ref().ok(), Some(&StopReason::Handler));
+    assert_eq!(
+        log.last(TAG_FPR_NONZERO),
+        Some(0),
+        "reported pages read as zeros"
+    );
+    assert_eq!(log.last(TAG_FPR_CHECKED), Some(len / 4096));
+    assert_eq!(
+        transport.lock().expect("lock").counters(),
+        Default::default(),
+        "no bad register access"
+    );
+}
+
+#[test]
+fn fpr_phases_report_every_window() {
+    if let Err(why) = kvm_available() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    let ram = 256 * MIB;
+    let (vm, _mem, transport) = vm_and_balloon(ram);
+    let window_mib = 64;
+    let phases = 6;
+    let (image, driver) = fpr_phases_program(
+        vm.window().layout(),
+        DEFAULT_MMIO_BASE,
+        window_mib,
+        2,
+        phases,
+    )
+    .expect("build");
+    let FprProgram::Phases { base, window, .. } = driver.program else {
+        panic!("phases program");
+    };
+    let log = Arc::new(ReportLog::default());
+    let handler = DeviceExitHandler::new(DEFAULT_MMIO_BASE, Arc::clone(&transport), log.clone());
+    let handle = start_tiny_guest(&vm, &image, 0, handler).expect("start");
+    let (summary, kicked) = handle.join_timeout(WAIT).expect("join");
+    assert!(!kicked, "phases did not finish");
+    assert_eq!(
+        summary.result.as_ref().ok(),
+        Some(&StopReason::Handler),
+        "{:?}",
+        log.snapshot()
+    );
+    assert_eq!(
+        log.values(TAG_FPR_PHASE),
+        (0..u64::from(phases)).collect::<Vec<_>>()
+    );
+    assert_eq!(log.last(TAG_FPR_PHASES_DONE), Some(u64::from(phases)));
+    let touch = log.values(TAG_FPR_PHASE_TOUCH_TSC);
+    let report = log.values(TAG_FPR_PHASE_REPORT_TSC);
+    println!("per-phase rdtsc cycles: touch {touch:?}, report {report:?}");
+    assert_eq!(touch.len(), phases as usize);
+    // Every window touched was reported at the end: nothing of the ring stays resident.
+    let resident = vm
+        .window()
+        .resident_bytes(base, 2 * window)
+        .expect("mincore");
+    println!(
+        "ring residency after {phases} phases: {} KiB",
+        resident / 1024
+    );
+    assert!(resident <= 2 * window / 10);
+    let acc = transport.lock().expect("lock").device().accounting();
+    assert_eq!(
+        acc.counters.reported_bytes_total,
+        u64::from(phases) * window
+    );
+}

@@ -1,0 +1,300 @@
+//! Tier-2 test of virtio-mem end to end on a real vCPU without Linux: the tiny guest's polled
+//! driver probes the real `VirtioMem` device through the real virtio-mmio transport, plugs
+//! what the host requests, writes and reads the new memory, and unplugs when the host lowers
+//! the target. The backend places and removes blocks in the VM's window (memslots included)
+//! and takes its frames from a guest-mm `Zone`. Skips when /dev/kvm cannot be opened.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use guest_mm::{FrameId, MigrateType, NodeId, Zone};
+use tidepool_hotplug::{BackendError, MemoryBackend, VirtioMem, VirtioMemConfig};
+use tidepool_virtio::MmioTransport;
+use tidepool_vmm::kvm::{kvm_available, StopReason, VcpuHandle, Vm, VmConfig};
+use tidepool_vmm::memory::{LayoutConfig, MIB};
+use tidepool_vmm::tiny_guest::harness::{start_tiny_guest, DeviceExitHandler, NoIrq, ReportLog};
+use tidepool_vmm::tiny_guest::virtio_mem_driver::*;
+use tidepool_vmm::tiny_guest::virtq::{
+    ProbeFailure, DEFAULT_MMIO_BASE, DEFAULT_SCRATCH, TAG_DRIVER_FAILED, TAG_DRIVER_READY,
+};
+use tidepool_vmm::tiny_guest::{pattern, GuestReport, Stride};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
+
+const BLOCK: u64 = 2 * MIB;
+const ORDER: u8 = 9;
+const POOL: u64 = 512 * MIB;
+const WAIT: Duration = Duration::from_secs(120);
+
+/// Plug: take an order-9 MOVABLE block from the zone, place the block in the window
+/// (registering its memslot). Unplug: remove the block (memslot, PROT_NONE, MADV_DONTNEED),
+/// then free the frames.
+struct WindowZoneBackend {
+    vm: Arc<Vm>,
+    zone: Zone,
+    frames: BTreeMap<u64, FrameId>,
+}
+
+impl WindowZoneBackend {
+    fn release(&mut self, gpa: u64) -> Result<(), BackendError> {
+        let frame = self
+            .frames
+            .remove(&gpa)
+            .ok_or_else(|| BackendError::Failed(format!("{gpa:#x} not plugged")))?;
+        self.vm
+            .remove_block(gpa, BLOCK)
+            .map_err(|e| BackendError::Failed(e.to_string()))?;
+        self.zone
+            .free(frame, ORDER)
+            .map_err(|e| BackendError::Failed(e.to_string()))
+    }
+}
+
+impl MemoryBackend for WindowZoneBackend {
+    fn plug(&mut self, gpa: u64, len: u64) -> Result<(), BackendError> {
+        let mut done = Vec::new();
+        for g in (gpa..gpa + len).step_by(BLOCK as usize) {
+            let placed = match self.zone.alloc(ORDER, MigrateType::Movable) {
+                Ok(frame) => match self.vm.place_block(g, BLOCK) {
+                    Ok(()) => {
+                        self.frames.insert(g, frame);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        let _ = self.zone.free(frame, ORDER);
+                        Err(BackendError::Failed(e.to_string()))
+                    }
+                },
+                Err(_) => Err(BackendError::OutOfMemory),
+            };
+            if let Err(e) = placed {
+                for g in done {
+                    self.release(g)?;
+                }
+                return Err(e);
+            }
+            done.push(g);
+        }
+        Ok(())
+    }
+
+    fn unplug(&mut self, gpa: u64, len: u64) -> Result<(), BackendError> {
+        for g in (gpa..gpa + len).step_by(BLOCK as usize) {
+            self.release(g)?;
+        }
+        Ok(())
+    }
+}
+
+type Transport = Arc<Mutex<MmioTransport<VirtioMem<WindowZoneBackend>>>>;
+
+fn wait(
+    log: &ReportLog,
+    handle: &VcpuHandle<DeviceExitHandler<VirtioMem<WindowZoneBackend>>>,
+    from: usize,
+    what: &str,
+    pred: impl Fn(&GuestReport) -> bool,
+) -> (usize, GuestReport) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(hit) = log.wait_for(from, Duration::from_millis(200), &pred) {
+            return hit;
+        }
+        if let Some(code) = log.last(TAG_DRIVER_FAILED) {
+            panic!("driver failed: {:?}", ProbeFailure::from_code(code));
+        }
+        assert!(
+            !handle.is_finished() && Instant::now() < deadline,
+            "guest ended or timed out waiting for {what}; reports: {:?}",
+            log.snapshot()
+                .iter()
+                .map(|r| (r.tag, r.value))
+                .collect::<Vec<_>>()
+        );
+    }
+}
+
+#[test]
+fn polled_virtio_mem_driver_plugs_and_unplugs() {
+    if let Err(why) = kvm_available() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    let boot = 128 * MIB;
+    let vm = Arc::new(
+        Vm::new(VmConfig {
+            layout: LayoutConfig {
+                boot_ram: boot,
+                hotplug_size: 512 * MIB,
+            },
+            platform: false,
+        })
+        .expect("create VM"),
+    );
+    let layout = vm.window().layout().clone();
+    let hp = layout.hotplug().expect("hot-plug region");
+    let pool_frames = POOL / 4096;
+    let backend = WindowZoneBackend {
+        vm: Arc::clone(&vm),
+        zone: Zone::new(NodeId(0), FrameId(0), pool_frames),
+        frames: BTreeMap::new(),
+    };
+    let dev = VirtioMem::new(
+        VirtioMemConfig::new(hp.start, hp.end - hp.start, boot),
+        backend,
+    )
+    .expect("device");
+    // The device sees boot RAM (its queue lives there); this view keeps the window mapped.
+    let boot_view = vm.window().guest_memory().expect("view");
+    let irq = Arc::new(NoIrq::default());
+    let transport: Transport = Arc::new(Mutex::new(
+        MmioTransport::new(
+            Box::new(dev),
+            GuestMemoryAtomic::new((*boot_view).clone()),
+            irq.clone(),
+        )
+        .expect("transport"),
+    ));
+    let driver = VirtioMemDriver {
+        blocks_per_request: 4,
+        stride: Stride::Page,
+        ..VirtioMemDriver::new(DEFAULT_MMIO_BASE, DEFAULT_SCRATCH)
+    };
+    let seed = driver.seed;
+    let mailbox = driver.mailbox();
+    let image = virtio_mem_program(&layout, driver).expect("build");
+    let log = Arc::new(ReportLog::default());
+    let handler = DeviceExitHandler::new(DEFAULT_MMIO_BASE, Arc::clone(&transport), log.clone());
+    let handle = start_tiny_guest(&vm, &image, 0, handler).expect("start");
+
+    let (i, ready) = wait(&log, &handle, 0, "DRIVER_OK", |r| r.tag == TAG_DRIVER_READY);
+    assert_eq!(
+        ready.value & 0xf,
+        0xf,
+        "status ACK|DRIVER|FEATURES_OK|DRIVER_OK"
+    );
+    let (i, _) = wait(&log, &handle, i, "settled at 0", |r| {
+        r.tag == TAG_VMEM_SETTLED && r.value == 0
+    });
+
+    // Grow by 256 MiB.
+    let grow = 256 * MIB;
+    let t0 = Instant::now();
+    transport
+        .lock()
+        .expect("lock")
+        .device_mut()
+        .set_requested_total(boot + grow)
+        .expect("resize up");
+    let (i, settled) = wait(&log, &handle, i, "plugged 256 MiB", |r| {
+        r.tag == TAG_VMEM_SETTLED && r.value == grow
+    });
+    println!(
+        "guest plugged, wrote and checked {} MiB in {:?} ({} requests)",
+        grow / MIB,
+        settled.at - t0,
+        log.values(TAG_VMEM_PLUGGED).len()
+    );
+    let mismatches = log.values(TAG_VMEM_MISMATCHES);
+    let checked: u64 = log.values(TAG_VMEM_CHECKED).iter().sum();
+    assert!(mismatches.iter().all(|m| *m == 0), "{mismatches:?}");
+    assert_eq!(checked, grow / 4096, "every page of the new memory checked");
+    {
+        let t = transport.lock().expect("lock");
+        let dev = t.device();
+        assert_eq!(dev.plugged_size(), grow);
+        let c = dev.counters();
+        assert_eq!(c.plug_acked, grow / BLOCK / 4);
+        assert_eq!(dev.backend().zone.free_frames(), pool_frames - grow / 4096);
+        dev.backend().zone.validate().expect("zone consistent");
+        assert!(log.values(TAG_VMEM_NACK).is_empty() && log.values(TAG_VMEM_BUSY).is_empty());
+    }
+    assert!(vm.window().is_range_placed(hp.start, grow));
+    assert!(!vm.window().is_placed(hp.start + grow));
+    assert_eq!(
+        vm.memslot_count(),
+        3,
+        "boot slot plus two 128 MiB hot-plug slots"
+    );
+    let resident = vm.window().resident_bytes(hp.start, grow).expect("mincore");
+    println!("resident behind the plugged range: {} MiB", resident / MIB);
+    assert_eq!(resident, grow, "the guest touched every page");
+    {
+        let view = vm.window().guest_memory().expect("view");
+        for gpa in [
+            hp.start,
+            hp.start + 4096,
+            hp.start + grow / 2,
+            hp.start + grow - 4096,
+        ] {
+            assert_eq!(
+                view.read_obj::<u64>(GuestAddress(gpa)).ok(),
+                Some(pattern(gpa, seed)),
+                "pattern at {gpa:#x}"
+            );
+        }
+    }
+
+    // Shrink to 64 MiB: the driver unplugs the highest blocks.
+    let keep = 64 * MIB;
+    transport
+        .lock()
+        .expect("lock")
+        .device_mut()
+        .set_requested_total(boot + keep)
+        .expect("resize down");
+    let (_, settled2) = wait(&log, &handle, i, "shrunk to 64 MiB", |r| {
+        r.tag == TAG_VMEM_SETTLED && r.value == keep
+    });
+    println!("guest unplugged {} MiB", (grow - keep) / MIB);
+    let _ = settled2;
+    let unplugged = log.values(TAG_VMEM_UNPLUGGED);
+    assert_eq!(unplugged.last(), Some(&keep));
+    assert!(unplugged.windows(2).all(|w| w[1] < w[0]));
+    {
+        let t = transport.lock().expect("lock");
+        let dev = t.device();
+        assert_eq!(dev.plugged_size(), keep);
+        assert_eq!(dev.backend().zone.free_frames(), pool_frames - keep / 4096);
+        assert_eq!(dev.backend().frames.len() as u64, keep / BLOCK);
+        dev.backend().zone.validate().expect("zone consistent");
+    }
+    let region = hp.end - hp.start;
+    let gone = vm
+        .window()
+        .resident_bytes(hp.start + keep, region - keep)
+        .expect("mincore");
+    println!(
+        "resident behind the unplugged range after shrink: {gone} bytes; kept: {} MiB",
+        vm.window().resident_bytes(hp.start, keep).expect("mincore") / MIB
+    );
+    assert_eq!(gone, 0, "unplugged memory is no longer held");
+    assert!(!vm.window().is_placed(hp.start + keep));
+    assert_eq!(vm.memslot_count(), 2, "the second hot-plug slot is gone");
+    {
+        let view = vm.window().guest_memory().expect("view");
+        let gpa = hp.start + keep - 4096;
+        assert_eq!(
+            view.read_obj::<u64>(GuestAddress(gpa)).ok(),
+            Some(pattern(gpa, seed)),
+            "kept memory keeps its data"
+        );
+    }
+
+    // Stop the driver through the mailbox.
+    boot_view
+        .write_obj(MAILBOX_STOP, GuestAddress(mailbox))
+        .expect("mailbox");
+    let (summary, kicked) = handle.join_timeout(WAIT).expect("join");
+    assert!(!kicked, "driver did not stop");
+    assert_eq!(summary.result.as_ref().ok(), Some(&StopReason::Handler));
+    assert_eq!(log.last(TAG_VMEM_EXIT), Some(keep));
+    let t = transport.lock().expect("lock");
+    println!(
+        "exits {}, transport counters {:?}, irqs a driver with interrupts would have seen {}",
+        summary.exits,
+        t.counters(),
+        irq.count()
+    );
+    assert_eq!(t.counters(), Default::default(), "no bad register access");
+}
