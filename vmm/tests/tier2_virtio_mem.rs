@@ -114,13 +114,24 @@ fn wait(
     }
 }
 
-#[test]
-fn polled_virtio_mem_driver_plugs_and_unplugs() {
-    if let Err(why) = kvm_available() {
-        eprintln!("SKIP: {why}");
-        return;
-    }
-    let boot = 128 * MIB;
+struct Rig {
+    vm: Arc<Vm>,
+    transport: Transport,
+    boot_view: tidepool_vmm::memory::WindowMemory,
+    irq: Arc<NoIrq>,
+    log: Arc<ReportLog>,
+    handle: VcpuHandle<DeviceExitHandler<VirtioMem<WindowZoneBackend>>>,
+    hp: std::ops::Range<u64>,
+    seed: u64,
+    mailbox: u64,
+}
+
+const BOOT: u64 = 128 * MIB;
+
+/// A VM with 128 MiB of boot RAM and a 512 MiB virtio-mem region whose backend draws from a
+/// zone of `pool` bytes, running the polled driver.
+fn rig(pool: u64) -> Rig {
+    let boot = BOOT;
     let vm = Arc::new(
         Vm::new(VmConfig {
             layout: LayoutConfig {
@@ -133,10 +144,9 @@ fn polled_virtio_mem_driver_plugs_and_unplugs() {
     );
     let layout = vm.window().layout().clone();
     let hp = layout.hotplug().expect("hot-plug region");
-    let pool_frames = POOL / 4096;
     let backend = WindowZoneBackend {
         vm: Arc::clone(&vm),
-        zone: Zone::new(NodeId(0), FrameId(0), pool_frames),
+        zone: Zone::new(NodeId(0), FrameId(0), pool / 4096),
         frames: BTreeMap::new(),
     };
     let dev = VirtioMem::new(
@@ -166,14 +176,78 @@ fn polled_virtio_mem_driver_plugs_and_unplugs() {
     let log = Arc::new(ReportLog::default());
     let handler = DeviceExitHandler::new(DEFAULT_MMIO_BASE, Arc::clone(&transport), log.clone());
     let handle = start_tiny_guest(&vm, &image, 0, handler).expect("start");
+    Rig {
+        vm,
+        transport,
+        boot_view,
+        irq,
+        log,
+        handle,
+        hp,
+        seed,
+        mailbox,
+    }
+}
 
-    let (i, ready) = wait(&log, &handle, 0, "DRIVER_OK", |r| r.tag == TAG_DRIVER_READY);
+impl Rig {
+    fn resize_total(&self, total: u64) {
+        self.transport
+            .lock()
+            .expect("lock")
+            .device_mut()
+            .set_requested_total(total)
+            .expect("resize");
+    }
+
+    /// Stop the driver through the mailbox and join the vCPU.
+    fn stop(self) -> Stopped {
+        self.boot_view
+            .write_obj(MAILBOX_STOP, GuestAddress(self.mailbox))
+            .expect("mailbox");
+        let (summary, kicked) = self.handle.join_timeout(WAIT).expect("join");
+        assert!(!kicked, "driver did not stop");
+        assert_eq!(summary.result.as_ref().ok(), Some(&StopReason::Handler));
+        Stopped {
+            exits: summary.exits,
+            transport: self.transport,
+            irq: self.irq,
+            log: self.log,
+        }
+    }
+}
+
+/// What is left after [`Rig::stop`].
+struct Stopped {
+    exits: u64,
+    transport: Transport,
+    irq: Arc<NoIrq>,
+    log: Arc<ReportLog>,
+}
+
+#[test]
+fn polled_virtio_mem_driver_plugs_and_unplugs() {
+    if let Err(why) = kvm_available() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    let pool_frames = POOL / 4096;
+    let r = rig(POOL);
+    let (vm, transport, log, handle, hp, seed, boot) = (
+        &r.vm,
+        &r.transport,
+        &r.log,
+        &r.handle,
+        r.hp.clone(),
+        r.seed,
+        BOOT,
+    );
+    let (i, ready) = wait(log, handle, 0, "DRIVER_OK", |r| r.tag == TAG_DRIVER_READY);
     assert_eq!(
         ready.value & 0xf,
         0xf,
         "status ACK|DRIVER|FEATURES_OK|DRIVER_OK"
     );
-    let (i, _) = wait(&log, &handle, i, "settled at 0", |r| {
+    let (i, _) = wait(log, handle, i, "settled at 0", |r| {
         r.tag == TAG_VMEM_SETTLED && r.value == 0
     });
 
@@ -186,7 +260,7 @@ fn polled_virtio_mem_driver_plugs_and_unplugs() {
         .device_mut()
         .set_requested_total(boot + grow)
         .expect("resize up");
-    let (i, settled) = wait(&log, &handle, i, "plugged 256 MiB", |r| {
+    let (i, settled) = wait(log, handle, i, "plugged 256 MiB", |r| {
         r.tag == TAG_VMEM_SETTLED && r.value == grow
     });
     println!(
@@ -243,7 +317,7 @@ fn polled_virtio_mem_driver_plugs_and_unplugs() {
         .device_mut()
         .set_requested_total(boot + keep)
         .expect("resize down");
-    let (_, settled2) = wait(&log, &handle, i, "shrunk to 64 MiB", |r| {
+    let (_, settled2) = wait(log, handle, i, "shrunk to 64 MiB", |r| {
         r.tag == TAG_VMEM_SETTLED && r.value == keep
     });
     println!("guest unplugged {} MiB", (grow - keep) / MIB);
@@ -282,19 +356,69 @@ fn polled_virtio_mem_driver_plugs_and_unplugs() {
     }
 
     // Stop the driver through the mailbox.
-    boot_view
-        .write_obj(MAILBOX_STOP, GuestAddress(mailbox))
-        .expect("mailbox");
-    let (summary, kicked) = handle.join_timeout(WAIT).expect("join");
-    assert!(!kicked, "driver did not stop");
-    assert_eq!(summary.result.as_ref().ok(), Some(&StopReason::Handler));
+    let Stopped {
+        exits,
+        transport,
+        irq,
+        log,
+    } = r.stop();
     assert_eq!(log.last(TAG_VMEM_EXIT), Some(keep));
     let t = transport.lock().expect("lock");
     println!(
         "exits {}, transport counters {:?}, irqs a driver with interrupts would have seen {}",
-        summary.exits,
+        exits,
         t.counters(),
         irq.count()
     );
     assert_eq!(t.counters(), Default::default(), "no bad register access");
+}
+
+#[test]
+fn pool_exhaustion_is_busy_and_the_driver_retries() {
+    if let Err(why) = kvm_available() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    // Only 128 MiB in the pool, 256 MiB requested: plugs succeed up to 128 MiB, then the
+    // device answers BUSY and the driver keeps retrying until the host lowers the target.
+    let pool = 128 * MIB;
+    let r = rig(pool);
+    wait(&r.log, &r.handle, 0, "settled at 0", |x| {
+        x.tag == TAG_VMEM_SETTLED && x.value == 0
+    });
+    r.resize_total(BOOT + 256 * MIB);
+    let (i, _) = wait(&r.log, &r.handle, 0, "plugged the whole pool", |x| {
+        x.tag == TAG_VMEM_PLUGGED && x.value == pool
+    });
+    let (i, busy) = wait(&r.log, &r.handle, i, "BUSY", |x| x.tag == TAG_VMEM_BUSY);
+    assert_eq!(busy.value, r.hp.start + pool, "the next plug is refused");
+    // It keeps retrying.
+    wait(&r.log, &r.handle, i + 1, "a second BUSY", |x| {
+        x.tag == TAG_VMEM_BUSY
+    });
+    {
+        let t = r.transport.lock().expect("lock");
+        let dev = t.device();
+        assert_eq!(dev.plugged_size(), pool);
+        assert!(dev.counters().busy_backend >= 2);
+        assert_eq!(dev.backend().zone.free_frames(), 0);
+    }
+    assert!(
+        !r.vm.window().is_placed(r.hp.start + pool),
+        "a refused plug leaves nothing"
+    );
+    r.resize_total(BOOT + pool);
+    wait(&r.log, &r.handle, 0, "settled at the pool size", |x| {
+        x.tag == TAG_VMEM_SETTLED && x.value == pool
+    });
+    let busy = r.log.values(TAG_VMEM_BUSY).len();
+    println!("driver retried {busy} times on BUSY before the host lowered the target");
+    let mismatches = r.log.values(TAG_VMEM_MISMATCHES);
+    assert!(mismatches.iter().all(|m| *m == 0));
+    let Stopped { transport, log, .. } = r.stop();
+    assert_eq!(log.last(TAG_VMEM_EXIT), Some(pool));
+    assert_eq!(
+        transport.lock().expect("lock").counters(),
+        Default::default()
+    );
 }
