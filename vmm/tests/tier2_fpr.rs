@@ -12,6 +12,7 @@ use tidepool_virtio::MmioTransport;
 use tidepool_vmm::kvm::{kvm_available, StopReason, VcpuHandle, Vm, VmConfig};
 use tidepool_vmm::memory::{LayoutConfig, MIB};
 use tidepool_vmm::tiny_guest::fpr_driver::*;
+use tidepool_vmm::tiny_guest::fpr_run::run_fpr_phases;
 use tidepool_vmm::tiny_guest::harness::{start_tiny_guest, DeviceExitHandler, NoIrq, ReportLog};
 use tidepool_vmm::tiny_guest::virtq::{
     ProbeFailure, DEFAULT_MMIO_BASE, DEFAULT_SCRATCH, TAG_DRIVER_FAILED, TAG_DRIVER_READY,
@@ -174,54 +175,36 @@ fn fpr_phases_report_every_window() {
         eprintln!("SKIP: {why}");
         return;
     }
-    let ram = 256 * MIB;
-    let (vm, _mem, transport) = vm_and_balloon(ram);
-    let window_mib = 64;
-    let phases = 6;
-    let (image, driver) = fpr_phases_program(
-        vm.window().layout(),
-        DEFAULT_MMIO_BASE,
-        window_mib,
-        2,
-        phases,
-    )
-    .expect("build");
-    let FprProgram::Phases { base, window, .. } = driver.program else {
-        panic!("phases program");
-    };
-    let log = Arc::new(ReportLog::default());
-    let handler = DeviceExitHandler::new(DEFAULT_MMIO_BASE, Arc::clone(&transport), log.clone());
-    let handle = start_tiny_guest(&vm, &image, 0, handler).expect("start");
-    let (summary, kicked) = handle.join_timeout(WAIT).expect("join");
-    assert!(!kicked, "phases did not finish");
-    assert_eq!(
-        summary.result.as_ref().ok(),
-        Some(&StopReason::Handler),
-        "{:?}",
-        log.snapshot()
-    );
-    assert_eq!(
-        log.values(TAG_FPR_PHASE),
-        (0..u64::from(phases)).collect::<Vec<_>>()
-    );
-    assert_eq!(log.last(TAG_FPR_PHASES_DONE), Some(u64::from(phases)));
-    let touch = log.values(TAG_FPR_PHASE_TOUCH_TSC);
-    let report = log.values(TAG_FPR_PHASE_REPORT_TSC);
-    println!("per-phase rdtsc cycles: touch {touch:?}, report {report:?}");
-    assert_eq!(touch.len(), phases as usize);
-    // Every window touched was reported at the end: nothing of the ring stays resident.
-    let resident = vm
-        .window()
-        .resident_bytes(base, 2 * window)
-        .expect("mincore");
+    let vm = Vm::new(VmConfig {
+        layout: LayoutConfig {
+            boot_ram: 256 * MIB,
+            hotplug_size: 0,
+        },
+        platform: false,
+    })
+    .expect("create VM");
+    let (window_mib, phases) = (64, 6);
+    let run = run_fpr_phases(&vm, window_mib, 2, phases, WAIT).expect("phases run");
+    let idx: Vec<u64> = run.phases.iter().map(|p| p.phase).collect();
+    assert_eq!(idx, (0..u64::from(phases)).collect::<Vec<_>>());
     println!(
-        "ring residency after {phases} phases: {} KiB",
-        resident / 1024
+        "{phases} phases of {window_mib} MiB in {:?}, {} exits; rdtsc touch/report per phase: {:?}",
+        run.wall,
+        run.exits,
+        run.phases
+            .iter()
+            .map(|p| (p.touch_tsc, p.report_tsc))
+            .collect::<Vec<_>>()
     );
-    assert!(resident <= 2 * window / 10);
-    let acc = transport.lock().expect("lock").device().accounting();
-    assert_eq!(
-        acc.counters.reported_bytes_total,
-        u64::from(phases) * window
+    assert!(run.phases[1..]
+        .iter()
+        .all(|p| p.touch_tsc > 0 && p.report_tsc > 0));
+    // Every window touched was reported, the last one at the end: nothing stays resident.
+    assert_eq!(run.reported_bytes, u64::from(phases) * window_mib * MIB);
+    println!(
+        "ring residency after the run: {} KiB of {} MiB",
+        run.resident_after / 1024,
+        run.ring_bytes / MIB
     );
+    assert!(run.resident_after <= run.ring_bytes / 10);
 }

@@ -12,6 +12,7 @@
 
 pub mod boot;
 pub mod fpr_driver;
+pub mod fpr_run;
 pub mod harness;
 pub mod probe;
 pub mod program;
