@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use guest_mm::{FrameId, MigrateType, NodeId, Zone};
 use tidepool_hotplug::{BackendError, MemoryBackend, VirtioMem, VirtioMemConfig};
 use tidepool_virtio::MmioTransport;
-use tidepool_vmm::kvm::{kvm_available, StopReason, VcpuHandle, Vm, VmConfig};
+use tidepool_vmm::kvm::{
+    kvm_available, Exit, ExitAction, ExitHandler, StopReason, VcpuHandle, Vm, VmConfig,
+};
 use tidepool_vmm::memory::{LayoutConfig, MIB};
 use tidepool_vmm::tiny_guest::harness::{start_tiny_guest, DeviceExitHandler, NoIrq, ReportLog};
 use tidepool_vmm::tiny_guest::virtio_mem_driver::*;
@@ -88,9 +90,11 @@ impl MemoryBackend for WindowZoneBackend {
 
 type Transport = Arc<Mutex<MmioTransport<VirtioMem<WindowZoneBackend>>>>;
 
-fn wait(
+type Handler = DeviceExitHandler<VirtioMem<WindowZoneBackend>>;
+
+fn wait<H>(
     log: &ReportLog,
-    handle: &VcpuHandle<DeviceExitHandler<VirtioMem<WindowZoneBackend>>>,
+    handle: &VcpuHandle<H>,
     from: usize,
     what: &str,
     pred: impl Fn(&GuestReport) -> bool,
@@ -114,13 +118,13 @@ fn wait(
     }
 }
 
-struct Rig {
+struct Rig<H = Handler> {
     vm: Arc<Vm>,
     transport: Transport,
     boot_view: tidepool_vmm::memory::WindowMemory,
     irq: Arc<NoIrq>,
     log: Arc<ReportLog>,
-    handle: VcpuHandle<DeviceExitHandler<VirtioMem<WindowZoneBackend>>>,
+    handle: VcpuHandle<H>,
     hp: std::ops::Range<u64>,
     seed: u64,
     mailbox: u64,
@@ -131,6 +135,14 @@ const BOOT: u64 = 128 * MIB;
 /// A VM with 128 MiB of boot RAM and a 512 MiB virtio-mem region whose backend draws from a
 /// zone of `pool` bytes, running the polled driver.
 fn rig(pool: u64) -> Rig {
+    rig_with(pool, |h, _| h)
+}
+
+/// [`rig`] with the exit handler wrapped by `wrap` (which also gets the transport).
+fn rig_with<H: ExitHandler + Send + 'static>(
+    pool: u64,
+    wrap: impl FnOnce(Handler, Transport) -> H,
+) -> Rig<H> {
     let boot = BOOT;
     let vm = Arc::new(
         Vm::new(VmConfig {
@@ -175,7 +187,8 @@ fn rig(pool: u64) -> Rig {
     let image = virtio_mem_program(&layout, driver).expect("build");
     let log = Arc::new(ReportLog::default());
     let handler = DeviceExitHandler::new(DEFAULT_MMIO_BASE, Arc::clone(&transport), log.clone());
-    let handle = start_tiny_guest(&vm, &image, 0, handler).expect("start");
+    let handle =
+        start_tiny_guest(&vm, &image, 0, wrap(handler, Arc::clone(&transport))).expect("start");
     Rig {
         vm,
         transport,
@@ -189,7 +202,7 @@ fn rig(pool: u64) -> Rig {
     }
 }
 
-impl Rig {
+impl<H> Rig<H> {
     fn resize_total(&self, total: u64) {
         self.transport
             .lock()
@@ -421,4 +434,74 @@ fn pool_exhaustion_is_busy_and_the_driver_retries() {
         transport.lock().expect("lock").counters(),
         Default::default()
     );
+}
+
+/// Lowers the target to `total` just before forwarding the guest's `nth` queue notification,
+/// so the device sees a plug that no longer fits: the race a shrink can have with a plug.
+struct ShrinkBeforeNotify {
+    inner: Handler,
+    transport: Transport,
+    nth: u32,
+    total: u64,
+    seen: u32,
+}
+
+impl ExitHandler for ShrinkBeforeNotify {
+    fn handle(&mut self, exit: Exit<'_>) -> Result<ExitAction, String> {
+        if let Exit::MmioWrite { addr, .. } = &exit {
+            if *addr == DEFAULT_MMIO_BASE + 0x50 {
+                self.seen += 1;
+                if self.seen == self.nth {
+                    self.transport
+                        .lock()
+                        .map_err(|e| e.to_string())?
+                        .device_mut()
+                        .set_requested_total(self.total)
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        self.inner.handle(exit)
+    }
+}
+
+#[test]
+fn a_shrink_racing_a_plug_is_nacked_and_the_driver_recovers() {
+    if let Err(why) = kvm_available() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    // Requests are 4 blocks (8 MiB). The third plug's notification arrives after the host
+    // lowered the target to 8 MiB: NACK; the driver re-reads and unplugs back to 8 MiB.
+    let r = rig_with(POOL, |inner, transport| ShrinkBeforeNotify {
+        inner,
+        transport,
+        nth: 3,
+        total: BOOT + 8 * MIB,
+        seen: 0,
+    });
+    wait(&r.log, &r.handle, 0, "settled at 0", |x| {
+        x.tag == TAG_VMEM_SETTLED && x.value == 0
+    });
+    r.resize_total(BOOT + 256 * MIB);
+    wait(&r.log, &r.handle, 0, "settled at 8 MiB", |x| {
+        x.tag == TAG_VMEM_SETTLED && x.value == 8 * MIB
+    });
+    let nacks = r.log.values(TAG_VMEM_NACK);
+    assert_eq!(
+        nacks,
+        vec![r.hp.start + 16 * MIB],
+        "the third plug was refused"
+    );
+    assert_eq!(r.log.values(TAG_VMEM_PLUGGED), vec![8 * MIB, 16 * MIB]);
+    assert_eq!(r.log.values(TAG_VMEM_UNPLUGGED), vec![8 * MIB]);
+    assert!(r.log.values(TAG_VMEM_ERROR).is_empty());
+    {
+        let t = r.transport.lock().expect("lock");
+        assert_eq!(t.device().counters().nack_over_requested, 1);
+        assert_eq!(t.device().plugged_size(), 8 * MIB);
+    }
+    assert!(!r.vm.window().is_placed(r.hp.start + 8 * MIB));
+    let Stopped { log, .. } = r.stop();
+    assert_eq!(log.last(TAG_VMEM_EXIT), Some(8 * MIB));
 }
