@@ -5,7 +5,7 @@
 //! cannot be opened.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tidepool_balloon::{Balloon, BalloonConfig, MmapBackend};
 use tidepool_virtio::MmioTransport;
@@ -13,10 +13,10 @@ use tidepool_vmm::kvm::{kvm_available, StopReason, VcpuHandle, Vm, VmConfig};
 use tidepool_vmm::memory::{LayoutConfig, MIB};
 use tidepool_vmm::tiny_guest::fpr_driver::*;
 use tidepool_vmm::tiny_guest::fpr_run::run_fpr_phases;
-use tidepool_vmm::tiny_guest::harness::{start_tiny_guest, DeviceExitHandler, NoIrq, ReportLog};
-use tidepool_vmm::tiny_guest::virtq::{
-    ProbeFailure, DEFAULT_MMIO_BASE, DEFAULT_SCRATCH, TAG_DRIVER_FAILED, TAG_DRIVER_READY,
+use tidepool_vmm::tiny_guest::harness::{
+    start_tiny_guest, wait_report, DeviceExitHandler, NoIrq, ReportLog,
 };
+use tidepool_vmm::tiny_guest::virtq::{DEFAULT_MMIO_BASE, DEFAULT_SCRATCH, TAG_DRIVER_READY};
 use tidepool_vmm::tiny_guest::GuestReport;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
 
@@ -30,23 +30,17 @@ fn wait(
     what: &str,
     pred: impl Fn(&GuestReport) -> bool,
 ) -> GuestReport {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some((_, r)) = log.wait_for(0, Duration::from_millis(200), &pred) {
-            return r;
-        }
-        if let Some(code) = log.last(TAG_DRIVER_FAILED) {
-            panic!("driver failed: {:?}", ProbeFailure::from_code(code));
-        }
-        assert!(
-            !handle.is_finished() && Instant::now() < deadline,
-            "guest ended or timed out waiting for {what}; reports: {:?}",
-            log.snapshot()
-                .iter()
-                .map(|r| (r.tag, r.value))
-                .collect::<Vec<_>>()
-        );
-    }
+    wait_report(log, handle, 0, WAIT, pred)
+        .unwrap_or_else(|e| {
+            panic!(
+                "waiting for {what}: {e}; reports {:?}",
+                log.snapshot()
+                    .iter()
+                    .map(|r| (r.tag, r.value))
+                    .collect::<Vec<_>>()
+            )
+        })
+        .1
 }
 
 fn vm_and_balloon(

@@ -12,31 +12,10 @@ use super::fpr_driver::{
     fpr_phases_program, FprProgram, TAG_FPR_PHASE, TAG_FPR_PHASES_DONE, TAG_FPR_PHASE_REPORT_TSC,
     TAG_FPR_PHASE_TOUCH_TSC,
 };
-use super::harness::{start_tiny_guest, DeviceExitHandler, NoIrq, ReportLog};
+use super::harness::{start_tiny_guest, DeviceExitHandler, HarnessError, NoIrq, ReportLog};
 use super::run::RunError;
 use super::virtq::{ProbeFailure, DEFAULT_MMIO_BASE, TAG_DRIVER_FAILED};
 use crate::kvm::{StopReason, Vm};
-use crate::memory::MemoryError;
-
-/// Errors of a harness run.
-#[derive(Debug, thiserror::Error)]
-pub enum HarnessError {
-    /// Building, loading or starting the guest failed.
-    #[error(transparent)]
-    Run(#[from] RunError),
-    /// Building the device or its backend failed.
-    #[error("device set-up: {0}")]
-    Device(String),
-    /// The guest's driver gave up.
-    #[error("guest driver failed: {0:?}")]
-    Driver(Option<ProbeFailure>),
-    /// The guest did not finish, or its vCPU ended with an error.
-    #[error("guest run: {0}")]
-    Guest(String),
-    /// Measuring residency failed.
-    #[error(transparent)]
-    Memory(#[from] MemoryError),
-}
 
 /// One phase of [`run_fpr_phases`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

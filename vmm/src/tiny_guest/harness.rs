@@ -11,9 +11,30 @@ use tidepool_virtio::{IrqTrigger, MmioTransport, VirtioDevice};
 
 use super::program::{MAX_TAG, REPORT_BASE, TAG_DONE};
 use super::run::{load_image, RunError};
-use super::virtq::MMIO_WINDOW;
+use super::virtq::{ProbeFailure, MMIO_WINDOW, TAG_DRIVER_FAILED};
 use super::{GuestImage, GuestReport};
 use crate::kvm::{Exit, ExitAction, ExitHandler, VcpuHandle, Vm};
+use crate::memory::MemoryError;
+
+/// Errors of a harness run.
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    /// Building, loading or starting the guest failed.
+    #[error(transparent)]
+    Run(#[from] RunError),
+    /// Building the device or its backend failed.
+    #[error("device set-up: {0}")]
+    Device(String),
+    /// The guest's driver gave up.
+    #[error("guest driver failed: {0:?}")]
+    Driver(Option<ProbeFailure>),
+    /// The guest did not finish, or its vCPU ended with an error.
+    #[error("guest run: {0}")]
+    Guest(String),
+    /// Measuring residency failed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+}
 
 /// An [`IrqTrigger`] for polled drivers: counts the interrupts the device would have raised.
 #[derive(Debug, Default)]
@@ -219,6 +240,37 @@ pub fn start_tiny_guest<H: ExitHandler + Send + 'static>(
     vcpu.set_regs(&image.boot.regs())?;
     vcpu.set_runnable()?;
     Ok(vcpu.spawn(handler)?)
+}
+
+/// Wait up to `timeout` for a report at index `from` or later that satisfies `pred`, while
+/// the guest runs: a driver failure report or the end of the vCPU thread ends the wait early
+/// with an error.
+pub fn wait_report<H>(
+    log: &ReportLog,
+    handle: &VcpuHandle<H>,
+    from: usize,
+    timeout: Duration,
+    pred: impl Fn(&GuestReport) -> bool,
+) -> Result<(usize, GuestReport), HarnessError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(hit) = log.wait_for(from, Duration::from_millis(100), &pred) {
+            return Ok(hit);
+        }
+        if let Some(code) = log.last(TAG_DRIVER_FAILED) {
+            return Err(HarnessError::Driver(ProbeFailure::from_code(code)));
+        }
+        if handle.is_finished() {
+            return Err(HarnessError::Guest(
+                "the vCPU ended before the awaited report".into(),
+            ));
+        }
+        if Instant::now() >= deadline {
+            return Err(HarnessError::Guest(format!(
+                "no awaited report within {timeout:?}"
+            )));
+        }
+    }
 }
 
 #[cfg(test)]

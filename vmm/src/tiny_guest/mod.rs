@@ -19,6 +19,7 @@ pub mod program;
 pub mod run;
 pub mod virtio_mem_driver;
 pub mod virtq;
+pub mod vmem_run;
 
 use std::ops::Range;
 
