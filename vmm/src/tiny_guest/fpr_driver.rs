@@ -204,7 +204,7 @@ impl FprDriver {
         self.emit_touch(a)?;
         a.set_label(&mut report_free)?;
         a.nop()?;
-        self.emit_report_free(a, &queues[REPORTING_QUEUE as usize])?;
+        self.emit_report_free(a, &queues[REPORTING_QUEUE as usize], fail)?;
         a.set_label(&mut count_nonzero)?;
         emit_count_nonzero(a)?;
 
@@ -292,8 +292,14 @@ impl FprDriver {
     }
 
     /// Routine: report [rdi, rsi) free in chains of up to 32 blocks of 2 MiB on `q`, each
-    /// submitted and waited for. Counts chains in r12. Clobbers rax, rcx, rdx, rdi.
-    fn emit_report_free(&self, a: &mut CodeAssembler, q: &Virtq) -> Result<(), IcedError> {
+    /// submitted and waited for. Counts chains in r12. Clobbers rax, rcx, rdx, rdi, r8. A
+    /// stalled queue jumps to `fail` (leaving the return address on the stack; the step ends).
+    fn emit_report_free(
+        &self,
+        a: &mut CodeAssembler,
+        q: &Virtq,
+        fail: CodeLabel,
+    ) -> Result<(), IcedError> {
         let mut chain = a.create_label();
         let mut add = a.create_label();
         let mut close = a.create_label();
@@ -329,7 +335,7 @@ impl FprDriver {
             word_ptr(rbp + rax + (q.desc(0) + 12)),
             i32::from(DESC_F_WRITE),
         )?;
-        emit_submit_and_wait(a, q)?;
+        emit_submit_and_wait(a, q, fail)?;
         a.inc(r12)?;
         a.jmp(chain)?;
         a.set_label(&mut done)?;

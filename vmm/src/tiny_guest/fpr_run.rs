@@ -14,7 +14,7 @@ use super::fpr_driver::{
 };
 use super::harness::{start_tiny_guest, DeviceExitHandler, HarnessError, NoIrq, ReportLog};
 use super::run::RunError;
-use super::virtq::{ProbeFailure, DEFAULT_MMIO_BASE, TAG_DRIVER_FAILED};
+use super::virtq::{DriverFailure, DEFAULT_MMIO_BASE, TAG_DRIVER_FAILED};
 use crate::kvm::{StopReason, Vm};
 
 /// One phase of [`run_fpr_phases`].
@@ -87,7 +87,7 @@ pub fn run_fpr_phases(
     let handle = start_tiny_guest(vm, &image, 0, handler)?;
     let (summary, kicked) = handle.join_timeout(timeout).map_err(RunError::from)?;
     if let Some(code) = log.last(TAG_DRIVER_FAILED) {
-        return Err(HarnessError::Driver(ProbeFailure::from_code(code)));
+        return Err(HarnessError::Driver(DriverFailure::from_code(code)));
     }
     match (&summary.result, kicked) {
         (Ok(StopReason::Handler), false) => {}

@@ -11,7 +11,7 @@ use tidepool_virtio::{IrqTrigger, MmioTransport, VirtioDevice};
 
 use super::program::{MAX_TAG, REPORT_BASE, TAG_DONE};
 use super::run::{load_image, RunError};
-use super::virtq::{ProbeFailure, MMIO_WINDOW, TAG_DRIVER_FAILED};
+use super::virtq::{DriverFailure, MMIO_WINDOW, TAG_DRIVER_FAILED};
 use super::{GuestImage, GuestReport};
 use crate::kvm::{Exit, ExitAction, ExitHandler, VcpuHandle, Vm};
 use crate::memory::MemoryError;
@@ -27,7 +27,7 @@ pub enum HarnessError {
     Device(String),
     /// The guest's driver gave up.
     #[error("guest driver failed: {0:?}")]
-    Driver(Option<ProbeFailure>),
+    Driver(Option<DriverFailure>),
     /// The guest did not finish, or its vCPU ended with an error.
     #[error("guest run: {0}")]
     Guest(String),
@@ -258,7 +258,7 @@ pub fn wait_report<H>(
             return Ok(hit);
         }
         if let Some(code) = log.last(TAG_DRIVER_FAILED) {
-            return Err(HarnessError::Driver(ProbeFailure::from_code(code)));
+            return Err(HarnessError::Driver(DriverFailure::from_code(code)));
         }
         if handle.is_finished() {
             return Err(HarnessError::Guest(

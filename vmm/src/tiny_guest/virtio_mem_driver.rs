@@ -11,8 +11,12 @@
 //! - above target: UNPLUG the highest plugged blocks;
 //! - NACK or BUSY: report it, pause, retry; ERROR: report it and stop (as Linux marks the
 //!   device broken);
-//! - at target: report [`TAG_VMEM_SETTLED`] once per new value, pause, and check the mailbox:
-//!   [`MAILBOX_STOP`] ends the loop (the program goes on with its next step).
+//! - at target: report [`TAG_VMEM_SETTLED`] once per new value and pause;
+//! - every round starts by reading the mailbox (guest RAM, no exit): [`MAILBOX_STOP`] ends the
+//!   loop, and the program goes on with its next step.
+//!
+//! A chain the device does not return within [`super::virtq::POLL_LIMIT`] polls ends the
+//! driver with [`super::virtq::DriverFailure::QueueStalled`].
 //!
 //! Plugged memory is kept contiguous from the region's start, so `[addr, addr + plugged)` is
 //! exactly what the driver plugged.
@@ -178,7 +182,7 @@ impl VirtioMemDriver {
         a.test(rax, rax)?;
         a.jz(main)?;
         a.push(rax)?;
-        self.emit_request(a, &q, REQ_UNPLUG_ALL, None)?;
+        self.emit_request(a, &q, REQ_UNPLUG_ALL, None, fail)?;
         a.pop(rdi)?;
         a.movzx(eax, word_ptr(rbp + RESP_OFF))?;
         a.cmp(eax, RESP_ACK)?;
@@ -186,7 +190,7 @@ impl VirtioMemDriver {
         report(a, TAG_VMEM_UNPLUGGED_ALL, rdi)?;
         a.set_label(&mut main)?;
         a.nop()?;
-        self.emit_loop(a, &q, exit)?;
+        self.emit_loop(a, &q, exit, fail)?;
         a.set_label(&mut exit)?;
         a.mov(rax, qword_ptr(r15 + CFG_PLUGGED))?;
         report(a, TAG_VMEM_EXIT, rax)?;
@@ -205,6 +209,7 @@ impl VirtioMemDriver {
         q: &Virtq,
         typ: i32,
         range: Option<()>,
+        fail: CodeLabel,
     ) -> Result<(), IcedError> {
         a.mov(word_ptr(rbp + REQ_OFF), typ)?;
         if range.is_some() {
@@ -215,7 +220,7 @@ impl VirtioMemDriver {
             a.mov(word_ptr(rbp + REQ_OFF + 16), 0)?;
         }
         a.mov(word_ptr(rbp + RESP_OFF), 0xffff)?;
-        emit_submit_and_wait(a, q)
+        emit_submit_and_wait(a, q, fail)
     }
 
     fn emit_loop(
@@ -223,13 +228,19 @@ impl VirtioMemDriver {
         a: &mut CodeAssembler,
         q: &Virtq,
         exit: CodeLabel,
+        fail: CodeLabel,
     ) -> Result<(), IcedError> {
         let mut top = a.create_label();
         let mut grow = a.create_label();
         let mut shrink = a.create_label();
         let mut idle = a.create_label();
         let mut poll = a.create_label();
+        // The mailbox is checked natively on every round, so the host can end the loop
+        // while the driver retries too.
         a.set_label(&mut top)?;
+        a.mov(rax, qword_ptr(rbp + MAILBOX_OFFSET as i32))?;
+        a.cmp(rax, MAILBOX_STOP as i32)?;
+        a.je(exit)?;
         a.mov(rsi, qword_ptr(r15 + CFG_REQUESTED))?;
         a.mov(rdx, qword_ptr(r15 + CFG_PLUGGED))?;
         a.cmp(rdx, rsi)?;
@@ -242,9 +253,6 @@ impl VirtioMemDriver {
         a.mov(rbx, rdx)?;
         report(a, TAG_VMEM_SETTLED, rdx)?;
         a.set_label(&mut poll)?;
-        a.mov(rax, qword_ptr(rbp + MAILBOX_OFFSET as i32))?;
-        a.cmp(rax, MAILBOX_STOP as i32)?;
-        a.je(exit)?;
         spin(a, self.poll_spins)?;
         a.jmp(top)?;
 
@@ -256,7 +264,7 @@ impl VirtioMemDriver {
         a.lea(rdi, qword_ptr(r12 + rdx))?;
         self.emit_count(a)?;
         a.jz(idle)?;
-        self.emit_op(a, q, REQ_PLUG, top, exit, true)?;
+        self.emit_op(a, q, REQ_PLUG, [top, exit, fail], true)?;
 
         // Above target: unplug n = min(blocks_per_request, (plugged - requested) / block)
         // blocks just below addr + plugged.
@@ -267,7 +275,7 @@ impl VirtioMemDriver {
         a.jz(idle)?;
         a.lea(rdi, qword_ptr(r12 + rdx))?;
         a.sub(rdi, rsi)?;
-        self.emit_op(a, q, REQ_UNPLUG, top, exit, false)
+        self.emit_op(a, q, REQ_UNPLUG, [top, exit, fail], false)
     }
 
     /// rax = min(rax >> r9, blocks_per_request) blocks; rsi = their length. Sets ZF if none.
@@ -288,8 +296,7 @@ impl VirtioMemDriver {
         a: &mut CodeAssembler,
         q: &Virtq,
         typ: i32,
-        top: CodeLabel,
-        exit: CodeLabel,
+        [top, exit, fail]: [CodeLabel; 3],
         plug: bool,
     ) -> Result<(), IcedError> {
         let mut not_ack = a.create_label();
@@ -298,7 +305,7 @@ impl VirtioMemDriver {
         let mut error = a.create_label();
         a.push(rdi)?;
         a.push(rsi)?;
-        self.emit_request(a, q, typ, Some(()))?;
+        self.emit_request(a, q, typ, Some(()), fail)?;
         a.pop(rsi)?;
         a.pop(rdi)?;
         a.movzx(eax, word_ptr(rbp + RESP_OFF))?;

@@ -77,7 +77,7 @@ pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// VIRTIO_F_VERSION_1 as a feature mask.
 pub const FEATURE_VERSION_1: u64 = 1 << 32;
 
-/// Report tag: the driver gave up; the value is a [`ProbeFailure`] code.
+/// Report tag: the driver gave up; the value is a [`DriverFailure`] code.
 pub const TAG_DRIVER_FAILED: u64 = 32;
 /// Report tag: the driver set DRIVER_OK; the value is the device status read back.
 pub const TAG_DRIVER_READY: u64 = 33;
@@ -96,9 +96,13 @@ pub const MAILBOX_OFFSET: u64 = 0;
 /// 4 KiB page.
 pub const MAX_QUEUE_SIZE: u16 = 64;
 
+/// How many times a driver polls the used ring (with a `pause` between polls) before it gives
+/// up on a chain with [`DriverFailure::QueueStalled`]: several seconds on current CPUs.
+pub const POLL_LIMIT: u32 = 1 << 28;
+
 /// Why a driver gave up (the value of a [`TAG_DRIVER_FAILED`] report).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ProbeFailure {
+pub enum DriverFailure {
     /// MagicValue was not "virt".
     BadMagic = 1,
     /// Version was not 2.
@@ -113,12 +117,14 @@ pub enum ProbeFailure {
     QueueUnavailable = 6,
     /// DRIVER_OK did not stick, or the device asked for a reset.
     DriverOkRejected = 7,
+    /// The device did not return a submitted chain within [`POLL_LIMIT`] polls.
+    QueueStalled = 8,
 }
 
-impl ProbeFailure {
+impl DriverFailure {
     /// The failure for a reported code.
-    pub fn from_code(code: u64) -> Option<ProbeFailure> {
-        use ProbeFailure::*;
+    pub fn from_code(code: u64) -> Option<DriverFailure> {
+        use DriverFailure::*;
         [
             BadMagic,
             BadVersion,
@@ -127,6 +133,7 @@ impl ProbeFailure {
             FeaturesRejected,
             QueueUnavailable,
             DriverOkRejected,
+            QueueStalled,
         ]
         .into_iter()
         .find(|f| *f as u64 == code)
@@ -228,7 +235,7 @@ fn mmio_read(a: &mut CodeAssembler, off: i32) -> Result<(), IcedError> {
 fn fail_unless(
     a: &mut CodeAssembler,
     fail: CodeLabel,
-    code: ProbeFailure,
+    code: DriverFailure,
     jump: fn(&mut CodeAssembler, CodeLabel) -> Result<(), IcedError>,
 ) -> Result<(), IcedError> {
     a.mov(eax, code as u32)?;
@@ -261,7 +268,7 @@ pub(crate) fn wait_mailbox(a: &mut CodeAssembler, value: u64) -> Result<(), Iced
 }
 
 /// Probe the device at `r15`, negotiate exactly `features`, set up `queues`, set DRIVER_OK and
-/// report [`TAG_DRIVER_READY`]. On any failure: eax = [`ProbeFailure`] code, jump to `fail`.
+/// report [`TAG_DRIVER_READY`]. On any failure: eax = [`DriverFailure`] code, jump to `fail`.
 /// Clobbers rax, rcx, rdi.
 pub(crate) fn emit_probe(
     a: &mut CodeAssembler,
@@ -272,13 +279,13 @@ pub(crate) fn emit_probe(
 ) -> Result<(), IcedError> {
     mmio_read(a, reg::MAGIC)?;
     a.cmp(eax, MAGIC_VALUE as i32)?;
-    fail_unless(a, fail, ProbeFailure::BadMagic, CodeAssembler::jne)?;
+    fail_unless(a, fail, DriverFailure::BadMagic, CodeAssembler::jne)?;
     mmio_read(a, reg::VERSION)?;
     a.cmp(eax, 2)?;
-    fail_unless(a, fail, ProbeFailure::BadVersion, CodeAssembler::jne)?;
+    fail_unless(a, fail, DriverFailure::BadVersion, CodeAssembler::jne)?;
     mmio_read(a, reg::DEVICE_ID)?;
     a.cmp(eax, device_id as i32)?;
-    fail_unless(a, fail, ProbeFailure::WrongDevice, CodeAssembler::jne)?;
+    fail_unless(a, fail, DriverFailure::WrongDevice, CodeAssembler::jne)?;
     // Reset, then ACKNOWLEDGE and DRIVER.
     mmio_write(a, reg::STATUS, 0)?;
     mmio_write(a, reg::STATUS, status::ACKNOWLEDGE)?;
@@ -290,7 +297,7 @@ pub(crate) fn emit_probe(
         mmio_read(a, reg::DEVICE_FEATURES)?;
         a.and(eax, want as i32)?;
         a.cmp(eax, want as i32)?;
-        fail_unless(a, fail, ProbeFailure::FeaturesMissing, CodeAssembler::jne)?;
+        fail_unless(a, fail, DriverFailure::FeaturesMissing, CodeAssembler::jne)?;
         mmio_write(a, reg::DRIVER_FEATURES_SEL, word)?;
         mmio_write(a, reg::DRIVER_FEATURES, want)?;
     }
@@ -298,7 +305,7 @@ pub(crate) fn emit_probe(
     mmio_write(a, reg::STATUS, driver | status::FEATURES_OK)?;
     mmio_read(a, reg::STATUS)?;
     a.test(eax, status::FEATURES_OK as i32)?;
-    fail_unless(a, fail, ProbeFailure::FeaturesRejected, CodeAssembler::je)?;
+    fail_unless(a, fail, DriverFailure::FeaturesRejected, CodeAssembler::je)?;
     for q in queues {
         emit_queue_setup(a, q, fail)?;
     }
@@ -309,10 +316,10 @@ pub(crate) fn emit_probe(
     )?;
     mmio_read(a, reg::STATUS)?;
     a.test(eax, status::NEEDS_RESET as i32)?;
-    fail_unless(a, fail, ProbeFailure::DriverOkRejected, CodeAssembler::jne)?;
+    fail_unless(a, fail, DriverFailure::DriverOkRejected, CodeAssembler::jne)?;
     mmio_read(a, reg::STATUS)?;
     a.test(eax, status::DRIVER_OK as i32)?;
-    fail_unless(a, fail, ProbeFailure::DriverOkRejected, CodeAssembler::je)?;
+    fail_unless(a, fail, DriverFailure::DriverOkRejected, CodeAssembler::je)?;
     mmio_read(a, reg::STATUS)?;
     report(a, TAG_DRIVER_READY, rax)
 }
@@ -328,10 +335,10 @@ fn emit_queue_setup(a: &mut CodeAssembler, q: &Virtq, fail: CodeLabel) -> Result
     mmio_write(a, reg::QUEUE_SEL, q.index)?;
     mmio_read(a, reg::QUEUE_READY)?;
     a.test(eax, eax)?;
-    fail_unless(a, fail, ProbeFailure::QueueUnavailable, CodeAssembler::jne)?;
+    fail_unless(a, fail, DriverFailure::QueueUnavailable, CodeAssembler::jne)?;
     mmio_read(a, reg::QUEUE_NUM_MAX)?;
     a.cmp(eax, i32::from(q.size))?;
-    fail_unless(a, fail, ProbeFailure::QueueUnavailable, CodeAssembler::jb)?;
+    fail_unless(a, fail, DriverFailure::QueueUnavailable, CodeAssembler::jb)?;
     mmio_write(a, reg::QUEUE_NUM, u32::from(q.size))?;
     for (reg_off, area) in [
         (reg::QUEUE_DESC, q.desc(0)),
@@ -365,8 +372,13 @@ pub(crate) fn emit_desc_static(
 
 /// Make the chain starting at descriptor 0 available, notify the device, and poll the used
 /// ring until the device returned it. One chain is in flight at a time, so "returned" means
-/// the used index caught up with the avail index. Clobbers rax, rcx, rdx.
-pub(crate) fn emit_submit_and_wait(a: &mut CodeAssembler, q: &Virtq) -> Result<(), IcedError> {
+/// the used index caught up with the avail index. After [`POLL_LIMIT`] polls: eax =
+/// [`DriverFailure::QueueStalled`], jump to `fail`. Clobbers rax, rcx, rdx, r8.
+pub(crate) fn emit_submit_and_wait(
+    a: &mut CodeAssembler,
+    q: &Virtq,
+    fail: CodeLabel,
+) -> Result<(), IcedError> {
     let mut poll = a.create_label();
     let mut done = a.create_label();
     a.movzx(eax, word_ptr(rbp + q.avail() + 2))?;
@@ -377,12 +389,16 @@ pub(crate) fn emit_submit_and_wait(a: &mut CodeAssembler, q: &Virtq) -> Result<(
     // x86 keeps stores in order: the ring entry is visible before the index.
     a.mov(word_ptr(rbp + q.avail() + 2), ax)?;
     mmio_write(a, reg::QUEUE_NOTIFY, q.index)?;
+    a.mov(r8d, POLL_LIMIT)?;
     a.set_label(&mut poll)?;
     a.movzx(edx, word_ptr(rbp + q.used() + 2))?;
     a.cmp(dx, ax)?;
     a.je(done)?;
     a.pause()?;
-    a.jmp(poll)?;
+    a.dec(r8d)?;
+    a.jnz(poll)?;
+    a.mov(eax, DriverFailure::QueueStalled as u32)?;
+    a.jmp(fail)?;
     a.set_label(&mut done)?;
     a.nop()
 }
@@ -393,12 +409,12 @@ mod tests {
 
     #[test]
     fn probe_failure_codes_round_trip() {
-        for c in 1..=7 {
-            let f = ProbeFailure::from_code(c).expect("known code");
+        for c in 1..=8 {
+            let f = DriverFailure::from_code(c).expect("known code");
             assert_eq!(f as u64, c);
         }
-        assert_eq!(ProbeFailure::from_code(0), None);
-        assert_eq!(ProbeFailure::from_code(8), None);
+        assert_eq!(DriverFailure::from_code(0), None);
+        assert_eq!(DriverFailure::from_code(9), None);
     }
 
     #[test]
