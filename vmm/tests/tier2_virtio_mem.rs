@@ -8,10 +8,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tidepool_vmm::kvm::{kvm_available, Exit, ExitAction, ExitHandler, Vm, VmConfig};
+use tidepool_vmm::kvm::{kvm_available, Exit, ExitAction, ExitHandler, StopReason, Vm, VmConfig};
 use tidepool_vmm::memory::{LayoutConfig, MIB};
 use tidepool_vmm::tiny_guest::virtio_mem_driver::*;
-use tidepool_vmm::tiny_guest::virtq::{DEFAULT_MMIO_BASE, DEFAULT_SCRATCH, TAG_DRIVER_READY};
+use tidepool_vmm::tiny_guest::virtq::{
+    DriverFailure, DEFAULT_MMIO_BASE, DEFAULT_SCRATCH, TAG_DRIVER_FAILED, TAG_DRIVER_READY,
+};
 use tidepool_vmm::tiny_guest::vmem_run::{
     start_virtio_mem, start_virtio_mem_with, VirtioMemHandler, VirtioMemRig, VirtioMemTransport,
 };
@@ -296,4 +298,49 @@ fn a_shrink_racing_a_plug_is_nacked_and_the_driver_recovers() {
     assert!(!r.vm.window().is_placed(r.region.start + 8 * MIB));
     let s = r.stop(WAIT).expect("stop");
     assert_eq!(s.log.last(TAG_VMEM_EXIT), Some(8 * MIB));
+}
+
+/// Swallows every queue notification: the device never sees a request.
+struct DropNotifies {
+    inner: VirtioMemHandler,
+}
+
+impl ExitHandler for DropNotifies {
+    fn handle(&mut self, exit: Exit<'_>) -> Result<ExitAction, String> {
+        match &exit {
+            Exit::MmioWrite { addr, .. } if *addr == DEFAULT_MMIO_BASE + 0x50 => {
+                Ok(ExitAction::Continue)
+            }
+            _ => self.inner.handle(exit),
+        }
+    }
+}
+
+#[test]
+fn a_stalled_queue_ends_the_driver_with_a_failure_report() {
+    if let Err(why) = kvm_available() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    let d = VirtioMemDriver {
+        poll_limit: 1 << 16,
+        ..driver()
+    };
+    let r = start_virtio_mem_with(vm(), POOL, d, |inner, _| DropNotifies { inner }).expect("start");
+    settled(&r, 0, 0);
+    let t0 = Instant::now();
+    r.resize_total(BOOT + 8 * MIB).expect("resize");
+    let (summary, kicked) = r.handle.join_timeout(WAIT).expect("join");
+    println!("2^16 polls of a stalled queue took {:?}", t0.elapsed());
+    assert!(!kicked, "the driver gave up on its own");
+    assert_eq!(summary.result.as_ref().ok(), Some(&StopReason::Handler));
+    assert_eq!(
+        r.log
+            .last(TAG_DRIVER_FAILED)
+            .and_then(DriverFailure::from_code),
+        Some(DriverFailure::QueueStalled)
+    );
+    assert!(r.log.values(TAG_VMEM_PLUGGED).is_empty());
+    let t = r.transport.lock().expect("lock");
+    assert_eq!(t.device().plugged_size(), 0);
 }

@@ -107,6 +107,9 @@ pub struct FprDriver {
     pub scratch: u64,
     /// Size of each queue (power of two, 32..=64).
     pub queue_size: u16,
+    /// Polls of the used ring before the driver gives up on a chain
+    /// ([`super::virtq::DriverFailure::QueueStalled`]).
+    pub poll_limit: u32,
     /// Pattern seed for touched pages (`pattern(gpa, seed)` in each page's first word).
     pub seed: u64,
     /// What to do.
@@ -120,6 +123,7 @@ impl FprDriver {
             mmio_base,
             scratch,
             queue_size: 32,
+            poll_limit: super::virtq::POLL_LIMIT,
             seed: 0xf1ee_0000_0000_0000,
             program,
         }
@@ -335,7 +339,7 @@ impl FprDriver {
             word_ptr(rbp + rax + (q.desc(0) + 12)),
             i32::from(DESC_F_WRITE),
         )?;
-        emit_submit_and_wait(a, q, fail)?;
+        emit_submit_and_wait(a, q, self.poll_limit, fail)?;
         a.inc(r12)?;
         a.jmp(chain)?;
         a.set_label(&mut done)?;

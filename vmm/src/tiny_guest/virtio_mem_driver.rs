@@ -15,7 +15,7 @@
 //! - every round starts by reading the mailbox (guest RAM, no exit): [`MAILBOX_STOP`] ends the
 //!   loop, and the program goes on with its next step.
 //!
-//! A chain the device does not return within [`super::virtq::POLL_LIMIT`] polls ends the
+//! A chain the device does not return within `poll_limit` polls ends the
 //! driver with [`super::virtq::DriverFailure::QueueStalled`].
 //!
 //! Plugged memory is kept contiguous from the region's start, so `[addr, addr + plugged)` is
@@ -94,6 +94,9 @@ pub struct VirtioMemDriver {
     pub scratch: u64,
     /// Size of queue 0 (power of two, at most 64).
     pub queue_size: u16,
+    /// Polls of the used ring before the driver gives up on a chain
+    /// ([`super::virtq::DriverFailure::QueueStalled`]).
+    pub poll_limit: u32,
     /// Most blocks per PLUG/UNPLUG request.
     pub blocks_per_request: u16,
     /// Pattern seed for newly plugged memory.
@@ -112,6 +115,7 @@ impl VirtioMemDriver {
             mmio_base,
             scratch,
             queue_size: 32,
+            poll_limit: super::virtq::POLL_LIMIT,
             blocks_per_request: 1,
             seed: 0x5eed_0000_0000_0000,
             stride: Stride::Page,
@@ -220,7 +224,7 @@ impl VirtioMemDriver {
             a.mov(word_ptr(rbp + REQ_OFF + 16), 0)?;
         }
         a.mov(word_ptr(rbp + RESP_OFF), 0xffff)?;
-        emit_submit_and_wait(a, q, fail)
+        emit_submit_and_wait(a, q, self.poll_limit, fail)
     }
 
     fn emit_loop(

@@ -97,8 +97,9 @@ pub const MAILBOX_OFFSET: u64 = 0;
 pub const MAX_QUEUE_SIZE: u16 = 64;
 
 /// How many times a driver polls the used ring (with a `pause` between polls) before it gives
-/// up on a chain with [`DriverFailure::QueueStalled`]: several seconds on current CPUs.
-pub const POLL_LIMIT: u32 = 1 << 28;
+/// up on a chain with [`DriverFailure::QueueStalled`], by default. A poll took about 250 ns
+/// here (2^16 in 17 ms), so this is about 8 s. The drivers' `poll_limit` field changes it.
+pub const POLL_LIMIT: u32 = 1 << 25;
 
 /// Why a driver gave up (the value of a [`TAG_DRIVER_FAILED`] report).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,7 +118,7 @@ pub enum DriverFailure {
     QueueUnavailable = 6,
     /// DRIVER_OK did not stick, or the device asked for a reset.
     DriverOkRejected = 7,
-    /// The device did not return a submitted chain within [`POLL_LIMIT`] polls.
+    /// The device did not return a submitted chain within the driver's poll limit.
     QueueStalled = 8,
 }
 
@@ -372,11 +373,12 @@ pub(crate) fn emit_desc_static(
 
 /// Make the chain starting at descriptor 0 available, notify the device, and poll the used
 /// ring until the device returned it. One chain is in flight at a time, so "returned" means
-/// the used index caught up with the avail index. After [`POLL_LIMIT`] polls: eax =
+/// the used index caught up with the avail index. After `poll_limit` polls: eax =
 /// [`DriverFailure::QueueStalled`], jump to `fail`. Clobbers rax, rcx, rdx, r8.
 pub(crate) fn emit_submit_and_wait(
     a: &mut CodeAssembler,
     q: &Virtq,
+    poll_limit: u32,
     fail: CodeLabel,
 ) -> Result<(), IcedError> {
     let mut poll = a.create_label();
@@ -389,7 +391,7 @@ pub(crate) fn emit_submit_and_wait(
     // x86 keeps stores in order: the ring entry is visible before the index.
     a.mov(word_ptr(rbp + q.avail() + 2), ax)?;
     mmio_write(a, reg::QUEUE_NOTIFY, q.index)?;
-    a.mov(r8d, POLL_LIMIT)?;
+    a.mov(r8d, poll_limit.max(1))?;
     a.set_label(&mut poll)?;
     a.movzx(edx, word_ptr(rbp + q.used() + 2))?;
     a.cmp(dx, ax)?;
