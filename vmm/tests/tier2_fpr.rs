@@ -16,8 +16,11 @@ use tidepool_vmm::tiny_guest::fpr_run::run_fpr_phases;
 use tidepool_vmm::tiny_guest::harness::{
     start_tiny_guest, wait_report, DeviceExitHandler, NoIrq, ReportLog,
 };
-use tidepool_vmm::tiny_guest::virtq::{DEFAULT_MMIO_BASE, DEFAULT_SCRATCH, TAG_DRIVER_READY};
-use tidepool_vmm::tiny_guest::GuestReport;
+use tidepool_vmm::tiny_guest::virtio_mem_driver::VirtioMemDriver;
+use tidepool_vmm::tiny_guest::virtq::{
+    DriverFailure, DEFAULT_MMIO_BASE, DEFAULT_SCRATCH, TAG_DRIVER_FAILED, TAG_DRIVER_READY,
+};
+use tidepool_vmm::tiny_guest::{GuestReport, Step, TinyGuestBuilder};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -45,6 +48,7 @@ fn wait(
 
 fn vm_and_balloon(
     ram: u64,
+    cfg: BalloonConfig,
 ) -> (
     Vm,
     vm_memory::GuestMemoryMmap,
@@ -64,7 +68,7 @@ fn vm_and_balloon(
     backend.advise_huge().expect("THP advice");
     // The default config also offers STATS_VQ, DEFLATE_ON_OOM and PAGE_POISON: the driver
     // accepts only REPORTING, so the reporting queue is index 2.
-    let balloon = Balloon::new(BalloonConfig::default(), Box::new(backend)).expect("balloon");
+    let balloon = Balloon::new(cfg, Box::new(backend)).expect("balloon");
     let transport = MmioTransport::new(
         Box::new(balloon),
         GuestMemoryAtomic::new(mem.clone()),
@@ -81,7 +85,7 @@ fn polled_fpr_driver_reports_touched_memory_and_reads_zeros() {
         return;
     }
     let ram = 512 * MIB;
-    let (vm, mem, transport) = vm_and_balloon(ram);
+    let (vm, mem, transport) = vm_and_balloon(ram, BalloonConfig::default());
     let range = 128 * MIB..384 * MIB;
     let len = range.end - range.start;
     let driver = FprDriver::new(
@@ -201,4 +205,49 @@ fn fpr_phases_report_every_window() {
         run.ring_bytes / MIB
     );
     assert!(run.resident_after <= run.ring_bytes / 10);
+}
+
+#[test]
+fn probe_failures_are_reported() {
+    if let Err(why) = kvm_available() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    let run = |cfg: BalloonConfig, step: Step| {
+        let (vm, _mem, transport) = vm_and_balloon(64 * MIB, cfg);
+        let image = TinyGuestBuilder::new(vm.window().layout())
+            .step(step)
+            .step(Step::Done)
+            .build()
+            .expect("build");
+        let log = Arc::new(ReportLog::default());
+        let handler = DeviceExitHandler::new(DEFAULT_MMIO_BASE, transport, log.clone());
+        let handle = start_tiny_guest(&vm, &image, 0, handler).expect("start");
+        let (summary, kicked) = handle.join_timeout(WAIT).expect("join");
+        assert!(!kicked);
+        assert_eq!(summary.result.as_ref().ok(), Some(&StopReason::Handler));
+        log.last(TAG_DRIVER_FAILED)
+            .and_then(DriverFailure::from_code)
+    };
+    // A balloon that does not offer REPORTING.
+    let no_reporting = BalloonConfig {
+        free_page_reporting: false,
+        page_poison: false,
+        ..BalloonConfig::default()
+    };
+    let fpr = Step::FreePageReporting(FprDriver::new(
+        DEFAULT_MMIO_BASE,
+        DEFAULT_SCRATCH,
+        FprProgram::TouchReportVerify {
+            range: 32 * MIB..64 * MIB,
+            wait_for_host: false,
+        },
+    ));
+    assert_eq!(run(no_reporting, fpr), Some(DriverFailure::FeaturesMissing));
+    // The virtio-mem driver pointed at a balloon.
+    let vmem = Step::VirtioMem(VirtioMemDriver::new(DEFAULT_MMIO_BASE, DEFAULT_SCRATCH));
+    assert_eq!(
+        run(BalloonConfig::default(), vmem),
+        Some(DriverFailure::WrongDevice)
+    );
 }
