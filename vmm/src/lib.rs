@@ -1,6 +1,8 @@
 //! Tidepool VMM: KVM, vCPUs, boot, virtio-mmio transport and VM lifecycle.
 
 pub mod bench;
+pub mod devices;
+pub mod hostpool;
 pub mod kvm;
 pub mod memory;
 pub mod tiny_guest;

@@ -274,18 +274,37 @@ impl Vcpu {
     pub fn run_loop<H: ExitHandler>(mut self, mut handler: H, stop: &AtomicBool) -> RunSummary<H> {
         let mut exits = 0u64;
         let mut first_run = None;
-        let result = loop {
+        let result = self.run_until(&mut handler, stop, &mut exits, &mut first_run);
+        RunSummary {
+            handler,
+            exits,
+            first_run,
+            result,
+        }
+    }
+
+    /// Like [`Vcpu::run_loop`], but keeps the vCPU: after a [`StopReason::Kicked`] the caller
+    /// may clear `stop` and run it again (pause and resume). `exits` is incremented per exit
+    /// and `first_run` set at the first KVM_RUN.
+    pub fn run_until<H: ExitHandler>(
+        &mut self,
+        handler: &mut H,
+        stop: &AtomicBool,
+        exits: &mut u64,
+        first_run: &mut Option<Instant>,
+    ) -> Result<StopReason, VcpuError> {
+        loop {
             if stop.load(Ordering::Acquire) {
                 break Ok(StopReason::Kicked);
             }
             if first_run.is_none() {
-                first_run = Some(Instant::now());
+                *first_run = Some(Instant::now());
             }
             let id = self.id;
             let step = match self.fd.run() {
                 Ok(exit) => {
-                    exits += 1;
-                    dispatch(id, exit, &mut handler)
+                    *exits += 1;
+                    dispatch(id, exit, handler)
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
                 Err(source) => Step::Fail(VcpuError::Run { id, source }),
@@ -302,12 +321,6 @@ impl Vcpu {
                 }
                 Step::Internal => break Err(self.internal_error()),
             }
-        };
-        RunSummary {
-            handler,
-            exits,
-            first_run,
-            result,
         }
     }
 
@@ -367,13 +380,29 @@ fn dispatch<H: ExitHandler>(id: u8, exit: VcpuExit<'_>, handler: &mut H) -> Step
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-fn install_kick_handler() {
+/// Install the no-op handler of the kick signal (idempotent). Threads that run vCPUs through
+/// [`Vcpu::run_until`] rather than [`Vcpu::spawn`] call it before they are kicked with
+/// [`kick_thread`].
+pub fn install_kick_handler() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // Installed without SA_RESTART, so KVM_RUN returns EINTR when the signal arrives. If
         // installation fails, kick() still sets the stop flag, seen at the next exit.
         let _ = register_signal_handler(SIGRTMIN() + KICK_SIGNAL_OFFSET, kick_handler);
     });
+}
+
+/// Send the kick signal to `thread` (a vCPU thread), so that a KVM_RUN in progress returns
+/// with EINTR. Set the stop flag first; the signal is lost if it arrives outside KVM_RUN, so
+/// callers repeat it until the thread acknowledges.
+///
+/// # Safety
+///
+/// `thread` must be a live (not yet joined) thread of this process.
+pub unsafe fn kick_thread(thread: libc::pthread_t) {
+    // SAFETY: the caller guarantees the thread is live; the signal has a handler installed by
+    // `install_kick_handler`.
+    unsafe { libc::pthread_kill(thread, SIGRTMIN() + KICK_SIGNAL_OFFSET) };
 }
 
 /// A running vCPU thread.

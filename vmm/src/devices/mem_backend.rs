@@ -1,0 +1,250 @@
+//! The host side of virtio-mem: plugging takes MOVABLE 2 MiB blocks from the pool (under the
+//! VM's NUMA policy) and places them in the VM window (memslot included); unplugging removes
+//! them from the window and KVM first (which also discards their host pages), and only then
+//! returns the frames to the pool. One record per plugged block lives in a guest-mm slab.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use guest_mm::frame::{FrameId, MigrateType, NodeId};
+use guest_mm::policy::NumaPolicy;
+use guest_mm::slab::{OwnedSlabBox, TypedSlab};
+use tidepool_hotplug::{BackendError, MemoryBackend};
+use tidepool_virtio::GuestMem;
+use vm_memory::GuestMemoryAtomic;
+
+use crate::hostpool::{FramePool, PoolError, POOL_BLOCK_BYTES};
+use crate::kvm::{KvmError, Vm};
+use crate::memory::MemoryError;
+
+/// What the VMM keeps per plugged 2 MiB block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockRecord {
+    /// Guest-physical address of the block.
+    pub gpa: u64,
+    /// The pool block behind it.
+    pub frame: FrameId,
+    /// The node the pool took it from.
+    pub node: NodeId,
+}
+
+/// The VM and the device-visible memory map, refreshed whenever blocks are placed or
+/// removed, so that device models see exactly the accessible guest RAM.
+#[derive(Debug, Clone)]
+pub struct VmMemoryHandle {
+    vm: Arc<Vm>,
+    mem: GuestMem,
+}
+
+impl VmMemoryHandle {
+    /// A handle with a map of what `vm`'s window has placed now.
+    pub fn new(vm: Arc<Vm>) -> Result<VmMemoryHandle, MemoryError> {
+        let view = vm.window().guest_memory()?;
+        let mem = GuestMemoryAtomic::new((*view).clone());
+        Ok(VmMemoryHandle { vm, mem })
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &Arc<Vm> {
+        &self.vm
+    }
+
+    /// The map device models use (shared: a refresh is seen by all of them).
+    pub fn guest_mem(&self) -> GuestMem {
+        self.mem.clone()
+    }
+
+    /// Rebuild the map from the window's placed blocks.
+    pub fn refresh(&self) -> Result<(), MemoryError> {
+        let view = self.vm.window().guest_memory()?;
+        let guard = self
+            .mem
+            .lock()
+            .map_err(|_| MemoryError::GuestMemory("memory map lock poisoned".into()))?;
+        guard.replace((*view).clone());
+        Ok(())
+    }
+}
+
+/// [`MemoryBackend`] of a VM's virtio-mem device.
+#[derive(Debug)]
+pub struct PoolMemoryBackend {
+    handle: VmMemoryHandle,
+    pool: Arc<dyn FramePool>,
+    policy: NumaPolicy,
+    local: NodeId,
+    slab: TypedSlab<BlockRecord>,
+    slab_nodes: u16,
+    records: BTreeMap<u64, OwnedSlabBox<BlockRecord>>,
+}
+
+fn pool_err(e: PoolError) -> BackendError {
+    match e {
+        PoolError::OutOfMemory => BackendError::OutOfMemory,
+        other => BackendError::Failed(other.to_string()),
+    }
+}
+
+fn kvm_err(e: KvmError) -> BackendError {
+    BackendError::Failed(e.to_string())
+}
+
+impl PoolMemoryBackend {
+    /// A backend placing blocks in `handle`'s VM, taken from `pool` under `policy` for a VMM
+    /// thread on `local`, with records in `slab` (built for `slab_nodes` nodes).
+    pub fn new(
+        handle: VmMemoryHandle,
+        pool: Arc<dyn FramePool>,
+        policy: NumaPolicy,
+        local: NodeId,
+        slab: TypedSlab<BlockRecord>,
+        slab_nodes: u16,
+    ) -> PoolMemoryBackend {
+        PoolMemoryBackend {
+            handle,
+            pool,
+            policy,
+            local,
+            slab,
+            slab_nodes: slab_nodes.max(1),
+            records: BTreeMap::new(),
+        }
+    }
+
+    /// Bytes plugged through this backend.
+    pub fn plugged_bytes(&self) -> u64 {
+        self.records.len() as u64 * POOL_BLOCK_BYTES
+    }
+
+    /// The record of the block at `gpa`, if plugged.
+    pub fn record(&self, gpa: u64) -> Option<BlockRecord> {
+        self.records.get(&gpa).map(|r| **r)
+    }
+
+    /// All records, by address.
+    pub fn records(&self) -> Vec<BlockRecord> {
+        self.records.values().map(|r| **r).collect()
+    }
+
+    fn give_back(&self, frames: &[FrameId]) {
+        for f in frames {
+            if let Err(e) = self.pool.free_block(*f) {
+                tracing::error!(frame = %f, error = %e, "returning a block to the pool failed");
+            }
+        }
+    }
+
+    /// Unplug every block (VM deletion). Errors are logged; blocks that could not be removed
+    /// from the window keep their frames out of the pool (they may still be reachable).
+    pub fn release_all(&mut self) {
+        let gpas: Vec<u64> = self.records.keys().copied().collect();
+        for gpa in gpas {
+            if let Err(e) = self.unplug(gpa, POOL_BLOCK_BYTES) {
+                tracing::error!(gpa, error = %e, "unplug at release failed");
+            }
+        }
+    }
+}
+
+impl MemoryBackend for PoolMemoryBackend {
+    fn plug(&mut self, gpa: u64, len: u64) -> Result<(), BackendError> {
+        if len == 0 || gpa % POOL_BLOCK_BYTES != 0 || len % POOL_BLOCK_BYTES != 0 {
+            return Err(BackendError::Failed(format!(
+                "plug [{gpa:#x}, +{len:#x}) is not 2 MiB aligned"
+            )));
+        }
+        let n = len / POOL_BLOCK_BYTES;
+        if (0..n).any(|i| self.records.contains_key(&(gpa + i * POOL_BLOCK_BYTES))) {
+            return Err(BackendError::Failed(format!(
+                "plug [{gpa:#x}, +{len:#x}): part of it is plugged already"
+            )));
+        }
+        // 1. Frames from the pool; all or nothing.
+        let mut taken: Vec<(FrameId, NodeId)> = Vec::new();
+        for _ in 0..n {
+            match self
+                .pool
+                .alloc_block(MigrateType::Movable, &self.policy, self.local)
+            {
+                Ok(b) => taken.push(b),
+                Err(e) => {
+                    let frames: Vec<FrameId> = taken.iter().map(|t| t.0).collect();
+                    self.give_back(&frames);
+                    return Err(pool_err(e));
+                }
+            }
+        }
+        let frames: Vec<FrameId> = taken.iter().map(|t| t.0).collect();
+        // 2. Into the window and KVM.
+        if let Err(e) = self.handle.vm.place_block(gpa, len) {
+            self.give_back(&frames);
+            return Err(kvm_err(e));
+        }
+        // 3. Records.
+        for (i, (frame, node)) in taken.iter().enumerate() {
+            let b = gpa + i as u64 * POOL_BLOCK_BYTES;
+            let rec = BlockRecord {
+                gpa: b,
+                frame: *frame,
+                node: *node,
+            };
+            let slab_node = if node.0 < self.slab_nodes {
+                *node
+            } else {
+                NodeId(0)
+            };
+            match self.slab.alloc_owned(slab_node, rec) {
+                Ok(r) => {
+                    self.records.insert(b, r);
+                }
+                Err(e) => {
+                    // Undo everything: the range leaves the window before its frames return.
+                    for j in 0..i {
+                        self.records.remove(&(gpa + j as u64 * POOL_BLOCK_BYTES));
+                    }
+                    let undo = self.handle.vm.remove_block(gpa, len);
+                    if undo.is_ok() {
+                        self.give_back(&frames);
+                    }
+                    let _ = self.handle.refresh();
+                    return Err(BackendError::Failed(format!("block record: {e}")));
+                }
+            }
+        }
+        self.handle
+            .refresh()
+            .map_err(|e| BackendError::Failed(e.to_string()))
+    }
+
+    fn unplug(&mut self, gpa: u64, len: u64) -> Result<(), BackendError> {
+        if len == 0 || gpa % POOL_BLOCK_BYTES != 0 || len % POOL_BLOCK_BYTES != 0 {
+            return Err(BackendError::Failed(format!(
+                "unplug [{gpa:#x}, +{len:#x}) is not 2 MiB aligned"
+            )));
+        }
+        let n = len / POOL_BLOCK_BYTES;
+        let blocks: Vec<u64> = (0..n).map(|i| gpa + i * POOL_BLOCK_BYTES).collect();
+        if let Some(missing) = blocks.iter().find(|b| !self.records.contains_key(b)) {
+            return Err(BackendError::Failed(format!(
+                "unplug: block {missing:#x} is not plugged"
+            )));
+        }
+        // 1. Out of KVM and the window: memslots deleted, PROT_NONE, MADV_DONTNEED.
+        self.handle.vm.remove_block(gpa, len).map_err(kvm_err)?;
+        let refreshed = self.handle.refresh();
+        // 2. Frames back to the pool; records freed into the slab.
+        for b in blocks {
+            if let Some(rec) = self.records.remove(&b) {
+                let rec = OwnedSlabBox::into_inner(rec);
+                self.give_back(&[rec.frame]);
+            }
+        }
+        refreshed.map_err(|e| BackendError::Failed(e.to_string()))
+    }
+}
+
+impl Drop for PoolMemoryBackend {
+    fn drop(&mut self) {
+        self.release_all();
+    }
+}

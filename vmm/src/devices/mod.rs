@@ -1,0 +1,77 @@
+//! Device wiring: the MMIO bus of virtio-mmio transports ([`bus`]), their interrupts
+//! (irqfd, or polled without an irqchip: [`irq`]), their queue notifications (one ioeventfd
+//! per queue served by a device thread: [`notifier`]), and the host backends of the memory
+//! devices: virtio-mem over the pool and the VM window ([`mem_backend`]), and balloon reclaim
+//! over the window ([`reclaim`]).
+
+pub mod bus;
+pub mod irq;
+pub mod mem_backend;
+pub mod notifier;
+pub mod reclaim;
+
+pub use bus::{BusDevice, DeviceSlot, MmioBus, SharedTransport};
+pub use irq::{IrqMode, IrqfdTrigger, PolledIrq};
+pub use mem_backend::{BlockRecord, PoolMemoryBackend, VmMemoryHandle};
+pub use notifier::{NotifierStats, NotifyThread};
+pub use reclaim::WindowReclaim;
+
+use std::sync::{Mutex, MutexGuard};
+
+use crate::memory::MMIO_HOLE_START;
+
+/// Guest-physical address of the first virtio-mmio window: the start of the 32-bit MMIO
+/// hole (the tiny guest's report window sits at 0xd000_0000, well above).
+pub const DEVICE_MMIO_BASE: u64 = MMIO_HOLE_START;
+/// Size of one virtio-mmio window.
+pub const DEVICE_MMIO_SIZE: u64 = tidepool_virtio::mmio::MMIO_WINDOW_SIZE;
+/// GSI of the first device; the next ones follow.
+pub const FIRST_DEVICE_GSI: u32 = 5;
+/// Highest GSI a device may use (the IOAPIC has 24 pins).
+pub const LAST_DEVICE_GSI: u32 = 23;
+
+/// Errors while setting up devices.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceSetupError {
+    /// The bus has no free window or GSI left.
+    #[error("no free virtio-mmio slot (GSIs {FIRST_DEVICE_GSI}..={LAST_DEVICE_GSI} are taken)")]
+    BusFull,
+    /// Building the transport failed.
+    #[error("virtio-mmio transport: {0}")]
+    Transport(#[from] tidepool_virtio::TransportError),
+    /// An eventfd, epoll or thread operation failed.
+    #[error("{what}: {source}")]
+    Os {
+        /// What was being done.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A KVM ioctl (ioeventfd, irqfd) failed.
+    #[error("{what}: {source}")]
+    Kvm {
+        /// What was being done.
+        what: &'static str,
+        /// The errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The memory window refused something.
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    /// A device model refused its configuration.
+    #[error("{device}: {reason}")]
+    Config {
+        /// Which device.
+        device: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Lock a mutex, taking the data even if a panicking thread poisoned it: device state stays
+/// reachable for the API after a bug in one handler.
+pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,105 @@
+//! The balloon's host side over the VM window: discarding is `madvise(MADV_DONTNEED)` on the
+//! window's anonymous private backing (the next guest touch reads zeroes), and residency is
+//! `mincore` over the window. The balloon manages boot RAM only; virtio-mem owns the hot-plug
+//! region.
+
+use std::sync::Arc;
+
+use tidepool_balloon::{BackendError, RamMap, ReclaimBackend, ResidencyProbe, HUGE_PAGE_SIZE};
+
+use crate::memory::GuestWindow;
+
+const PAGE: u64 = 4096;
+
+/// [`ReclaimBackend`] and [`ResidencyProbe`] over a VM's boot RAM in its window.
+#[derive(Debug)]
+pub struct WindowReclaim {
+    window: Arc<GuestWindow>,
+    ram: RamMap,
+}
+
+impl WindowReclaim {
+    /// A backend over the boot RAM of `window`'s layout.
+    pub fn new(window: Arc<GuestWindow>) -> Result<WindowReclaim, BackendError> {
+        let ranges: Vec<(u64, u64)> = window
+            .layout()
+            .boot_ram_ranges()
+            .into_iter()
+            .map(|r| (r.start, r.end - r.start))
+            .collect();
+        let ram = RamMap::new(&ranges)?;
+        Ok(WindowReclaim { window, ram })
+    }
+
+    /// Host address of `[gpa, gpa+len)` after checking it is placed boot RAM.
+    fn host_span(&self, gpa: u64, len: u64) -> Result<usize, BackendError> {
+        if gpa % PAGE != 0 || len % PAGE != 0 {
+            return Err(BackendError::Misaligned { gpa, len });
+        }
+        if !self.ram.contains(gpa, len) || !self.window.is_range_placed(gpa, len) {
+            return Err(BackendError::NotGuestRam { gpa, len });
+        }
+        let host = self.window.host_addr(gpa);
+        let end_ok = gpa
+            .checked_add(len)
+            .and_then(|e| self.window.host_addr(e - 1))
+            .is_some();
+        match host {
+            Some(h) if end_ok => Ok(h),
+            _ => Err(BackendError::NotGuestRam { gpa, len }),
+        }
+    }
+}
+
+fn os_err(op: &'static str, gpa: u64, len: u64) -> BackendError {
+    BackendError::Os {
+        op,
+        gpa,
+        len,
+        errno: std::io::Error::last_os_error().to_string(),
+    }
+}
+
+impl ReclaimBackend for WindowReclaim {
+    fn discard(&mut self, gpa: u64, len: u64) -> Result<(), BackendError> {
+        let host = self.host_span(gpa, len)?;
+        let n = usize::try_from(len).map_err(|_| BackendError::NotGuestRam { gpa, len })?;
+        // SAFETY: `[host, host+n)` is placed boot RAM inside the window (checked above), a
+        // private anonymous mapping the window keeps alive while this backend holds its Arc.
+        // Guest memory is only accessed through volatile operations or by KVM, so dropping its
+        // pages under a running guest is not undefined behaviour: the guest reads zeroes.
+        let rc = unsafe { libc::madvise(host as *mut libc::c_void, n, libc::MADV_DONTNEED) };
+        if rc != 0 {
+            return Err(os_err("madvise(MADV_DONTNEED)", gpa, len));
+        }
+        Ok(())
+    }
+
+    fn guest_ram(&self) -> &[(u64, u64)] {
+        self.ram.ranges()
+    }
+
+    fn huge_page_size(&self) -> Option<u64> {
+        // The window asks for THP on all of its RAM.
+        Some(HUGE_PAGE_SIZE)
+    }
+}
+
+impl ResidencyProbe for WindowReclaim {
+    fn residency(&self, gpa: u64, out: &mut [bool]) -> Result<(), BackendError> {
+        let len = out.len() as u64 * PAGE;
+        let host = self.host_span(gpa, len)?;
+        let mut vec = vec![0u8; out.len()];
+        // SAFETY: `[host, host+len)` lies inside the window mapping (checked by `host_span`)
+        // and is page aligned; `vec` has one byte per page, as mincore requires.
+        let rc =
+            unsafe { libc::mincore(host as *mut libc::c_void, len as usize, vec.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(os_err("mincore", gpa, len));
+        }
+        for (o, v) in out.iter_mut().zip(vec) {
+            *o = v & 1 != 0;
+        }
+        Ok(())
+    }
+}
