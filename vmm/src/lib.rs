@@ -5,4 +5,5 @@ pub mod devices;
 pub mod hostpool;
 pub mod kvm;
 pub mod memory;
+pub mod microvm;
 pub mod tiny_guest;

@@ -9,6 +9,8 @@ pub mod irq;
 pub mod mem_backend;
 pub mod notifier;
 pub mod reclaim;
+#[cfg(test)]
+mod tests;
 
 pub use bus::{BusDevice, DeviceSlot, MmioBus, SharedTransport};
 pub use irq::{IrqMode, IrqfdTrigger, PolledIrq};

@@ -1,0 +1,407 @@
+//! A microVM: one KVM VM with its memory window, boot RAM taken from the host pool, its
+//! virtio-mmio devices (virtio-mem over the pool, virtio-balloon over the window), its
+//! pausable vCPU threads, and a lifecycle state machine ([`lifecycle`]).
+//!
+//! A guest that crashes (triple fault, emulation failure) only moves its VM to
+//! [`VmLifecycle::Stopped`] with [`StopCause::GuestFailed`]; the process lives on. Dropping a
+//! `Microvm` stops its threads, unplugs hot-plugged blocks, drops the VM (and so its window)
+//! and returns every boot block to the pool.
+
+pub mod exits;
+pub mod lifecycle;
+mod setup;
+#[cfg(test)]
+mod tests;
+pub mod vcpus;
+
+pub use exits::{ExitCounters, ReportLog, VmExitHandler};
+pub use lifecycle::{LifecycleOp, StopCause, TransitionError, VmLifecycle};
+pub use setup::{BalloonSpec, BootImage, HotplugSpec, MicrovmConfig};
+pub use vcpus::{VcpuEvent, VcpuStuck, VcpuThread};
+
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use guest_mm::frame::FrameId;
+use tidepool_balloon::{Balloon, BalloonError, GuestStats};
+use tidepool_hotplug::{MemStatus, ResizeError, VirtioMem};
+use tidepool_virtio::MmioTransport;
+
+use crate::devices::{
+    lock, DeviceSetupError, MmioBus, NotifyThread, PoolMemoryBackend, VmMemoryHandle, WindowReclaim,
+};
+use crate::hostpool::{FramePool, PoolError};
+use crate::kvm::{KvmError, StopReason, Vcpu, VcpuError, Vm};
+use crate::memory::MemoryError;
+use crate::tiny_guest::GuestReport;
+
+/// How long a vCPU gets to park or end when asked.
+pub const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The virtio-mem transport with its typed device.
+pub type MemTransport = Arc<Mutex<MmioTransport<VirtioMem<PoolMemoryBackend>>>>;
+/// The balloon transport with its typed device.
+pub type BalloonTransport = Arc<Mutex<MmioTransport<Balloon>>>;
+
+/// Errors of microVM operations.
+#[derive(Debug, thiserror::Error)]
+pub enum MicrovmError {
+    /// The configuration is invalid.
+    #[error("invalid VM configuration: {0}")]
+    Config(String),
+    /// The configuration asks for something Tidepool does not do (yet).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// The host pool could not provide memory.
+    #[error("host memory pool: {0}")]
+    Pool(#[from] PoolError),
+    /// KVM failed.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// The memory window failed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Device setup failed.
+    #[error(transparent)]
+    Devices(#[from] DeviceSetupError),
+    /// A vCPU could not be set up or started.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// A forbidden lifecycle transition.
+    #[error(transparent)]
+    Transition(#[from] TransitionError),
+    /// A vCPU did not react in time.
+    #[error(transparent)]
+    Stuck(#[from] VcpuStuck),
+    /// The VM has no virtio-mem device.
+    #[error("the VM has no hotplug (virtio-mem) device")]
+    NoHotplug,
+    /// The VM has no balloon device.
+    #[error("the VM has no balloon device")]
+    NoBalloon,
+    /// virtio-mem refused the resize.
+    #[error("resize refused: {0}")]
+    Resize(#[from] ResizeError),
+    /// The balloon refused.
+    #[error("balloon: {0}")]
+    Balloon(#[from] BalloonError),
+}
+
+/// Memory figures of a VM, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MemoryFigures {
+    /// Boot RAM.
+    pub boot: u64,
+    /// Hot-plug region size (0 without virtio-mem).
+    pub region: u64,
+    /// Boot RAM plus plugged blocks.
+    pub plugged: u64,
+    /// Boot RAM plus requested hot-plugged memory.
+    pub requested: u64,
+    /// Host memory resident behind the window (mincore).
+    pub resident: u64,
+    /// Reported free by the guest and discarded.
+    pub reported: u64,
+    /// Held by the balloon.
+    pub ballooned: u64,
+    /// Discarded memory touched again.
+    pub refaulted: u64,
+    /// Whether the guest's virtio-mem driver is up.
+    pub driver_ready: bool,
+    /// Plugged total when the last resize was asked for.
+    pub resize_from: u64,
+}
+
+/// Balloon figures, in MiB, with the guest's last statistics.
+#[derive(Debug, Clone)]
+pub struct BalloonFigures {
+    /// Target.
+    pub target_mib: u64,
+    /// What the guest inflated to.
+    pub actual_mib: u64,
+    /// The guest's last statistics, if any.
+    pub stats: Option<GuestStats>,
+}
+
+/// One microVM.
+#[derive(Debug)]
+pub struct Microvm {
+    id: String,
+    config: MicrovmConfig,
+    state: VmLifecycle,
+    threads: Vec<VcpuThread>,
+    pending: Vec<(Vcpu, crate::tiny_guest::BootState)>,
+    events_tx: Sender<VcpuEvent>,
+    events_rx: Receiver<VcpuEvent>,
+    notifier: Option<NotifyThread>,
+    mem_dev: Option<MemTransport>,
+    balloon_dev: Option<BalloonTransport>,
+    probe: Option<WindowReclaim>,
+    bus: Arc<MmioBus>,
+    reports: ReportLog,
+    exit_counters: Arc<ExitCounters>,
+    resize_from: u64,
+    handle: Option<VmMemoryHandle>,
+    vm: Option<Arc<Vm>>,
+    boot_blocks: Vec<FrameId>,
+    pool: Arc<dyn FramePool>,
+}
+
+impl Microvm {
+    /// The VM id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The configuration it was built from.
+    pub fn config(&self) -> &MicrovmConfig {
+        &self.config
+    }
+
+    /// The lifecycle state (after taking in what the vCPUs reported).
+    pub fn state(&mut self) -> &VmLifecycle {
+        self.poll_events();
+        &self.state
+    }
+
+    /// The KVM VM (None only while dropping).
+    pub fn vm(&self) -> Option<&Arc<Vm>> {
+        self.vm.as_ref()
+    }
+
+    /// The device bus.
+    pub fn bus(&self) -> &Arc<MmioBus> {
+        &self.bus
+    }
+
+    /// Reports the guest wrote so far.
+    pub fn reports(&self) -> Vec<GuestReport> {
+        lock(&self.reports).clone()
+    }
+
+    /// Exit counters.
+    pub fn exit_counters(&self) -> &ExitCounters {
+        &self.exit_counters
+    }
+
+    /// Counters of the device thread serving the ioeventfds (None without devices).
+    pub fn notifier_stats(&self) -> Option<&crate::devices::NotifierStats> {
+        self.notifier.as_ref().map(|n| n.stats())
+    }
+
+    /// The virtio-mem transport, if the VM has one.
+    pub fn mem_device(&self) -> Option<&MemTransport> {
+        self.mem_dev.as_ref()
+    }
+
+    /// The balloon transport, if the VM has one.
+    pub fn balloon_device(&self) -> Option<&BalloonTransport> {
+        self.balloon_dev.as_ref()
+    }
+
+    /// The pool blocks behind boot RAM.
+    pub fn boot_blocks(&self) -> &[FrameId] {
+        &self.boot_blocks
+    }
+
+    /// Take in vCPU events: a vCPU that ended on its own stops the VM (all other vCPUs are
+    /// stopped too). Returns whether the state changed.
+    pub fn poll_events(&mut self) -> bool {
+        let mut changed = false;
+        while let Ok(ev) = self.events_rx.try_recv() {
+            let VcpuEvent::Ended { id, outcome } = ev;
+            if self.state.is_stopped() {
+                continue;
+            }
+            let cause = match outcome {
+                Ok(StopReason::Handler | StopReason::Halted) => StopCause::GuestFinished,
+                Ok(StopReason::Kicked) => continue,
+                Err(e) => {
+                    tracing::warn!(vm = %self.id, vcpu = id, error = %e, "guest failed");
+                    StopCause::GuestFailed(e.to_string())
+                }
+            };
+            tracing::info!(vm = %self.id, vcpu = id, cause = ?cause, "VM stopped by its guest");
+            self.end_threads();
+            self.state = VmLifecycle::Stopped(cause);
+            changed = true;
+        }
+        changed
+    }
+
+    fn end_threads(&mut self) {
+        for t in self.threads.drain(..) {
+            let id = t.id();
+            if let Err(e) = t.stop(VCPU_STOP_TIMEOUT) {
+                tracing::error!(vcpu = id, error = %e, "vCPU thread left detached");
+            }
+        }
+    }
+
+    /// Apply a lifecycle operation.
+    pub fn apply(&mut self, op: LifecycleOp) -> Result<&VmLifecycle, MicrovmError> {
+        self.poll_events();
+        let next = self.state.next(op)?;
+        match op {
+            LifecycleOp::Start => {
+                for (vcpu, _) in self.pending.drain(..).collect::<Vec<_>>() {
+                    let handler = VmExitHandler::new(
+                        Arc::clone(&self.bus),
+                        Arc::clone(&self.reports),
+                        Arc::clone(&self.exit_counters),
+                    );
+                    let t = VcpuThread::spawn(vcpu, handler, self.events_tx.clone(), &self.id)?;
+                    self.threads.push(t);
+                }
+            }
+            LifecycleOp::Pause => {
+                for t in &self.threads {
+                    t.pause(VCPU_STOP_TIMEOUT)?;
+                }
+            }
+            LifecycleOp::Resume => {
+                for t in &self.threads {
+                    t.resume();
+                }
+            }
+            LifecycleOp::Stop => self.end_threads(),
+        }
+        self.state = next;
+        // A guest that ended while we paused or resumed wins.
+        self.poll_events();
+        Ok(&self.state)
+    }
+
+    /// virtio-mem's host-side status.
+    pub fn mem_status(&self) -> Option<MemStatus> {
+        self.mem_dev.as_ref().map(|d| lock(d).device().status())
+    }
+
+    /// Set the requested total guest RAM (boot RAM plus hot-plugged memory).
+    pub fn resize_total(&mut self, total: u64) -> Result<(), MicrovmError> {
+        let dev = self.mem_dev.as_ref().ok_or(MicrovmError::NoHotplug)?;
+        let mut t = lock(dev);
+        let before = t.device().status();
+        t.device_mut().set_requested_total(total)?;
+        self.resize_from = before.boot_ram + before.plugged_size;
+        Ok(())
+    }
+
+    /// Run `f` on the virtio-mem device's backend (host-side plug and unplug, for tests and
+    /// host-driven operations).
+    pub fn with_memory_backend<R>(
+        &self,
+        f: impl FnOnce(&mut PoolMemoryBackend) -> R,
+    ) -> Result<R, MicrovmError> {
+        let dev = self.mem_dev.as_ref().ok_or(MicrovmError::NoHotplug)?;
+        let mut t = lock(dev);
+        Ok(f(t.device_mut().backend_mut()))
+    }
+
+    /// Memory figures (residency by mincore over every placed block).
+    pub fn memory(&mut self) -> Result<MemoryFigures, MicrovmError> {
+        let vm = self
+            .vm
+            .as_ref()
+            .ok_or(MicrovmError::Config("VM is gone".into()))?;
+        let window = vm.window();
+        let mut resident = 0;
+        for r in window.placed_ranges() {
+            resident += window.resident_bytes(r.start, r.end - r.start)?;
+        }
+        let boot = self.config.boot_ram;
+        let st = self.mem_status();
+        let (region, plugged_hot, requested_hot, driver_ready) = st.map_or((0, 0, 0, false), |s| {
+            (
+                s.region_size,
+                s.plugged_size,
+                s.requested_size,
+                s.driver_ready,
+            )
+        });
+        // Blocks plugged from the host side go through the backend without the device's
+        // bitmap; count what the backend holds.
+        let backend_plugged = self.with_memory_backend(|b| b.plugged_bytes()).unwrap_or(0);
+        let plugged_hot = plugged_hot.max(backend_plugged);
+        let (reported, ballooned, refaulted) = match (&self.balloon_dev, &self.probe) {
+            (Some(dev), Some(probe)) => {
+                let mut t = lock(dev);
+                let b = t.device_mut();
+                if let Err(e) = b.sample_residency(probe) {
+                    tracing::warn!(vm = %self.id, error = %e, "balloon residency sample failed");
+                }
+                let a = b.accounting();
+                (a.reported_bytes, a.ballooned_bytes, a.refaulted_bytes)
+            }
+            _ => (0, 0, 0),
+        };
+        Ok(MemoryFigures {
+            boot,
+            region,
+            plugged: boot + plugged_hot,
+            requested: boot + requested_hot,
+            resident,
+            reported,
+            ballooned,
+            refaulted,
+            driver_ready,
+            resize_from: if self.resize_from == 0 {
+                boot + plugged_hot
+            } else {
+                self.resize_from
+            },
+        })
+    }
+
+    /// Set the balloon target.
+    pub fn set_balloon(&mut self, target_mib: u64) -> Result<BalloonFigures, MicrovmError> {
+        let dev = self.balloon_dev.as_ref().ok_or(MicrovmError::NoBalloon)?;
+        lock(dev).device_mut().set_target_mib(target_mib)?;
+        self.balloon()
+    }
+
+    /// Balloon figures.
+    pub fn balloon(&self) -> Result<BalloonFigures, MicrovmError> {
+        let dev = self.balloon_dev.as_ref().ok_or(MicrovmError::NoBalloon)?;
+        let t = lock(dev);
+        let b = t.device();
+        Ok(BalloonFigures {
+            target_mib: b.target_mib(),
+            actual_mib: b.actual_mib(),
+            stats: b.latest_stats().cloned(),
+        })
+    }
+
+    /// Total exits over all vCPU threads.
+    pub fn vcpu_exits(&self) -> u64 {
+        self.threads.iter().map(|t| t.exits()).sum()
+    }
+}
+
+impl Drop for Microvm {
+    fn drop(&mut self) {
+        self.end_threads();
+        self.pending.clear();
+        self.notifier = None;
+        if let Some(dev) = &self.mem_dev {
+            lock(dev).device_mut().backend_mut().release_all();
+        }
+        self.mem_dev = None;
+        self.balloon_dev = None;
+        self.probe = None;
+        self.bus = Arc::new(MmioBus::new());
+        self.handle = None;
+        if let Some(vm) = self.vm.take() {
+            if Arc::strong_count(&vm) > 1 {
+                tracing::warn!(vm = %self.id, "VM still referenced at delete; its window stays mapped until released");
+            }
+            drop(vm);
+        }
+        for f in self.boot_blocks.drain(..) {
+            if let Err(e) = self.pool.free_block(f) {
+                tracing::error!(frame = %f, error = %e, "returning a boot block failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! Tier-2 tests (real KVM): a microVM's boot blocks, host-side virtio-mem plug/unplug with
+//! pool and residency checks, the lifecycle with pause/resume and forbidden transitions, and
+//! a crashing guest. Each test skips with a printed reason when /dev/kvm cannot be opened.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use guest_mm::policy::NumaPolicy;
+use guest_mm::slab::TypedSlab;
+use tidepool_hotplug::MemoryBackend;
+
+use super::*;
+use crate::devices::IrqMode;
+use crate::hostpool::BlockPool;
+use crate::memory::MIB;
+use crate::tiny_guest::program::{TAG_CHECKED, TAG_MISMATCHES};
+use crate::tiny_guest::{Step, Stride, TinyGuestBuilder};
+
+fn kvm_or_skip(test: &str) -> bool {
+    match crate::kvm::kvm_available() {
+        Ok(()) => true,
+        Err(why) => {
+            eprintln!("skipping {test}: {why}");
+            false
+        }
+    }
+}
+
+fn pool(mib: u64) -> Arc<BlockPool> {
+    Arc::new(BlockPool::new(mib * MIB))
+}
+
+fn slab() -> TypedSlab<crate::devices::BlockRecord> {
+    TypedSlab::new("test-blocks").expect("slab")
+}
+
+fn config(id: &str, hotplug: bool, irq: IrqMode, steps: Vec<Step>) -> MicrovmConfig {
+    let mut c = MicrovmConfig {
+        id: id.into(),
+        vcpus: 1,
+        boot_ram: 64 * MIB,
+        hotplug: hotplug.then_some(HotplugSpec {
+            region_size: 128 * MIB,
+            block_size: 2 * MIB,
+        }),
+        balloon: Some(BalloonSpec::default()),
+        policy: NumaPolicy::Local,
+        irq,
+        image: BootImage::Raw {
+            bytes: vec![0],
+            load_addr: 0x1000,
+            entry: 0x1000,
+        },
+    };
+    let layout = c.layout().expect("layout");
+    let b = steps
+        .into_iter()
+        .fold(TinyGuestBuilder::new(&layout), |b, s| b.step(s));
+    c.image = BootImage::Tiny(b.build().expect("image"));
+    c
+}
+
+fn wait_stopped(vm: &mut Microvm, timeout: Duration) -> VmLifecycle {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if vm.state().is_stopped() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    vm.state().clone()
+}
+
+#[test]
+fn boot_blocks_come_from_the_pool_and_return_on_drop() {
+    if !kvm_or_skip("boot_blocks_come_from_the_pool_and_return_on_drop") {
+        return;
+    }
+    let p = pool(256);
+    let vm = Microvm::new(
+        config("boot", false, IrqMode::Irqfd, vec![Step::Done]),
+        p.clone(),
+        slab(),
+        1,
+    )
+    .expect("microvm");
+    let f = p.figures().expect("figures");
+    assert_eq!(f.free_bytes(), 192 * MIB);
+    assert_eq!(vm.boot_blocks().len(), 32);
+    assert_eq!(vm.bus().slots().len(), 1, "balloon only");
+    drop(vm);
+    assert!(p.figures().expect("figures").is_whole());
+}
+
+#[test]
+fn host_side_plug_makes_memory_usable_and_unplug_releases_it() {
+    if !kvm_or_skip("host_side_plug_makes_memory_usable_and_unplug_releases_it") {
+        return;
+    }
+    let p = pool(512);
+    let layout = config("x", true, IrqMode::Polled, vec![])
+        .layout()
+        .expect("layout");
+    let hp = layout.hotplug().expect("hotplug region");
+    let range = hp.start..hp.start + 4 * MIB;
+    let steps = vec![
+        Step::Fill {
+            ranges: vec![range.clone()],
+            seed: 0x5eed,
+            stride: Stride::Page,
+        },
+        Step::Verify {
+            ranges: vec![range.clone()],
+            seed: 0x5eed,
+            stride: Stride::Page,
+        },
+        Step::Done,
+    ];
+    let mut vm = Microvm::new(
+        config("plug", true, IrqMode::Polled, steps),
+        p.clone(),
+        slab(),
+        1,
+    )
+    .expect("microvm");
+    let total = p.figures().expect("figures").total_bytes();
+    assert_eq!(p.figures().expect("figures").free_bytes(), total - 64 * MIB);
+
+    vm.with_memory_backend(|b| b.plug(range.start, 4 * MIB))
+        .expect("device")
+        .expect("plug");
+    let f = p.figures().expect("figures");
+    assert_eq!(f.free_bytes(), total - 68 * MIB);
+    assert_eq!(
+        f.nodes[0].allocated_by_type[guest_mm::MigrateType::Movable.index()],
+        4 * MIB
+    );
+    let records = vm.with_memory_backend(|b| b.records()).expect("device");
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0].gpa, range.start);
+
+    // The guest fills and verifies every page of the plugged range.
+    vm.apply(LifecycleOp::Start).expect("start");
+    let st = wait_stopped(&mut vm, Duration::from_secs(60));
+    assert_eq!(st, VmLifecycle::Stopped(StopCause::GuestFinished));
+    let reports = vm.reports();
+    let value = |tag| reports.iter().rev().find(|r| r.tag == tag).map(|r| r.value);
+    assert_eq!(value(TAG_MISMATCHES), Some(0));
+    assert_eq!(value(TAG_CHECKED), Some(1024));
+    let window = Arc::clone(vm.vm().expect("vm").window());
+    assert!(
+        window
+            .resident_bytes(range.start, 4 * MIB)
+            .expect("mincore")
+            >= 4 * MIB - 4096
+    );
+    let m = vm.memory().expect("figures");
+    assert_eq!(m.plugged, 68 * MIB);
+    assert!(m.resident >= 4 * MIB);
+
+    vm.with_memory_backend(|b| b.unplug(range.start, 4 * MIB))
+        .expect("device")
+        .expect("unplug");
+    assert_eq!(window.resident_bytes(range.start, 4 * MIB).ok(), Some(0));
+    assert!(!window.is_placed(range.start));
+    assert_eq!(p.figures().expect("figures").free_bytes(), total - 64 * MIB);
+    // Unplugging again is refused and changes nothing.
+    assert!(vm
+        .with_memory_backend(|b| b.unplug(range.start, 2 * MIB))
+        .expect("device")
+        .is_err());
+    drop(vm);
+    drop(window);
+    assert!(p.figures().expect("figures").is_whole());
+}
+
+#[test]
+fn plug_beyond_the_pool_is_out_of_memory_and_takes_nothing() {
+    if !kvm_or_skip("plug_beyond_the_pool_is_out_of_memory_and_takes_nothing") {
+        return;
+    }
+    let p = pool(70);
+    let vm = Microvm::new(
+        config("oom", true, IrqMode::Polled, vec![Step::Done]),
+        p.clone(),
+        slab(),
+        1,
+    )
+    .expect("microvm");
+    let hp = vm
+        .vm()
+        .expect("vm")
+        .window()
+        .layout()
+        .hotplug()
+        .expect("region");
+    let r = vm
+        .with_memory_backend(|b| b.plug(hp.start, 8 * MIB))
+        .expect("device");
+    assert_eq!(r, Err(tidepool_hotplug::BackendError::OutOfMemory));
+    assert_eq!(p.figures().expect("figures").free_bytes(), 6 * MIB);
+    drop(vm);
+    assert!(p.figures().expect("figures").is_whole());
+}
+
+#[test]
+fn lifecycle_pause_resume_stop_and_forbidden_transitions() {
+    if !kvm_or_skip("lifecycle_pause_resume_stop_and_forbidden_transitions") {
+        return;
+    }
+    let p = pool(128);
+    let mut vm = Microvm::new(
+        config("life", false, IrqMode::Irqfd, vec![Step::Spin]),
+        p.clone(),
+        slab(),
+        1,
+    )
+    .expect("microvm");
+    assert_eq!(vm.state(), &VmLifecycle::Created);
+    for op in [LifecycleOp::Pause, LifecycleOp::Resume] {
+        match vm.apply(op) {
+            Err(MicrovmError::Transition(e)) => assert_eq!(e.from, VmLifecycle::Created),
+            other => panic!("{op} from created: {other:?}"),
+        }
+    }
+    vm.apply(LifecycleOp::Start).expect("start");
+    assert!(matches!(
+        vm.apply(LifecycleOp::Start),
+        Err(MicrovmError::Transition(_))
+    ));
+    assert!(matches!(
+        vm.apply(LifecycleOp::Resume),
+        Err(MicrovmError::Transition(_))
+    ));
+    vm.apply(LifecycleOp::Pause).expect("pause");
+    assert_eq!(vm.state(), &VmLifecycle::Paused);
+    assert!(matches!(
+        vm.apply(LifecycleOp::Pause),
+        Err(MicrovmError::Transition(_))
+    ));
+    vm.apply(LifecycleOp::Resume).expect("resume");
+    assert_eq!(vm.state(), &VmLifecycle::Running);
+    vm.apply(LifecycleOp::Stop).expect("stop");
+    assert_eq!(vm.state(), &VmLifecycle::Stopped(StopCause::Requested));
+    for op in [
+        LifecycleOp::Start,
+        LifecycleOp::Pause,
+        LifecycleOp::Resume,
+        LifecycleOp::Stop,
+    ] {
+        assert!(
+            matches!(vm.apply(op), Err(MicrovmError::Transition(_))),
+            "{op}"
+        );
+    }
+    drop(vm);
+    assert!(p.figures().expect("figures").is_whole());
+}
+
+#[test]
+fn a_crashing_guest_stops_its_vm_only() {
+    if !kvm_or_skip("a_crashing_guest_stops_its_vm_only") {
+        return;
+    }
+    let p = pool(128);
+    // `hlt` at CPL3 without an IDT: #GP, then a triple fault (KVM_EXIT_SHUTDOWN).
+    let mut vm = Microvm::new(
+        config("crash", false, IrqMode::Polled, vec![Step::Halt]),
+        p.clone(),
+        slab(),
+        1,
+    )
+    .expect("microvm");
+    vm.apply(LifecycleOp::Start).expect("start");
+    match wait_stopped(&mut vm, Duration::from_secs(30)) {
+        VmLifecycle::Stopped(StopCause::GuestFailed(why)) => {
+            assert!(why.contains("shut down"), "{why}")
+        }
+        other => panic!("expected a failed guest, got {other}"),
+    }
+    let figures = vm.memory().expect("figures still readable");
+    assert_eq!(figures.boot, 64 * MIB);
+    drop(vm);
+    assert!(p.figures().expect("figures").is_whole());
+}
