@@ -4,6 +4,7 @@ pub mod bench;
 pub mod devices;
 pub mod hostpool;
 pub mod kvm;
+pub mod manager;
 pub mod memory;
 pub mod microvm;
 pub mod tiny_guest;

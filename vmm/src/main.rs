@@ -1,8 +1,18 @@
-//! The `tidepool` binary.
+//! The `tidepool` binary: `serve` runs the daemon (REST API over a Unix socket, VMs managed
+//! by [`tidepool_vmm::manager::VmManager`]); `vm`, `balloon` and `host` talk to a running
+//! daemon; `bench` runs a benchmark suite.
 
-use clap::{Parser, Subcommand};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use guest_mm::slab::TypedSlab;
+use guest_mm::topology::Topology;
+use tidepool_api::cli::{ApiCommand, BalloonCommand, ConnectArgs, ServeArgs, VmCommand};
 use tidepool_vmm::bench;
+use tidepool_vmm::hostpool::build_pool;
+use tidepool_vmm::manager::VmManager;
 
 /// Tidepool: a memory-first microVM monitor.
 #[derive(Debug, Parser)]
@@ -25,11 +35,93 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the daemon: the REST API on a Unix socket, until SIGINT or SIGTERM.
+    Serve(ServeCmd),
+    /// Create, list, inspect, control and resize VMs of a running daemon.
+    Vm {
+        #[command(flatten)]
+        connect: ConnectArgs,
+        #[command(subcommand)]
+        command: VmCommand,
+    },
+    /// Balloon target and statistics.
+    Balloon {
+        #[command(flatten)]
+        connect: ConnectArgs,
+        #[command(subcommand)]
+        command: BalloonCommand,
+    },
+    /// Host memory per NUMA node.
+    Host {
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ServeCmd {
+    #[command(flatten)]
+    api: ServeArgs,
+    /// Pool memory per host NUMA node, in MiB (default: each node's memory).
+    #[arg(long)]
+    pool_mib: Option<u64>,
+    /// Seconds the daemon waits for a VM's thread before answering 504.
+    #[arg(long, default_value_t = 20)]
+    vm_timeout: u64,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+fn serve(cmd: &ServeCmd) -> Result<(), String> {
+    let topo = match Topology::from_host() {
+        Some(Ok(t)) => t,
+        Some(Err(e)) => return Err(format!("reading the host NUMA topology: {e}")),
+        None => {
+            let mem = std::fs::read_to_string("/proc/meminfo")
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("MemTotal:"))
+                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                })
+                .unwrap_or(0);
+            Topology::single(mem * 1024)
+        }
+    };
+    let nodes = u16::try_from(topo.len()).map_err(|_| "too many NUMA nodes".to_string())?;
+    let pool = build_pool(topo, cmd.pool_mib.map(|m| m << 20))
+        .map_err(|e| format!("building the memory pool: {e}"))?;
+    let slab = TypedSlab::with_config("vm-block-records", |b| b.nodes(usize::from(nodes)))
+        .map_err(|e| format!("building the block record slab: {e}"))?;
+    let manager = Arc::new(VmManager::new(
+        Arc::new(pool),
+        slab,
+        nodes,
+        Duration::from_secs(cmd.vm_timeout),
+    ));
+    let cfg = cmd.api.to_config().map_err(|e| e.to_string())?;
+    let rt = runtime()?;
+    let backend: Arc<dyn tidepool_api::ApiBackend> = manager.clone();
+    let result = rt.block_on(tidepool_api::serve(backend, cfg));
+    // Stop every VM and give its memory back before exiting.
+    manager.shutdown();
+    result.map_err(|e| e.to_string())
+}
+
+fn client(cmd: ApiCommand, connect: &ConnectArgs) -> Result<(), String> {
+    let rt = runtime()?;
+    rt.block_on(tidepool_api::cli::run(&cmd, connect))
+        .map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let result = match cli.command {
         Command::Bench { suite, quick, json } => {
             let opts = bench::BenchOptions { quick, json };
             match bench::run(&suite, &opts) {
@@ -39,13 +131,30 @@ fn main() -> ExitCode {
                     } else {
                         print!("{}", report.to_table());
                     }
-                    ExitCode::SUCCESS
+                    Ok(())
                 }
-                Err(e) => {
-                    eprintln!("tidepool: {e}");
-                    ExitCode::FAILURE
-                }
+                Err(e) => Err(e.to_string()),
             }
+        }
+        Command::Serve(cmd) => {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .with_writer(std::io::stderr)
+                .try_init();
+            serve(&cmd)
+        }
+        Command::Vm { connect, command } => client(ApiCommand::Vm(command), &connect),
+        Command::Balloon { connect, command } => client(ApiCommand::Balloon(command), &connect),
+        Command::Host { connect } => client(ApiCommand::Host, &connect),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tidepool: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -2,13 +2,15 @@
 //! UNMOVABLE, hot-plugged RAM as MOVABLE) under a NUMA policy, and given back when a VM
 //! unplugs or is deleted.
 //!
-//! [`FramePool`] is the small interface the VM objects use; [`BlockPool`] is a simple
-//! single-node implementation of it, and [`guest_mm`]'s `Pool` implements it once it is
-//! available.
+//! [`FramePool`] is the small interface the VM objects use. guest-mm's zone-based
+//! [`guest_mm::pool::Pool`] implements it ([`build_pool`] makes one for a topology); the
+//! simple single-node [`BlockPool`] does too, for tests.
 
 mod block_pool;
+mod guest_mm_pool;
 
 pub use block_pool::BlockPool;
+pub use guest_mm_pool::build_pool;
 
 use guest_mm::frame::{FrameId, MigrateType, NodeId, PAGEBLOCK_ORDER};
 use guest_mm::policy::NumaPolicy;

@@ -23,7 +23,7 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use guest_mm::frame::FrameId;
+use guest_mm::frame::{FrameId, NodeId};
 use tidepool_balloon::{Balloon, BalloonError, GuestStats};
 use tidepool_hotplug::{MemStatus, ResizeError, VirtioMem};
 use tidepool_virtio::MmioTransport;
@@ -31,7 +31,7 @@ use tidepool_virtio::MmioTransport;
 use crate::devices::{
     lock, DeviceSetupError, MmioBus, NotifyThread, PoolMemoryBackend, VmMemoryHandle, WindowReclaim,
 };
-use crate::hostpool::{FramePool, PoolError};
+use crate::hostpool::{FramePool, PoolError, POOL_BLOCK_BYTES};
 use crate::kvm::{KvmError, StopReason, Vcpu, VcpuError, Vm};
 use crate::memory::MemoryError;
 use crate::tiny_guest::GuestReport;
@@ -144,8 +144,21 @@ pub struct Microvm {
     resize_from: u64,
     handle: Option<VmMemoryHandle>,
     vm: Option<Arc<Vm>>,
-    boot_blocks: Vec<FrameId>,
+    boot_blocks: Vec<(FrameId, NodeId)>,
     pool: Arc<dyn FramePool>,
+}
+
+/// Host memory resident for a VM on one node, by migration type of the pool blocks behind it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NodeResidency {
+    /// The node.
+    pub node: NodeId,
+    /// Resident boot RAM (UNMOVABLE blocks).
+    pub unmovable: u64,
+    /// Resident hot-plugged RAM (MOVABLE blocks).
+    pub movable: u64,
+    /// Pool memory assigned to the VM on this node (resident or not).
+    pub assigned: u64,
 }
 
 impl Microvm {
@@ -200,9 +213,51 @@ impl Microvm {
         self.balloon_dev.as_ref()
     }
 
-    /// The pool blocks behind boot RAM.
-    pub fn boot_blocks(&self) -> &[FrameId] {
+    /// The pool blocks behind boot RAM, in guest-physical order, with their nodes.
+    pub fn boot_blocks(&self) -> &[(FrameId, NodeId)] {
         &self.boot_blocks
+    }
+
+    /// Resident host memory per node and migration type: every 2 MiB block of boot RAM and
+    /// every plugged block is probed with mincore and counted on its pool block's node.
+    pub fn residency_by_node(&self) -> Result<Vec<NodeResidency>, MicrovmError> {
+        let vm = self
+            .vm
+            .as_ref()
+            .ok_or(MicrovmError::Config("VM is gone".into()))?;
+        let window = vm.window();
+        let mut out: Vec<NodeResidency> = Vec::new();
+        let mut add = |node: NodeId, unmovable: u64, movable: u64| {
+            let i = match out.iter().position(|n| n.node == node) {
+                Some(i) => i,
+                None => {
+                    out.push(NodeResidency {
+                        node,
+                        ..NodeResidency::default()
+                    });
+                    out.len() - 1
+                }
+            };
+            out[i].unmovable += unmovable;
+            out[i].movable += movable;
+            out[i].assigned += POOL_BLOCK_BYTES;
+        };
+        let boot_gpas = window
+            .layout()
+            .boot_ram_ranges()
+            .into_iter()
+            .flat_map(|r| r.step_by(POOL_BLOCK_BYTES as usize));
+        for (gpa, (_, node)) in boot_gpas.zip(self.boot_blocks.iter()) {
+            add(*node, window.resident_bytes(gpa, POOL_BLOCK_BYTES)?, 0);
+        }
+        let hot = self
+            .with_memory_backend(|b| b.records())
+            .unwrap_or_default();
+        for r in hot {
+            add(r.node, 0, window.resident_bytes(r.gpa, POOL_BLOCK_BYTES)?);
+        }
+        out.sort_by_key(|n| n.node);
+        Ok(out)
     }
 
     /// Take in vCPU events: a vCPU that ended on its own stops the VM (all other vCPUs are
@@ -398,7 +453,7 @@ impl Drop for Microvm {
             }
             drop(vm);
         }
-        for f in self.boot_blocks.drain(..) {
+        for (f, _) in self.boot_blocks.drain(..) {
             if let Err(e) = self.pool.free_block(f) {
                 tracing::error!(frame = %f, error = %e, "returning a boot block failed");
             }

@@ -147,13 +147,13 @@ fn take_blocks(
     n: u64,
     mt: MigrateType,
     policy: &NumaPolicy,
-) -> Result<Vec<FrameId>, MicrovmError> {
+) -> Result<Vec<(FrameId, NodeId)>, MicrovmError> {
     let mut out = Vec::new();
     for _ in 0..n {
         match pool.alloc_block(mt, policy, NodeId(0)) {
-            Ok((f, _)) => out.push(f),
+            Ok(b) => out.push(b),
             Err(e) => {
-                for f in out {
+                for (f, _) in out {
                     let _ = pool.free_block(f);
                 }
                 return Err(e.into());

@@ -1,0 +1,295 @@
+//! [`ApiBackend`] for [`VmManager`]: thin mappings from API calls to commands on the VM
+//! threads, and from typed errors to API error kinds (refusals are 409, unsupported features
+//! 501, a VM that does not answer 504).
+
+use tidepool_api::metrics::{DeviceMetrics, NamedCounter, NodeMetrics, VmMetrics};
+use tidepool_api::types::{
+    BalloonInfo, BalloonStats, CreateVmRequest, HostInfo, MemoryInfo, ResizePhase, ResizeStatus,
+    StateAction, VmInfo,
+};
+use tidepool_api::{ApiBackend, ApiError, ErrorKind, MetricsSnapshot};
+use tidepool_balloon::{BalloonError, StatTag};
+use tidepool_hotplug::ResizeError;
+
+use super::request::{config_from_request, info_from_request, RequestError};
+use super::{ManagerError, VmManager};
+use crate::devices::lock;
+use crate::hostpool::PoolError;
+use crate::memory::MIB;
+use crate::microvm::{BalloonFigures, LifecycleOp, MemoryFigures, Microvm, MicrovmError};
+
+fn api_err(e: ManagerError) -> ApiError {
+    let msg = e.to_string();
+    let kind = match &e {
+        ManagerError::NotFound(id) => return ApiError::vm_not_found(id),
+        ManagerError::Timeout { .. } => ErrorKind::Timeout,
+        ManagerError::Gone(_) | ManagerError::Spawn(_) => ErrorKind::Internal,
+        ManagerError::Request(RequestError::Unsupported(_)) => ErrorKind::Unsupported,
+        ManagerError::Request(_) => ErrorKind::BadRequest,
+        ManagerError::Vm(v) => vm_kind(v),
+    };
+    ApiError::new(kind, msg)
+}
+
+fn vm_kind(e: &MicrovmError) -> ErrorKind {
+    match e {
+        MicrovmError::Config(_) => ErrorKind::BadRequest,
+        MicrovmError::Unsupported(_) => ErrorKind::Unsupported,
+        MicrovmError::Pool(PoolError::OutOfMemory) => ErrorKind::Conflict,
+        MicrovmError::Pool(PoolError::Policy(_)) => ErrorKind::BadRequest,
+        MicrovmError::Transition(_) | MicrovmError::NoHotplug | MicrovmError::NoBalloon => {
+            ErrorKind::Conflict
+        }
+        MicrovmError::Resize(ResizeError::Notify(_)) => ErrorKind::Internal,
+        MicrovmError::Resize(_) => ErrorKind::Conflict,
+        MicrovmError::Balloon(BalloonError::TargetTooLarge { .. }) => ErrorKind::Conflict,
+        MicrovmError::Stuck(_) => ErrorKind::Timeout,
+        _ => ErrorKind::Internal,
+    }
+}
+
+fn memory_info(m: &MemoryFigures) -> MemoryInfo {
+    let phase = if m.plugged < m.requested {
+        ResizePhase::Plugging
+    } else if m.plugged > m.requested {
+        ResizePhase::Unplugging
+    } else {
+        ResizePhase::Idle
+    };
+    MemoryInfo {
+        boot_mib: m.boot / MIB,
+        region_mib: m.region / MIB,
+        plugged_mib: m.plugged / MIB,
+        requested_mib: m.requested / MIB,
+        resident_mib: m.resident / MIB,
+        reported_mib: m.reported / MIB,
+        ballooned_mib: m.ballooned / MIB,
+        refaulted_mib: m.refaulted / MIB,
+        resize: ResizeStatus {
+            phase,
+            from_mib: m.resize_from / MIB,
+            driver_ready: m.driver_ready,
+            error: None,
+        },
+    }
+}
+
+fn balloon_stats(b: &BalloonFigures) -> BalloonStats {
+    let mut s = BalloonStats::sizes_only(b.target_mib, b.actual_mib);
+    if let Some(g) = &b.stats {
+        let bytes_to_pages = |v: u64| v / 4096;
+        s.swap_in_pages = g.get(StatTag::SwapIn).map(bytes_to_pages);
+        s.swap_out_pages = g.get(StatTag::SwapOut).map(bytes_to_pages);
+        s.major_faults = g.get(StatTag::MajorFaults);
+        s.minor_faults = g.get(StatTag::MinorFaults);
+        s.free_mib = g.get(StatTag::FreeMemory).map(|v| v / MIB);
+        s.total_mib = g.get(StatTag::TotalMemory).map(|v| v / MIB);
+        s.available_mib = g.get(StatTag::AvailableMemory).map(|v| v / MIB);
+        s.disk_caches_mib = g.get(StatTag::DiskCaches).map(|v| v / MIB);
+        s.hugetlb_allocations = g.get(StatTag::HugetlbAllocations);
+        s.hugetlb_failures = g.get(StatTag::HugetlbFailures);
+    }
+    s
+}
+
+fn counters(pairs: &[(&str, u64)]) -> Vec<NamedCounter> {
+    pairs
+        .iter()
+        .map(|(n, v)| NamedCounter {
+            name: (*n).into(),
+            value: *v,
+        })
+        .collect()
+}
+
+/// Per-VM numbers for `GET /metrics`, gathered on the VM's thread.
+fn vm_metrics(vm: &mut Microvm) -> Result<(VmMetrics, Vec<DeviceMetrics>), MicrovmError> {
+    let m = vm.memory()?;
+    let id = vm.id().to_string();
+    let state = vm.state().api_state().as_str().to_string();
+    let exits = vm
+        .exit_counters()
+        .named()
+        .into_iter()
+        .map(|(n, v)| NamedCounter {
+            name: n.into(),
+            value: v,
+        })
+        .collect();
+    let vmm = VmMetrics {
+        id: id.clone(),
+        state,
+        vcpus: u32::from(vm.config().vcpus),
+        boot_bytes: m.boot,
+        plugged_bytes: m.plugged,
+        requested_bytes: m.requested,
+        resident_bytes: m.resident,
+        reported_bytes: m.reported,
+        ballooned_bytes: m.ballooned,
+        refaulted_bytes: m.refaulted,
+        exits,
+    };
+    let mut devices = Vec::new();
+    if let Some(dev) = vm.mem_device() {
+        let c = lock(dev).device().counters();
+        devices.push(DeviceMetrics {
+            vm: id.clone(),
+            device: "virtio-mem".into(),
+            counters: counters(&[
+                ("plug_acked", c.plug_acked),
+                ("unplug_acked", c.unplug_acked),
+                ("unplug_all_acked", c.unplug_all_acked),
+                ("nack_over_requested", c.nack_over_requested),
+                ("busy_backend", c.busy_backend),
+                ("error_backend", c.error_backend),
+                ("config_interrupts", c.config_interrupts),
+            ]),
+        });
+    }
+    if let Some(dev) = vm.balloon_device() {
+        let a = lock(dev).device().accounting();
+        let c = a.counters;
+        devices.push(DeviceMetrics {
+            vm: id,
+            device: "virtio-balloon".into(),
+            counters: counters(&[
+                ("inflated_pages", c.inflated_pages),
+                ("deflated_pages", c.deflated_pages),
+                ("reports", c.reports),
+                ("reported_bytes", c.reported_bytes_total),
+                ("refaulted_bytes", c.refaulted_bytes_total),
+                ("discard_failures", c.discard_failures),
+                ("stats_updates", c.stats_updates),
+            ]),
+        });
+    }
+    Ok((vmm, devices))
+}
+
+impl ApiBackend for VmManager {
+    fn host(&self) -> Result<HostInfo, ApiError> {
+        self.host_info()
+            .map(|(h, _)| h)
+            .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))
+    }
+
+    fn create_vm(&self, req: CreateVmRequest) -> Result<VmInfo, ApiError> {
+        let id = self.next_id();
+        let config =
+            config_from_request(&id, &req, self.irq_mode()).map_err(|e| api_err(e.into()))?;
+        let info = info_from_request(&id, &req);
+        self.create(config, info, req.start).map_err(api_err)
+    }
+
+    fn list_vms(&self) -> Result<Vec<VmInfo>, ApiError> {
+        Ok(self.list())
+    }
+
+    fn get_vm(&self, id: &str) -> Result<VmInfo, ApiError> {
+        self.info(id).map_err(api_err)
+    }
+
+    fn delete_vm(&self, id: &str) -> Result<(), ApiError> {
+        self.delete(id).map_err(api_err)
+    }
+
+    fn set_state(&self, id: &str, action: StateAction) -> Result<VmInfo, ApiError> {
+        let op = match action {
+            StateAction::Start => LifecycleOp::Start,
+            StateAction::Pause => LifecycleOp::Pause,
+            StateAction::Resume => LifecycleOp::Resume,
+            StateAction::Stop => LifecycleOp::Stop,
+        };
+        self.call(id, move |vm| vm.apply(op).map(|_| ()))
+            .map_err(api_err)?
+            .map_err(|e| api_err(e.into()))?;
+        self.info(id).map_err(api_err)
+    }
+
+    fn resize_memory(&self, id: &str, requested_mib: u64) -> Result<MemoryInfo, ApiError> {
+        let total = requested_mib
+            .checked_mul(MIB)
+            .ok_or_else(|| ApiError::bad_request("requested_mib overflows"))?;
+        let m = self
+            .call(id, move |vm| {
+                vm.resize_total(total)?;
+                vm.memory()
+            })
+            .map_err(api_err)?
+            .map_err(|e| api_err(e.into()))?;
+        Ok(memory_info(&m))
+    }
+
+    fn get_memory(&self, id: &str) -> Result<MemoryInfo, ApiError> {
+        let m = self
+            .call(id, |vm| vm.memory())
+            .map_err(api_err)?
+            .map_err(|e| api_err(e.into()))?;
+        Ok(memory_info(&m))
+    }
+
+    fn set_balloon(&self, id: &str, target_mib: u64) -> Result<BalloonInfo, ApiError> {
+        let b = self
+            .call(id, move |vm| vm.set_balloon(target_mib))
+            .map_err(api_err)?
+            .map_err(|e| api_err(e.into()))?;
+        Ok(BalloonInfo {
+            target_mib: b.target_mib,
+            actual_mib: b.actual_mib,
+        })
+    }
+
+    fn balloon_stats(&self, id: &str) -> Result<BalloonStats, ApiError> {
+        let b = self
+            .call(id, |vm| vm.balloon())
+            .map_err(api_err)?
+            .map_err(|e| api_err(e.into()))?;
+        Ok(balloon_stats(&b))
+    }
+
+    fn metrics(&self) -> Result<MetricsSnapshot, ApiError> {
+        let (host, figures) = self
+            .host_info()
+            .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+        let nodes = host
+            .nodes
+            .iter()
+            .zip(figures.nodes.iter())
+            .map(|(h, f)| NodeMetrics {
+                node: h.node,
+                total_bytes: f.total_bytes,
+                free_bytes: f.free_bytes,
+                assigned_bytes: h.assigned_mib * MIB,
+                resident_unmovable_bytes: h.resident_mib.unmovable_mib * MIB,
+                resident_movable_bytes: h.resident_mib.movable_mib * MIB,
+                resident_reclaimable_bytes: 0,
+                fragmentation_index: h.fragmentation_index,
+                thp_share: h.thp_share,
+            })
+            .collect();
+        let mut vms = Vec::new();
+        let mut devices = Vec::new();
+        for info in self.list() {
+            // A VM that does not answer is left out of this scrape rather than failing it.
+            match self.call(&info.id, vm_metrics) {
+                Ok(Ok((v, d))) => {
+                    vms.push(v);
+                    devices.extend(d);
+                }
+                Ok(Err(e)) => tracing::warn!(vm = %info.id, error = %e, "metrics failed"),
+                Err(e) => tracing::warn!(vm = %info.id, error = %e, "metrics skipped"),
+            }
+        }
+        Ok(MetricsSnapshot {
+            nodes,
+            pool_events: counters(&[
+                ("alloc", figures.allocs),
+                ("free", figures.frees),
+                ("alloc_failure", figures.alloc_failures),
+            ]),
+            vms,
+            devices,
+            alloc_latency: Default::default(),
+        })
+    }
+}

@@ -1,0 +1,402 @@
+//! The VM manager: one thread per VM owns its [`Microvm`]; the manager sends it closures over a
+//! channel and waits for the answer with a timeout, so a stuck VM never blocks requests for
+//! other VMs. The manager implements [`tidepool_api::ApiBackend`] ([`api`]).
+
+mod api;
+mod host;
+pub mod images;
+mod request;
+#[cfg(test)]
+mod tests;
+
+pub use request::{config_from_request, info_from_request, RequestError};
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use guest_mm::slab::TypedSlab;
+use tidepool_api::types::VmInfo;
+
+use crate::devices::{lock, BlockRecord, IrqMode};
+use crate::hostpool::FramePool;
+use crate::microvm::{Microvm, MicrovmConfig, MicrovmError, NodeResidency, VmLifecycle};
+
+/// Default time the manager waits for a VM thread to answer.
+pub const DEFAULT_VM_TIMEOUT: Duration = Duration::from_secs(20);
+/// How often an idle VM thread looks at vCPU events and refreshes its published figures.
+const IDLE_TICK: Duration = Duration::from_millis(50);
+/// How often the published residency figures are refreshed.
+const RESIDENCY_REFRESH: Duration = Duration::from_secs(1);
+
+/// Errors of the manager.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    /// No VM with this id.
+    #[error("no VM with id {0:?}")]
+    NotFound(String),
+    /// The VM thread did not answer in time.
+    #[error("VM {id} did not answer within {timeout:?}")]
+    Timeout {
+        /// VM id.
+        id: String,
+        /// How long the manager waited.
+        timeout: Duration,
+    },
+    /// The VM thread is gone (it panicked).
+    #[error("VM {0} is gone (its thread ended)")]
+    Gone(String),
+    /// The request cannot be turned into a VM.
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    /// The VM refused or failed.
+    #[error(transparent)]
+    Vm(#[from] MicrovmError),
+    /// A thread could not be started.
+    #[error("cannot start the VM thread: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// Sends a call's result; run after the VM thread published its new state, so a caller that
+/// reads the published state after the reply sees the effect of its own call.
+type Reply = Box<dyn FnOnce() + Send>;
+type Call = Box<dyn FnOnce(&mut Microvm) -> Reply + Send>;
+
+enum Msg {
+    Call(Call),
+    Delete(Sender<()>),
+}
+
+/// What a VM thread publishes for readers that must not wait for it.
+#[derive(Debug, Clone)]
+pub struct Published {
+    /// Lifecycle state.
+    pub state: VmLifecycle,
+    /// Residency per node, refreshed about once a second.
+    pub residency: Vec<NodeResidency>,
+    /// Host virtual range of the VM's window (for THP accounting).
+    pub window: std::ops::Range<usize>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    tx: Sender<Msg>,
+    info: VmInfo,
+    published: Arc<Mutex<Published>>,
+    join: Option<JoinHandle<()>>,
+}
+
+/// Manages the VMs of one daemon.
+#[derive(Debug)]
+pub struct VmManager {
+    pool: Arc<dyn FramePool>,
+    slab: TypedSlab<BlockRecord>,
+    slab_nodes: u16,
+    vms: Mutex<BTreeMap<String, Entry>>,
+    next_id: AtomicU64,
+    timeout: Duration,
+    irq: IrqMode,
+}
+
+impl VmManager {
+    /// A manager taking VM memory from `pool`, with block records in `slab` (built for
+    /// `slab_nodes` nodes), waiting at most `timeout` for a VM thread.
+    pub fn new(
+        pool: Arc<dyn FramePool>,
+        slab: TypedSlab<BlockRecord>,
+        slab_nodes: u16,
+        timeout: Duration,
+    ) -> VmManager {
+        VmManager {
+            pool,
+            slab,
+            slab_nodes,
+            vms: Mutex::new(BTreeMap::new()),
+            next_id: AtomicU64::new(1),
+            timeout,
+            irq: IrqMode::Irqfd,
+        }
+    }
+
+    /// Use `irq` for the VMs created from API requests (default: irqfd with the in-kernel
+    /// irqchip).
+    pub fn with_irq_mode(mut self, irq: IrqMode) -> VmManager {
+        self.irq = irq;
+        self
+    }
+
+    /// How API-created VMs signal interrupts.
+    pub fn irq_mode(&self) -> IrqMode {
+        self.irq
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &Arc<dyn FramePool> {
+        &self.pool
+    }
+
+    /// The slab of block records.
+    pub fn slab(&self) -> &TypedSlab<BlockRecord> {
+        &self.slab
+    }
+
+    /// A fresh VM id.
+    pub fn next_id(&self) -> String {
+        format!("vm{}", self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Build a VM on its own thread from `config` (whose id must be new); `info` is what the
+    /// API reports about it. Returns once the VM exists (or failed to build).
+    pub fn create(
+        &self,
+        config: MicrovmConfig,
+        info: VmInfo,
+        start: bool,
+    ) -> Result<VmInfo, ManagerError> {
+        let id = config.id.clone();
+        let (tx, rx) = channel::<Msg>();
+        let (ready_tx, ready_rx) = sync_channel::<Result<Published, MicrovmError>>(1);
+        let pool = Arc::clone(&self.pool);
+        let slab = self.slab.clone();
+        let nodes = self.slab_nodes;
+        let published = Arc::new(Mutex::new(Published {
+            state: VmLifecycle::Created,
+            residency: Vec::new(),
+            window: 0..0,
+        }));
+        let pub2 = Arc::clone(&published);
+        let join = std::thread::Builder::new()
+            .name(format!("{id}-vmm"))
+            .spawn(move || {
+                let mut vm = match Microvm::new(config, pool, slab, nodes) {
+                    Ok(vm) => vm,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                if start {
+                    if let Err(e) = vm.apply(crate::microvm::LifecycleOp::Start) {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                }
+                publish(&mut vm, &pub2, true);
+                let snapshot = lock(&pub2).clone();
+                if ready_tx.send(Ok(snapshot)).is_err() {
+                    // The manager gave up waiting: nobody will ever talk to this VM.
+                    return;
+                }
+                vm_thread(vm, &rx, &pub2);
+            })
+            .map_err(ManagerError::Spawn)?;
+        let ready = match ready_rx.recv_timeout(self.timeout) {
+            Ok(r) => r,
+            Err(_) => {
+                return Err(ManagerError::Timeout {
+                    id,
+                    timeout: self.timeout,
+                })
+            }
+        };
+        match ready {
+            Ok(p) => {
+                let mut info = info;
+                info.state = p.state.api_state();
+                lock(&self.vms).insert(
+                    id,
+                    Entry {
+                        tx,
+                        info: info.clone(),
+                        published,
+                        join: Some(join),
+                    },
+                );
+                Ok(info)
+            }
+            Err(e) => {
+                let _ = join.join();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Run `f` on VM `id`'s thread and wait (at most the manager's timeout) for its result.
+    pub fn call<R: Send + 'static>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Microvm) -> R + Send + 'static,
+    ) -> Result<R, ManagerError> {
+        let tx = {
+            let vms = lock(&self.vms);
+            let e = vms
+                .get(id)
+                .ok_or_else(|| ManagerError::NotFound(id.into()))?;
+            e.tx.clone()
+        };
+        let (rtx, rrx) = sync_channel::<R>(1);
+        let call: Call = Box::new(move |vm| {
+            let r = f(vm);
+            Box::new(move || {
+                let _ = rtx.send(r);
+            })
+        });
+        tx.send(Msg::Call(call))
+            .map_err(|_| ManagerError::Gone(id.into()))?;
+        rrx.recv_timeout(self.timeout).map_err(|e| match e {
+            RecvTimeoutError::Timeout => ManagerError::Timeout {
+                id: id.into(),
+                timeout: self.timeout,
+            },
+            RecvTimeoutError::Disconnected => ManagerError::Gone(id.into()),
+        })
+    }
+
+    /// The API view of VM `id`, with its published state (never waits for the VM).
+    pub fn info(&self, id: &str) -> Result<VmInfo, ManagerError> {
+        let vms = lock(&self.vms);
+        let e = vms
+            .get(id)
+            .ok_or_else(|| ManagerError::NotFound(id.into()))?;
+        let mut info = e.info.clone();
+        info.state = lock(&e.published).state.api_state();
+        Ok(info)
+    }
+
+    /// All VMs (never waits for any VM).
+    pub fn list(&self) -> Vec<VmInfo> {
+        let vms = lock(&self.vms);
+        vms.values()
+            .map(|e| {
+                let mut info = e.info.clone();
+                info.state = lock(&e.published).state.api_state();
+                info
+            })
+            .collect()
+    }
+
+    /// What every VM published: `(id, info, published)`.
+    pub fn published(&self) -> Vec<(VmInfo, Published)> {
+        let vms = lock(&self.vms);
+        vms.values()
+            .map(|e| {
+                let p = lock(&e.published).clone();
+                let mut info = e.info.clone();
+                info.state = p.state.api_state();
+                (info, p)
+            })
+            .collect()
+    }
+
+    /// Number of VMs.
+    pub fn count(&self) -> usize {
+        lock(&self.vms).len()
+    }
+
+    /// Stop and delete VM `id`: its thread drops the `Microvm` (vCPUs stopped, blocks
+    /// unplugged, every frame back to the pool) and the manager waits for that.
+    pub fn delete(&self, id: &str) -> Result<(), ManagerError> {
+        let mut entry = lock(&self.vms)
+            .remove(id)
+            .ok_or_else(|| ManagerError::NotFound(id.into()))?;
+        let (atx, arx) = channel();
+        if entry.tx.send(Msg::Delete(atx)).is_err() {
+            return Ok(());
+        }
+        match arx.recv_timeout(self.timeout) {
+            Ok(()) => {
+                if let Some(j) = entry.join.take() {
+                    let _ = j.join();
+                }
+                Ok(())
+            }
+            Err(RecvTimeoutError::Disconnected) => Ok(()),
+            Err(RecvTimeoutError::Timeout) => Err(ManagerError::Timeout {
+                id: id.into(),
+                timeout: self.timeout,
+            }),
+        }
+    }
+
+    /// Delete every VM (daemon shutdown).
+    pub fn shutdown(&self) {
+        let ids: Vec<String> = lock(&self.vms).keys().cloned().collect();
+        for id in ids {
+            if let Err(e) = self.delete(&id) {
+                tracing::error!(vm = %id, error = %e, "delete at shutdown failed");
+            }
+        }
+    }
+}
+
+impl Drop for VmManager {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn publish(vm: &mut Microvm, published: &Mutex<Published>, residency: bool) {
+    let state = vm.state().clone();
+    let res = if residency {
+        match vm.residency_by_node() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(vm = %vm.id(), error = %e, "residency probe failed");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let window = vm.vm().map(|v| v.window().host_range()).unwrap_or(0..0);
+    let mut p = lock(published);
+    p.state = state;
+    p.window = window;
+    if let Some(r) = res {
+        p.residency = r;
+    }
+}
+
+fn vm_thread(mut vm: Microvm, rx: &Receiver<Msg>, published: &Mutex<Published>) {
+    let mut last_residency = Instant::now();
+    let mut last_stats = Instant::now();
+    loop {
+        match rx.recv_timeout(IDLE_TICK) {
+            Ok(Msg::Call(f)) => {
+                // A panic in one request must not take the VM (or the daemon) down with it.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut vm)));
+                publish(&mut vm, published, false);
+                match r {
+                    Ok(reply) => reply(),
+                    Err(_) => tracing::error!(vm = %vm.id(), "a request panicked on the VM thread"),
+                }
+            }
+            Ok(Msg::Delete(ack)) => {
+                drop(vm);
+                let _ = ack.send(());
+                return;
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        let refresh = last_residency.elapsed() >= RESIDENCY_REFRESH;
+        if refresh {
+            last_residency = Instant::now();
+        }
+        publish(&mut vm, published, refresh);
+        if let Some(dev) = vm.balloon_device() {
+            let mut t = lock(dev);
+            let b = t.device_mut();
+            if let Some(every) = b.stats_interval() {
+                if last_stats.elapsed() >= every && tidepool_virtio::VirtioDevice::is_activated(&*b)
+                {
+                    last_stats = Instant::now();
+                    let _ = b.request_stats();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! Turning an API request into a [`MicrovmConfig`]: pure checks of what this VMM supports,
+//! each refusal a typed [`RequestError`] (unsupported features say so).
+
+use tidepool_api::types::{
+    BackingKind, BootSource, CreateVmRequest, NumaConfig, NumaPolicy as ApiPolicy, VmInfo, VmState,
+};
+
+use guest_mm::frame::NodeId;
+use guest_mm::policy::NumaPolicy;
+
+use crate::devices::IrqMode;
+use crate::memory::MIB;
+use crate::microvm::{BalloonSpec, BootImage, HotplugSpec, MicrovmConfig};
+
+/// Largest raw image accepted from a file.
+pub const MAX_IMAGE_BYTES: u64 = 64 << 20;
+
+/// Why a request cannot become a VM.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// A feature this VMM does not provide (yet).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// The request is inconsistent.
+    #[error("{0}")]
+    Invalid(String),
+    /// The image file could not be read.
+    #[error("reading image {path}: {reason}")]
+    Image {
+        /// The path.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn policy(numa: Option<&NumaConfig>) -> Result<NumaPolicy, RequestError> {
+    let Some(n) = numa else {
+        return Ok(NumaPolicy::Local);
+    };
+    let nodes: Result<Vec<NodeId>, RequestError> = n
+        .nodes
+        .iter()
+        .map(|&x| {
+            u16::try_from(x)
+                .map(NodeId)
+                .map_err(|_| RequestError::Invalid(format!("node {x} does not exist")))
+        })
+        .collect();
+    let nodes = nodes?;
+    Ok(match n.policy {
+        ApiPolicy::Local => NumaPolicy::Local,
+        ApiPolicy::Preferred => match nodes.as_slice() {
+            [one] => NumaPolicy::Preferred(*one),
+            _ => {
+                return Err(RequestError::Invalid(
+                    "the preferred policy takes exactly one node".into(),
+                ))
+            }
+        },
+        ApiPolicy::Interleave => NumaPolicy::Interleave(nodes),
+        ApiPolicy::Bind => NumaPolicy::Bind(nodes),
+    })
+}
+
+fn image(req: &CreateVmRequest) -> Result<BootImage, RequestError> {
+    if req.kernel.is_some() {
+        return Err(RequestError::Unsupported(
+            "Linux boot is not wired yet: boot a raw image (`image`) instead".into(),
+        ));
+    }
+    let Some(img) = &req.image else {
+        return Err(RequestError::Unsupported(
+            "the default guest needs Linux boot, which is not wired yet: give a raw `image`".into(),
+        ));
+    };
+    let bytes = match (&img.inline, &img.path) {
+        (Some(b), None) => b.clone(),
+        (None, Some(p)) => {
+            let err = |reason: String| RequestError::Image {
+                path: p.clone(),
+                reason,
+            };
+            let meta = std::fs::metadata(p).map_err(|e| err(e.to_string()))?;
+            if meta.len() > MAX_IMAGE_BYTES {
+                return Err(err(format!("larger than {MAX_IMAGE_BYTES} bytes")));
+            }
+            std::fs::read(p).map_err(|e| err(e.to_string()))?
+        }
+        _ => {
+            return Err(RequestError::Invalid(
+                "image needs exactly one of `path` and `inline`".into(),
+            ))
+        }
+    };
+    Ok(BootImage::Raw {
+        bytes,
+        load_addr: img.load_addr,
+        entry: img.entry,
+    })
+}
+
+/// The VM configuration for `req` under id `id`, with interrupts as `irq` says.
+pub fn config_from_request(
+    id: &str,
+    req: &CreateVmRequest,
+    irq: IrqMode,
+) -> Result<MicrovmConfig, RequestError> {
+    let backing = req.backing.unwrap_or_default();
+    if backing.kind != BackingKind::Anonymous {
+        return Err(RequestError::Unsupported(format!(
+            "{:?} backing: guest RAM is anonymous memory in the VM window",
+            backing.kind
+        )));
+    }
+    if !backing.thp {
+        return Err(RequestError::Unsupported(
+            "backing without THP: the VM window always asks for transparent huge pages".into(),
+        ));
+    }
+    let vcpus = u8::try_from(req.vcpus)
+        .ok()
+        .filter(|v| *v >= 1)
+        .ok_or_else(|| RequestError::Invalid(format!("{} vCPUs", req.vcpus)))?;
+    let boot_ram = req
+        .memory_mib
+        .checked_mul(MIB)
+        .ok_or_else(|| RequestError::Invalid("memory_mib overflows".into()))?;
+    let hotplug = req.hotplug.map(|h| HotplugSpec {
+        region_size: h.region_mib.saturating_mul(MIB),
+        block_size: h.block_mib.saturating_mul(MIB),
+    });
+    let balloon = req.balloon.map(|b| BalloonSpec {
+        free_page_reporting: b.free_page_reporting,
+        deflate_on_oom: b.deflate_on_oom,
+        stats_interval_s: b.stats_interval_s,
+    });
+    Ok(MicrovmConfig {
+        id: id.into(),
+        vcpus,
+        boot_ram,
+        hotplug,
+        balloon,
+        policy: policy(req.numa.as_ref())?,
+        irq,
+        image: image(req)?,
+    })
+}
+
+/// The API's description of a VM made from `req`.
+pub fn info_from_request(id: &str, req: &CreateVmRequest) -> VmInfo {
+    VmInfo {
+        id: id.into(),
+        state: VmState::Created,
+        vcpus: req.vcpus,
+        memory_mib: req.memory_mib,
+        boot_source: if req.image.is_some() {
+            BootSource::RawImage
+        } else if req.kernel.is_some() {
+            BootSource::Kernel
+        } else {
+            BootSource::DefaultGuest
+        },
+        kernel: req.kernel.clone(),
+        hotplug: req.hotplug,
+        balloon: req.balloon,
+        numa: req.numa.clone(),
+        backing: req.backing.unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidepool_api::types::{BackingConfig, HotplugConfig, RawImage};
+
+    fn raw() -> CreateVmRequest {
+        let mut r = CreateVmRequest::with_memory(64);
+        r.image = Some(RawImage {
+            path: None,
+            inline: Some(vec![0xf4]),
+            load_addr: 0x1000,
+            entry: 0x1000,
+        });
+        r
+    }
+
+    #[test]
+    fn raw_image_request_becomes_a_config() {
+        let mut r = raw();
+        r.hotplug = Some(HotplugConfig {
+            region_mib: 256,
+            block_mib: 2,
+        });
+        let c = config_from_request("vm1", &r, IrqMode::Irqfd).expect("config");
+        assert_eq!(c.boot_ram, 64 * MIB);
+        assert_eq!(c.hotplug.map(|h| h.region_size), Some(256 * MIB));
+        assert!(matches!(
+            c.image,
+            BootImage::Raw {
+                load_addr: 0x1000,
+                ..
+            }
+        ));
+        assert_eq!(c.policy, NumaPolicy::Local);
+        let info = info_from_request("vm1", &r);
+        assert_eq!(info.boot_source, BootSource::RawImage);
+    }
+
+    #[test]
+    fn linux_and_default_guest_are_unsupported_for_now() {
+        let mut r = raw();
+        r.image = None;
+        r.kernel = Some("/boot/vmlinux".into());
+        let e = config_from_request("a", &r, IrqMode::Irqfd).expect_err("kernel");
+        assert!(e.to_string().contains("Linux boot is not wired yet"), "{e}");
+        r.kernel = None;
+        assert!(matches!(
+            config_from_request("a", &r, IrqMode::Irqfd),
+            Err(RequestError::Unsupported(_))
+        ));
+    }
+
+    #[test]
+    fn backing_policy_and_image_checks() {
+        let mut r = raw();
+        r.backing = Some(BackingConfig {
+            kind: BackingKind::Memfd,
+            thp: true,
+        });
+        assert!(matches!(
+            config_from_request("a", &r, IrqMode::Irqfd),
+            Err(RequestError::Unsupported(_))
+        ));
+        let mut r = raw();
+        r.numa = Some(NumaConfig {
+            policy: ApiPolicy::Preferred,
+            nodes: vec![0, 1],
+        });
+        assert!(matches!(
+            config_from_request("a", &r, IrqMode::Irqfd),
+            Err(RequestError::Invalid(_))
+        ));
+        r.numa = Some(NumaConfig {
+            policy: ApiPolicy::Bind,
+            nodes: vec![1],
+        });
+        let c = config_from_request("a", &r, IrqMode::Irqfd).expect("bind");
+        assert_eq!(c.policy, NumaPolicy::Bind(vec![NodeId(1)]));
+        let mut r = raw();
+        if let Some(img) = r.image.as_mut() {
+            img.inline = None;
+            img.path = Some("/nonexistent/tidepool-image".into());
+        }
+        assert!(matches!(
+            config_from_request("a", &r, IrqMode::Irqfd),
+            Err(RequestError::Image { .. })
+        ));
+    }
+}

@@ -1,0 +1,184 @@
+//! Tier-2 tests of the manager through its `ApiBackend` face: a tiny-guest VM's memory
+//! figures, deletion returning every frame, two VMs at once, the lifecycle with 409s, a
+//! resize refused while no virtio-mem driver runs, and unsupported boot sources.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use guest_mm::slab::TypedSlab;
+use guest_mm::topology::Topology;
+use tidepool_api::types::{BalloonConfig, CreateVmRequest, HotplugConfig, StateAction, VmState};
+use tidepool_api::{ApiBackend, ErrorKind};
+
+use super::images::{idle_guest, IDLE_GUEST_HELLO};
+use super::*;
+use crate::hostpool::{build_pool, FramePool};
+use crate::tiny_guest::program::TAG_USER;
+
+fn manager() -> Option<(VmManager, Arc<dyn FramePool>)> {
+    if let Err(why) = crate::kvm::kvm_available() {
+        eprintln!("skipping: {why}");
+        return None;
+    }
+    let pool: Arc<dyn FramePool> =
+        Arc::new(build_pool(Topology::single(1 << 30), Some(512 << 20)).expect("pool"));
+    let slab = TypedSlab::new("manager-test-blocks").expect("slab");
+    Some((
+        VmManager::new(Arc::clone(&pool), slab, 1, Duration::from_secs(20)),
+        pool,
+    ))
+}
+
+fn request(mib: u64) -> CreateVmRequest {
+    let mut r = CreateVmRequest::with_memory(mib);
+    r.image = Some(idle_guest(mib).expect("image"));
+    r
+}
+
+fn wait_for_hello(m: &VmManager, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let said = m
+            .call(id, |vm| {
+                vm.reports()
+                    .iter()
+                    .any(|r| r.tag == TAG_USER && r.value == IDLE_GUEST_HELLO)
+            })
+            .expect("call");
+        if said {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{id}: the guest never reported");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn tiny_guest_vm_memory_figures_and_delete_returns_every_frame() {
+    let Some((m, pool)) = manager() else { return };
+    let mut req = request(64);
+    req.hotplug = Some(HotplugConfig {
+        region_mib: 128,
+        block_mib: 2,
+    });
+    req.balloon = Some(BalloonConfig::default());
+    let info = m.create_vm(req).expect("create");
+    assert_eq!(info.state, VmState::Running);
+    wait_for_hello(&m, &info.id);
+    let mem = m.get_memory(&info.id).expect("memory");
+    assert_eq!(mem.boot_mib, 64);
+    assert_eq!(mem.region_mib, 128);
+    assert_eq!(mem.plugged_mib, 64);
+    assert_eq!(mem.requested_mib, 64);
+    assert!(
+        mem.resident_mib >= 1,
+        "the image and its tables are resident"
+    );
+    assert!(mem.resident_mib <= 64);
+    assert!(!mem.resize.driver_ready);
+    // No driver: the resize is refused with 409 and nothing changes.
+    let e = m.resize_memory(&info.id, 128).expect_err("no driver");
+    assert_eq!(e.kind, ErrorKind::Conflict);
+    assert!(e.message.contains("not ready"), "{}", e.message);
+    let host = m.host().expect("host");
+    assert_eq!(host.vm_count, 1);
+    assert_eq!(host.total_mib, 512);
+    assert_eq!(host.free_mib, 512 - 64);
+    let b = m.set_balloon(&info.id, 16).expect("balloon");
+    assert_eq!(b.target_mib, 16);
+    let metrics = m.metrics().expect("metrics");
+    assert_eq!(metrics.vms.len(), 1);
+    assert_eq!(metrics.vms[0].boot_bytes, 64 << 20);
+    m.delete_vm(&info.id).expect("delete");
+    assert_eq!(
+        m.get_vm(&info.id).expect_err("gone").kind,
+        ErrorKind::NotFound
+    );
+    assert!(pool.figures().expect("figures").is_whole());
+    assert_eq!(m.host().expect("host").free_mib, 512);
+}
+
+#[test]
+fn two_vms_run_at_once_and_leave_the_pool_whole() {
+    let Some((m, pool)) = manager() else { return };
+    let a = m.create_vm(request(32)).expect("a");
+    let b = m.create_vm(request(96)).expect("b");
+    assert_ne!(a.id, b.id);
+    wait_for_hello(&m, &a.id);
+    wait_for_hello(&m, &b.id);
+    let list = m.list_vms().expect("list");
+    assert_eq!(list.len(), 2);
+    assert!(list.iter().all(|v| v.state == VmState::Running));
+    assert_eq!(m.host().expect("host").free_mib, 512 - 128);
+    // Pausing one does not affect the other.
+    m.set_state(&a.id, StateAction::Pause).expect("pause a");
+    assert_eq!(m.get_vm(&a.id).expect("a").state, VmState::Paused);
+    assert_eq!(m.get_vm(&b.id).expect("b").state, VmState::Running);
+    assert_eq!(m.get_memory(&b.id).expect("b memory").boot_mib, 96);
+    m.delete_vm(&a.id).expect("delete a");
+    assert_eq!(m.host().expect("host").free_mib, 512 - 96);
+    m.delete_vm(&b.id).expect("delete b");
+    assert!(pool.figures().expect("figures").is_whole());
+}
+
+#[test]
+fn lifecycle_through_the_backend_with_conflicts() {
+    let Some((m, pool)) = manager() else { return };
+    let mut req = request(32);
+    req.start = false;
+    let v = m.create_vm(req).expect("create");
+    assert_eq!(v.state, VmState::Created);
+    let e = m
+        .set_state(&v.id, StateAction::Pause)
+        .expect_err("pause created");
+    assert_eq!(e.kind, ErrorKind::Conflict);
+    assert_eq!(
+        m.set_state(&v.id, StateAction::Start).expect("start").state,
+        VmState::Running
+    );
+    assert_eq!(
+        m.set_state(&v.id, StateAction::Resume)
+            .expect_err("resume running")
+            .kind,
+        ErrorKind::Conflict
+    );
+    m.set_state(&v.id, StateAction::Pause).expect("pause");
+    m.set_state(&v.id, StateAction::Resume).expect("resume");
+    assert_eq!(
+        m.set_state(&v.id, StateAction::Stop).expect("stop").state,
+        VmState::Stopped
+    );
+    assert_eq!(
+        m.set_state(&v.id, StateAction::Start)
+            .expect_err("start stopped")
+            .kind,
+        ErrorKind::Conflict
+    );
+    // A stopped VM still answers and is deleted like any other.
+    assert_eq!(m.get_memory(&v.id).expect("memory").boot_mib, 32);
+    m.delete_vm(&v.id).expect("delete");
+    assert!(pool.figures().expect("figures").is_whole());
+    assert_eq!(
+        m.delete_vm(&v.id).expect_err("twice").kind,
+        ErrorKind::NotFound
+    );
+}
+
+#[test]
+fn unsupported_and_impossible_requests_are_refused_without_leaks() {
+    let Some((m, pool)) = manager() else { return };
+    let mut linux = CreateVmRequest::with_memory(64);
+    linux.kernel = Some("/boot/vmlinux".into());
+    let e = m.create_vm(linux).expect_err("linux");
+    assert_eq!(e.kind, ErrorKind::Unsupported);
+    assert!(
+        e.message.contains("Linux boot is not wired yet"),
+        "{}",
+        e.message
+    );
+    // More than the pool holds: refused, and nothing is kept.
+    let e = m.create_vm(request(1024)).expect_err("too big");
+    assert_eq!(e.kind, ErrorKind::Conflict, "{}", e.message);
+    assert!(pool.figures().expect("figures").is_whole());
+    assert_eq!(m.list_vms().expect("list").len(), 0);
+}
