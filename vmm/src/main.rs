@@ -56,6 +56,16 @@ enum Command {
         #[command(flatten)]
         connect: ConnectArgs,
     },
+    /// Write the idle tiny-guest image (reports once, then halts in KVM) for `vm create
+    /// --image`, and print its load address and entry point.
+    TinyImage {
+        /// Boot RAM of the VM it is for, in MiB (sets how much the page tables map).
+        #[arg(long, default_value_t = 64)]
+        memory_mib: u64,
+        /// Where to write the image.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -119,6 +129,14 @@ fn client(cmd: ApiCommand, connect: &ConnectArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+fn tiny_image(memory_mib: u64, out: &std::path::Path) -> Result<(), String> {
+    let img = tidepool_vmm::manager::images::idle_guest(memory_mib).map_err(|e| e.to_string())?;
+    let bytes = img.inline.unwrap_or_default();
+    std::fs::write(out, &bytes).map_err(|e| format!("writing {}: {e}", out.display()))?;
+    println!("--load-addr {:#x} --entry {:#x}", img.load_addr, img.entry);
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -149,6 +167,7 @@ fn main() -> ExitCode {
         Command::Vm { connect, command } => client(ApiCommand::Vm(command), &connect),
         Command::Balloon { connect, command } => client(ApiCommand::Balloon(command), &connect),
         Command::Host { connect } => client(ApiCommand::Host, &connect),
+        Command::TinyImage { memory_mib, out } => tiny_image(memory_mib, &out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -125,6 +125,41 @@ fn serve_create_read_delete_pool_whole() {
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].id, vm.id);
 
+        // A second VM made with the CLI from an image file.
+        let image = dir.join("idle.img");
+        let out = Command::new(BIN)
+            .args(["tiny-image", "--memory-mib", "32", "--out"])
+            .arg(&image)
+            .output()
+            .expect("tidepool tiny-image");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let args: Vec<&str> = text.split_whitespace().collect();
+        assert_eq!(args.len(), 4, "{text}");
+        let out = Command::new(BIN)
+            .args(["vm", "create", "--json", "--memory", "32M", "--image"])
+            .arg(&image)
+            .args(&args)
+            .arg("--socket")
+            .arg(&socket)
+            .output()
+            .expect("tidepool vm create");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let second: VmInfo = serde_json::from_slice(&out.stdout).expect("json");
+        assert_eq!(second.memory_mib, 32);
+        assert_eq!(second.state, VmState::Running);
+        let host = client.host().await.expect("host");
+        assert_eq!(host.free_mib, host.total_mib - 96);
+        client.delete_vm(&second.id).await.expect("delete second");
+
         client.delete_vm(&vm.id).await.expect("delete");
         let e = client.get_vm(&vm.id).await.expect_err("deleted");
         assert_eq!(e.kind(), Some(ErrorKind::NotFound));

@@ -103,3 +103,57 @@ impl ResidencyProbe for WindowReclaim {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{Layout, LayoutConfig, MIB};
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn discard_drops_pages_and_stays_inside_boot_ram() {
+        let layout = Layout::new(LayoutConfig {
+            boot_ram: 8 * MIB,
+            hotplug_size: 128 * MIB,
+        })
+        .expect("layout");
+        let window = Arc::new(GuestWindow::new(layout).expect("window"));
+        let mut r = WindowReclaim::new(Arc::clone(&window)).expect("backend");
+        assert_eq!(r.guest_ram(), &[(0, 8 * MIB)]);
+        let mem = window.guest_memory().expect("view");
+        for p in 0..16u64 {
+            mem.write_obj(0xabcd_u64 + p, GuestAddress(2 * MIB + p * PAGE))
+                .expect("write");
+        }
+        let mut res = vec![false; 16];
+        r.residency(2 * MIB, &mut res).expect("mincore");
+        assert!(res.iter().all(|x| *x));
+        r.discard(2 * MIB, 8 * PAGE).expect("discard");
+        r.residency(2 * MIB, &mut res).expect("mincore");
+        assert!(res[..8].iter().all(|x| !*x), "{res:?}");
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(2 * MIB)).ok(),
+            Some(0),
+            "a discarded page reads zero"
+        );
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(2 * MIB + 8 * PAGE)).ok(),
+            Some(0xabcd + 8)
+        );
+        // Outside boot RAM, unaligned, or in the (unplugged) hot-plug region: refused.
+        let hp = window.layout().hotplug().expect("region").start;
+        assert!(matches!(
+            r.discard(hp, PAGE),
+            Err(BackendError::NotGuestRam { .. })
+        ));
+        assert!(matches!(
+            r.discard(8 * MIB - PAGE, 2 * PAGE),
+            Err(BackendError::NotGuestRam { .. })
+        ));
+        assert!(matches!(
+            r.discard(100, PAGE),
+            Err(BackendError::Misaligned { .. })
+        ));
+        assert_eq!(r.huge_page_size(), Some(HUGE_PAGE_SIZE));
+    }
+}
