@@ -7,6 +7,8 @@
 //! `Microvm` stops its threads, unplugs hot-plugged blocks, drops the VM (and so its window)
 //! and returns every boot block to the pool.
 
+#[cfg(test)]
+mod driver_tests;
 pub mod exits;
 pub mod lifecycle;
 mod setup;
