@@ -56,12 +56,16 @@ enum Command {
         #[command(flatten)]
         connect: ConnectArgs,
     },
-    /// Write the idle tiny-guest image (reports once, then halts in KVM) for `vm create
-    /// --image`, and print its load address and entry point.
+    /// Write a tiny-guest image for `vm create --image` and print its load address and entry
+    /// point: the idle guest (reports once, then halts in KVM), or with --virtio-mem-region-mib
+    /// a guest whose polled virtio-mem driver follows every resize.
     TinyImage {
         /// Boot RAM of the VM it is for, in MiB (sets how much the page tables map).
         #[arg(long, default_value_t = 64)]
         memory_mib: u64,
+        /// Hot-plug region of the VM it is for, in MiB: build the virtio-mem driver guest.
+        #[arg(long)]
+        virtio_mem_region_mib: Option<u64>,
         /// Where to write the image.
         #[arg(long)]
         out: std::path::PathBuf,
@@ -129,8 +133,17 @@ fn client(cmd: ApiCommand, connect: &ConnectArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-fn tiny_image(memory_mib: u64, out: &std::path::Path) -> Result<(), String> {
-    let img = tidepool_vmm::manager::images::idle_guest(memory_mib).map_err(|e| e.to_string())?;
+fn tiny_image(
+    memory_mib: u64,
+    region_mib: Option<u64>,
+    out: &std::path::Path,
+) -> Result<(), String> {
+    use tidepool_vmm::manager::images::{idle_guest, virtio_mem_guest};
+    let img = match region_mib {
+        Some(r) => virtio_mem_guest(memory_mib, r),
+        None => idle_guest(memory_mib),
+    }
+    .map_err(|e| e.to_string())?;
     let bytes = img.inline.unwrap_or_default();
     std::fs::write(out, &bytes).map_err(|e| format!("writing {}: {e}", out.display()))?;
     println!("--load-addr {:#x} --entry {:#x}", img.load_addr, img.entry);
@@ -167,7 +180,11 @@ fn main() -> ExitCode {
         Command::Vm { connect, command } => client(ApiCommand::Vm(command), &connect),
         Command::Balloon { connect, command } => client(ApiCommand::Balloon(command), &connect),
         Command::Host { connect } => client(ApiCommand::Host, &connect),
-        Command::TinyImage { memory_mib, out } => tiny_image(memory_mib, &out),
+        Command::TinyImage {
+            memory_mib,
+            virtio_mem_region_mib,
+            out,
+        } => tiny_image(memory_mib, virtio_mem_region_mib, &out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tidepool_api::types::{CreateVmRequest, HotplugConfig, VmInfo, VmState};
 use tidepool_api::{Client, ErrorKind};
-use tidepool_vmm::manager::images::idle_guest;
+use tidepool_vmm::manager::images::{idle_guest, virtio_mem_guest};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidepool");
 
@@ -159,6 +159,51 @@ fn serve_create_read_delete_pool_whole() {
         let host = client.host().await.expect("host");
         assert_eq!(host.free_mib, host.total_mib - 96);
         client.delete_vm(&second.id).await.expect("delete second");
+
+        // A third VM whose guest runs the polled virtio-mem driver: `tidepool vm resize`
+        // returns once the guest has plugged the new total.
+        let mut req = CreateVmRequest::with_memory(64);
+        req.image = Some(virtio_mem_guest(64, 128).expect("image"));
+        req.hotplug = Some(HotplugConfig {
+            region_mib: 128,
+            block_mib: 2,
+        });
+        let third = client.create_vm(&req).await.expect("create third");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !client
+            .get_memory(&third.id)
+            .await
+            .expect("memory")
+            .resize
+            .driver_ready
+        {
+            assert!(Instant::now() < deadline, "virtio-mem driver never came up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let out = Command::new(BIN)
+            .args([
+                "vm",
+                "resize",
+                &third.id,
+                "96M",
+                "--timeout",
+                "60",
+                "--json",
+                "--socket",
+            ])
+            .arg(&socket)
+            .output()
+            .expect("tidepool vm resize");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mem = client.get_memory(&third.id).await.expect("memory");
+        assert_eq!(mem.plugged_mib, 96);
+        let host = client.host().await.expect("host");
+        assert_eq!(host.free_mib, host.total_mib - 64 - 96);
+        client.delete_vm(&third.id).await.expect("delete third");
 
         client.delete_vm(&vm.id).await.expect("delete");
         let e = client.get_vm(&vm.id).await.expect_err("deleted");

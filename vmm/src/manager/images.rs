@@ -43,3 +43,29 @@ pub fn idle_guest(boot_ram_mib: u64) -> Result<RawImage, ImageError> {
         entry: img.entry(),
     })
 }
+
+/// A raw image for a VM with `boot_ram_mib` of boot RAM and a `region_mib` hot-plug region
+/// whose guest runs the tiny guest's polled virtio-mem driver against the VM's first device
+/// window ([`crate::devices::DEVICE_MMIO_BASE`], where a VM with `hotplug` puts virtio-mem):
+/// it plugs and unplugs to follow every resize, writing and checking the memory it plugs.
+/// Entered at CPL0 (raw images are), the driver runs emulated on this host: slower, but
+/// enough for resizes of tens of MiB.
+pub fn virtio_mem_guest(boot_ram_mib: u64, region_mib: u64) -> Result<RawImage, ImageError> {
+    use crate::tiny_guest::virtio_mem_driver::{virtio_mem_program, VirtioMemDriver};
+    use crate::tiny_guest::virtq::DEFAULT_SCRATCH;
+    let layout = Layout::new(LayoutConfig {
+        boot_ram: boot_ram_mib.saturating_mul(1 << 20),
+        hotplug_size: region_mib.saturating_mul(1 << 20),
+    })?;
+    let mut driver = VirtioMemDriver::new(crate::devices::DEVICE_MMIO_BASE, DEFAULT_SCRATCH);
+    // Fewer idle spins: each is emulated at CPL0.
+    driver.poll_spins = 200;
+    driver.blocks_per_request = 4;
+    let img = virtio_mem_program(&layout, driver)?;
+    Ok(RawImage {
+        path: None,
+        inline: Some(img.bytes.clone()),
+        load_addr: img.load_addr,
+        entry: img.entry(),
+    })
+}

@@ -182,3 +182,48 @@ fn unsupported_and_impossible_requests_are_refused_without_leaks() {
     assert!(pool.figures().expect("figures").is_whole());
     assert_eq!(m.list_vms().expect("list").len(), 0);
 }
+
+#[test]
+fn resize_through_the_api_is_served_by_the_guest_driver() {
+    let Some((m, pool)) = manager() else { return };
+    let mut req = CreateVmRequest::with_memory(64);
+    req.image = Some(super::images::virtio_mem_guest(64, 128).expect("image"));
+    req.hotplug = Some(HotplugConfig {
+        region_mib: 128,
+        block_mib: 2,
+    });
+    let v = m.create_vm(req).expect("create");
+    let wait = |pred: &dyn Fn(&tidepool_api::types::MemoryInfo) -> bool, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let mem = m.get_memory(&v.id).expect("memory");
+            if pred(&mem) {
+                return mem;
+            }
+            assert!(Instant::now() < deadline, "{what}: {mem:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait(&|mem| mem.resize.driver_ready, "driver up");
+    let mem = m.resize_memory(&v.id, 80).expect("resize");
+    assert_eq!(mem.requested_mib, 80);
+    let mem = wait(&|mem| mem.plugged_mib == 80, "plugged");
+    assert_eq!(mem.resize.phase, tidepool_api::types::ResizePhase::Idle);
+    // The driver writes every page it plugged, after the plug was acknowledged.
+    wait(&|mem| mem.resident_mib >= 16, "plugged memory touched");
+    assert_eq!(m.host().expect("host").free_mib, 512 - 80);
+    // Below boot RAM and above the region are refused.
+    assert_eq!(
+        m.resize_memory(&v.id, 32).expect_err("below").kind,
+        ErrorKind::Conflict
+    );
+    assert_eq!(
+        m.resize_memory(&v.id, 64 + 256).expect_err("above").kind,
+        ErrorKind::Conflict
+    );
+    m.resize_memory(&v.id, 64).expect("shrink");
+    wait(&|mem| mem.plugged_mib == 64, "unplugged");
+    assert_eq!(m.host().expect("host").free_mib, 512 - 64);
+    m.delete_vm(&v.id).expect("delete");
+    assert!(pool.figures().expect("figures").is_whole());
+}
