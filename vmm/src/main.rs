@@ -14,6 +14,8 @@ use tidepool_vmm::bench;
 use tidepool_vmm::hostpool::build_pool;
 use tidepool_vmm::manager::VmManager;
 
+mod runner;
+
 /// Tidepool: a memory-first microVM monitor.
 #[derive(Debug, Parser)]
 #[command(name = "tidepool", version, about)]
@@ -35,6 +37,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Boot a Linux kernel once, serial console on stdout; exits when the guest powers off or
+    /// resets (status 0), fails (1) or times out (124).
+    Run(runner::RunArgs),
     /// Run the daemon: the REST API on a Unix socket, until SIGINT or SIGTERM.
     Serve(ServeCmd),
     /// Create, list, inspect, control and resize VMs of a running daemon.
@@ -153,6 +158,8 @@ fn tiny_image(
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        // The runner has its own exit statuses (0 clean end, 1 failure, 124 timeout).
+        Command::Run(args) => return runner::main(args),
         Command::Bench { suite, quick, json } => {
             let opts = bench::BenchOptions { quick, json };
             match bench::run(&suite, &opts) {

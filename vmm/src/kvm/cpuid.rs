@@ -203,8 +203,34 @@ pub fn has_feature(cpuid: &[kvm_cpuid_entry2], leaf: u32, subleaf: u32, reg: Reg
         })
 }
 
-/// CPUID.1:ECX bit 31, "running under a hypervisor".
-const HYPERVISOR_BIT: u32 = 1 << 31;
+/// CPUID.1:ECX bit 31, "running under a hypervisor". Set by [`filter_entries`]: Linux looks
+/// for KVM's `KVMKVMKVM` leaves (0x40000000/0x40000001, kvm-clock) only when it is set, and a
+/// KVM running nested (L1 under QEMU) leaves it clear in KVM_GET_SUPPORTED_CPUID
+/// (docs/nested.md): without it the guest has no clocksource and its clock never advances.
+pub const HYPERVISOR_BIT: u32 = 1 << 31;
+
+/// CPUID.1:ECX bit 24, TSC-deadline timer mode of the local APIC. KVM emulates it whenever
+/// `KVM_CAP_TSC_DEADLINE_TIMER` is present, but does not report it in
+/// KVM_GET_SUPPORTED_CPUID; [`add_platform_features`] sets it.
+pub const TSC_DEADLINE_BIT: u32 = 1 << 24;
+
+/// Features the VMM's platform provides beyond what KVM_GET_SUPPORTED_CPUID reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PlatformFeatures {
+    /// `KVM_CAP_TSC_DEADLINE_TIMER`: the in-kernel LAPIC emulates TSC-deadline mode.
+    pub tsc_deadline: bool,
+}
+
+/// The additions to KVM's supported CPUID (the counterpart of [`DENY_LIST`]): the
+/// TSC-deadline bit when the platform has it. The hypervisor bit is set by
+/// [`filter_entries`] unconditionally.
+pub fn add_platform_features(entries: &mut [kvm_cpuid_entry2], features: PlatformFeatures) {
+    for e in entries.iter_mut().filter(|e| e.function == 1) {
+        if features.tsc_deadline {
+            e.ecx |= TSC_DEADLINE_BIT;
+        }
+    }
+}
 
 fn reg_mut(e: &mut kvm_cpuid_entry2, reg: Reg) -> &mut u32 {
     match reg {
@@ -250,10 +276,12 @@ pub fn set_vcpu_id(entries: &mut [kvm_cpuid_entry2], id: u8) {
     }
 }
 
-/// The filtered CPUID for vCPU `id`, from KVM's supported set.
-pub fn guest_cpuid(supported: &CpuId, id: u8) -> CpuId {
+/// The filtered CPUID for vCPU `id`, from KVM's supported set, with the platform's
+/// additions.
+pub fn guest_cpuid(supported: &CpuId, id: u8, features: PlatformFeatures) -> CpuId {
     let mut c = supported.clone();
     filter_entries(c.as_mut_slice());
+    add_platform_features(c.as_mut_slice(), features);
     set_vcpu_id(c.as_mut_slice(), id);
     c
 }
@@ -343,6 +371,42 @@ mod tests {
         // Linux spells these with underscores; no name may contain a space or comma.
         assert!(DENY_LIST.iter().all(|r| !r.name.contains([' ', ','])));
         assert!(c.len() < 1024, "command line budget");
+    }
+
+    #[test]
+    fn platform_additions_set_tsc_deadline_only_when_present() {
+        let mut v = vec![kvm_cpuid_entry2 {
+            function: 1,
+            ..Default::default()
+        }];
+        filter_entries(&mut v);
+        add_platform_features(&mut v, PlatformFeatures::default());
+        assert_eq!(v[0].ecx, HYPERVISOR_BIT);
+        add_platform_features(
+            &mut v,
+            PlatformFeatures {
+                tsc_deadline: true,
+            },
+        );
+        assert_eq!(v[0].ecx, HYPERVISOR_BIT | TSC_DEADLINE_BIT);
+        // KVM's paravirt leaves survive the filter as KVM reported them.
+        let mut kvm = vec![
+            kvm_cpuid_entry2 {
+                function: 0x4000_0000,
+                eax: 0x4000_0001,
+                ebx: u32::from_le_bytes(*b"KVMK"),
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0x4000_0001,
+                eax: 0x0100_7efb,
+                ..Default::default()
+            },
+        ];
+        filter_entries(&mut kvm);
+        add_platform_features(&mut kvm, PlatformFeatures { tsc_deadline: true });
+        assert_eq!(kvm[0].eax, 0x4000_0001);
+        assert_eq!(kvm[1].eax, 0x0100_7efb);
     }
 
     #[test]

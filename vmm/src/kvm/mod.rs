@@ -248,7 +248,10 @@ impl Vm {
     /// Create vCPU `id` with the filtered CPUID ([`cpuid::guest_cpuid`]).
     pub fn create_vcpu(&self, id: u64) -> Result<Vcpu, KvmError> {
         let apic_id = Self::apic_id(id)?;
-        let cpuid = cpuid::guest_cpuid(&self.supported_cpuid, apic_id);
+        let features = cpuid::PlatformFeatures {
+            tsc_deadline: self.kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
+        };
+        let cpuid = cpuid::guest_cpuid(&self.supported_cpuid, apic_id, features);
         self.create_vcpu_with_cpuid(id, &cpuid)
     }
 
