@@ -96,6 +96,10 @@ pub fn main(a: RunArgs) -> ExitCode {
         );
     }
     eprintln!("TIDEPOOL-RUN-LAST-LINE {}", report.console.last_line);
+    let (w, r, rearms, unclaimed) = report.serial_stats;
+    eprintln!(
+        "TIDEPOOL-RUN-SERIAL writes={w:?} reads={r:?} thre_rearms={rearms} unclaimed_pio={unclaimed}"
+    );
     if let Some(b) = &report.insn_bytes {
         eprintln!("TIDEPOOL-RUN-INSN {b:02x?}");
     }

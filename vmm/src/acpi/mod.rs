@@ -150,7 +150,9 @@ pub fn build(config: &AcpiConfig) -> Result<AcpiTables, AcpiError> {
             return Err(bad("window must be 4 KiB aligned and below 4 GiB"));
         }
         if !(5..=23).contains(&d.gsi) {
-            return Err(bad("GSI must be 5..=23 (IOAPIC pins not used by legacy devices)"));
+            return Err(bad(
+                "GSI must be 5..=23 (IOAPIC pins not used by legacy devices)",
+            ));
         }
     }
     let dsdt = dsdt(&config.virtio_mmio);

@@ -75,7 +75,10 @@ fn rsdp_xsdt_fadt_dsdt_chain() {
     assert_eq!(rsdp[15], 2, "ACPI 2.0+ RSDP");
     let (fadt_addr, fadt) = table(&t, b"FACP");
     let (madt_addr, _) = table(&t, b"APIC");
-    let entries: Vec<u64> = (36..xsdt.len()).step_by(8).map(|o| u64_at(xsdt, o)).collect();
+    let entries: Vec<u64> = (36..xsdt.len())
+        .step_by(8)
+        .map(|o| u64_at(xsdt, o))
+        .collect();
     assert_eq!(entries, vec![fadt_addr, madt_addr]);
     let (dsdt_addr, _) = table(&t, b"DSDT");
     // X_DSDT at offset 140; flags at 112 with HW_REDUCED_ACPI (bit 20).
@@ -106,10 +109,18 @@ fn dsdt_has_lnro0005_devices_with_their_resources() {
         // Extended interrupt right after: 0x89, length 6, flags consumer|edge|shared, 1 IRQ.
         let mut irq = vec![0x89, 6, 0, 0b1011, 1];
         irq.extend_from_slice(&d.gsi.to_le_bytes());
-        assert_eq!(&dsdt[at[0] + mem.len()..at[0] + mem.len() + irq.len()], &irq[..]);
+        assert_eq!(
+            &dsdt[at[0] + mem.len()..at[0] + mem.len() + irq.len()],
+            &irq[..]
+        );
         assert_eq!(find(dsdt, dsdt::device_name(i).as_bytes()).len(), 1);
     }
     assert_eq!(find(dsdt, b"_SB_").len(), 1);
+    // COM1: PNP0501 (EISA id 0x0105d041 as a DWord), IO 0x3f8 x8, IRQ 4 exclusive.
+    assert_eq!(find(dsdt, b"COM1").len(), 1);
+    assert_eq!(find(dsdt, b"\x0c\x41\xd0\x05\x01").len(), 1);
+    assert_eq!(find(dsdt, b"\x47\x01\xf8\x03\xf8\x03\x00\x08").len(), 1);
+    assert_eq!(find(dsdt, b"\x89\x06\x00\x03\x01\x04\x00\x00\x00").len(), 1);
     assert_eq!(find(dsdt, b"_CCA").len(), 2);
     // \_S5_ package { 5, 0 }: NameOp, "_S5_", PackageOp, len, 2 elements, BytePrefix 5, Zero.
     assert_eq!(find(dsdt, b"\x08_S5_\x12\x05\x02\x0a\x05\x00").len(), 1);
@@ -181,7 +192,10 @@ fn srat_only_when_asked() {
 fn bad_configs_are_refused() {
     let mut c = config();
     c.virtio_mmio[0].gsi = 4;
-    assert!(matches!(build(&c), Err(AcpiError::BadDevice { gsi: 4, .. })));
+    assert!(matches!(
+        build(&c),
+        Err(AcpiError::BadDevice { gsi: 4, .. })
+    ));
     let mut c = config();
     c.virtio_mmio[1].addr = 0xd000_0800;
     assert!(matches!(build(&c), Err(AcpiError::BadDevice { .. })));

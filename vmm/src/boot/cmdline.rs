@@ -100,8 +100,13 @@ mod tests {
 
     #[test]
     fn defaults_then_extra() {
-        let c = build(true, CpuWorkarounds::Off, true, "  quiet tidepool.end=poweroff ")
-            .expect("cmdline");
+        let c = build(
+            true,
+            CpuWorkarounds::Off,
+            true,
+            "  quiet tidepool.end=poweroff ",
+        )
+        .expect("cmdline");
         assert!(c.starts_with("console=ttyS0 reboot=t panic=-1 memhp_default_state=online_movable"));
         assert!(c.ends_with(" quiet tidepool.end=poweroff"));
         assert!(!c.contains("clearcpuid"));

@@ -199,7 +199,8 @@ pub fn setup_vcpu(vcpu: &Vcpu, entry: &Entry, bsp: bool) -> Result<(), CpuSetupE
         let mut sregs = fd.get_sregs().map_err(err("KVM_GET_SREGS"))?;
         entry_sregs(&mut sregs, entry);
         fd.set_sregs(&sregs).map_err(err("KVM_SET_SREGS"))?;
-        fd.set_regs(&entry_regs(entry)).map_err(err("KVM_SET_REGS"))?;
+        fd.set_regs(&entry_regs(entry))
+            .map_err(err("KVM_SET_REGS"))?;
     }
     Ok(())
 }

@@ -168,7 +168,9 @@ pub enum BootError {
     #[error("loading the kernel failed: {0}")]
     Loader(#[from] linux_loader::loader::Error),
     /// The initrd does not fit.
-    #[error("initrd of {size} bytes does not fit between the kernel end {kernel_end:#x} and {limit:#x}")]
+    #[error(
+        "initrd of {size} bytes does not fit between the kernel end {kernel_end:#x} and {limit:#x}"
+    )]
     InitrdTooLarge {
         /// Its size.
         size: u64,

@@ -218,7 +218,10 @@ mod tests {
         // RAM [0, 0x9fc00), reserved up to 1 MiB, RAM [1 MiB, 512 MiB); no hot-plug region.
         assert_eq!(p.e820_entries, 3);
         let t = p.e820_table;
-        assert_eq!(({ t[0].addr }, { t[0].size }, { t[0].r#type }), (0, 0x9fc00, 1));
+        assert_eq!(
+            ({ t[0].addr }, { t[0].size }, { t[0].r#type }),
+            (0, 0x9fc00, 1)
+        );
         assert_eq!(
             ({ t[1].addr }, { t[1].size }, { t[1].r#type }),
             (0x9fc00, 0x100000 - 0x9fc00, 2)

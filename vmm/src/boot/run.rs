@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::cmdline::{self, CpuWorkarounds};
 use super::{load_linux, setup_vcpu, BootError, BootInfo, CpuSetupError, EntryPreference};
-use crate::kvm::{KvmError, StopReason, Vm, VmConfig, VcpuError};
+use crate::kvm::{KvmError, StopReason, VcpuError, Vm, VmConfig};
 use crate::legacy::{
     GuestStop, IrqLine, LegacyDevices, LegacyExitHandler, MarkerLog, MarkerWriter, NoMmio,
     SerialConsole, COM1_GSI,
@@ -109,6 +109,9 @@ pub struct RunReport {
     pub exits: Vec<u64>,
     /// Instruction bytes at the failing RIP (emulation failures), if readable.
     pub insn_bytes: Option<Vec<u8>>,
+    /// Serial register traffic: (writes by offset, reads by offset, THRE re-arms), and port
+    /// accesses no device claimed.
+    pub serial_stats: ([u64; 8], [u64; 8], u64, u64),
 }
 
 /// Errors before the guest ran.
@@ -200,8 +203,9 @@ pub fn run(config: &RunConfig, out: Box<dyn Write + Send>) -> Result<RunReport, 
     vm.fd()
         .register_irqfd(&irq, COM1_GSI)
         .map_err(|e| RunError::SerialIrq(e.to_string()))?;
+    let irq = IrqLine::Irqfd(irq);
     let (writer, log) = MarkerWriter::new(out, &config.markers, start);
-    let serial = SerialConsole::new(IrqLine::Irqfd(irq), Box::new(writer));
+    let serial = SerialConsole::new(irq, Box::new(writer));
     let devices = Arc::new(Mutex::new(LegacyDevices::new(serial)));
 
     let setup = start.elapsed();
@@ -269,6 +273,11 @@ pub fn run(config: &RunConfig, out: Box<dyn Write + Send>) -> Result<RunReport, 
         Some(b)
     });
     let console = log.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let serial_stats = {
+        let d = devices.lock().unwrap_or_else(|e| e.into_inner());
+        let s = d.serial();
+        (s.reg_writes, s.reg_reads, s.rearms, d.unclaimed)
+    };
     Ok(RunReport {
         end,
         boot,
@@ -277,6 +286,7 @@ pub fn run(config: &RunConfig, out: Box<dyn Write + Send>) -> Result<RunReport, 
         console,
         exits,
         insn_bytes,
+        serial_stats,
     })
 }
 

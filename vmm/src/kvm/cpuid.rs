@@ -382,12 +382,7 @@ mod tests {
         filter_entries(&mut v);
         add_platform_features(&mut v, PlatformFeatures::default());
         assert_eq!(v[0].ecx, HYPERVISOR_BIT);
-        add_platform_features(
-            &mut v,
-            PlatformFeatures {
-                tsc_deadline: true,
-            },
-        );
+        add_platform_features(&mut v, PlatformFeatures { tsc_deadline: true });
         assert_eq!(v[0].ecx, HYPERVISOR_BIT | TSC_DEADLINE_BIT);
         // KVM's paravirt leaves survive the filter as KVM reported them.
         let mut kvm = vec![

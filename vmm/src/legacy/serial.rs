@@ -15,8 +15,33 @@ use vmm_sys_util::eventfd::EventFd;
 pub enum IrqLine {
     /// An irqfd: writing the eventfd raises the GSI.
     Irqfd(EventFd),
+    /// KVM_IRQ_LINE on a VM file descriptor (a duplicate the line owns): raise, then lower.
+    IrqLine {
+        /// The VM fd.
+        vm: std::os::fd::OwnedFd,
+        /// The GSI.
+        gsi: u32,
+    },
     /// No interrupt.
     None,
+}
+
+/// `_IOW(KVMIO, 0x61, struct kvm_irq_level)`.
+const KVM_IRQ_LINE: libc::c_ulong = 0x4008_ae61;
+
+fn irq_line(vm: &std::os::fd::OwnedFd, gsi: u32, level: u32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut l = kvm_bindings::kvm_irq_level::default();
+    l.__bindgen_anon_1.irq = gsi;
+    l.level = level;
+    // SAFETY: `vm` is a KVM VM fd; KVM_IRQ_LINE reads one `kvm_irq_level`, which lives on
+    // this stack frame for the call.
+    let r = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_IRQ_LINE, &l) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 impl Trigger for IrqLine {
@@ -24,6 +49,10 @@ impl Trigger for IrqLine {
     fn trigger(&self) -> Result<(), std::io::Error> {
         match self {
             IrqLine::Irqfd(fd) => fd.write(1),
+            IrqLine::IrqLine { vm, gsi } => {
+                irq_line(vm, *gsi, 1)?;
+                irq_line(vm, *gsi, 0)
+            }
             IrqLine::None => Ok(()),
         }
     }
@@ -31,11 +60,26 @@ impl Trigger for IrqLine {
 
 type Uart = Serial<IrqLine, NoEvents, Box<dyn Write + Send>>;
 
+/// 16550 interrupt-enable register offset.
+const IER_OFFSET: u8 = 1;
+/// IER: THR-empty interrupt enable (ETBEI).
+const IER_THRE: u8 = 0x02;
+/// IIR: THR-empty interrupt pending.
+const IIR_THRE: u8 = 0x02;
+/// LCR: divisor latch access bit (offsets 0 and 1 are the divisor then).
+const LCR_DLAB: u8 = 0x80;
+
 /// The console UART.
 pub struct SerialConsole {
     uart: Uart,
     /// Interrupt or output errors seen (the guest cannot be told; they are counted).
     pub errors: u64,
+    /// Guest register writes, by offset.
+    pub reg_writes: [u64; 8],
+    /// Guest register reads, by offset.
+    pub reg_reads: [u64; 8],
+    /// Extra THR-empty interrupts signalled on IER writes.
+    pub rearms: u64,
 }
 
 impl std::fmt::Debug for SerialConsole {
@@ -52,18 +96,42 @@ impl SerialConsole {
         SerialConsole {
             uart: Serial::new(irq, out),
             errors: 0,
+            reg_writes: [0; 8],
+            reg_reads: [0; 8],
+            rearms: 0,
         }
     }
 
     /// Guest read of register `offset` (0..8).
     pub fn read(&mut self, offset: u8) -> u8 {
+        if let Some(c) = self.reg_reads.get_mut(usize::from(offset)) {
+            *c += 1;
+        }
         self.uart.read(offset)
     }
 
     /// Guest write of register `offset` (0..8).
     pub fn write(&mut self, offset: u8, value: u8) {
+        // A 16550 raises the THR-empty interrupt again whenever the driver sets ETBEI while THR
+        // is empty. vm-superio raises it only when it is not already pending, but a pending
+        // one may have been signalled while the guest had the line masked: Linux's 8250
+        // startup tests THRE with IER writes before it requests the IRQ, and then the console
+        // never drains (measured: /init's output never appeared). So re-signal it here.
+        if let Some(c) = self.reg_writes.get_mut(usize::from(offset)) {
+            *c += 1;
+        }
+        let rearm = offset == IER_OFFSET && value & IER_THRE != 0 && {
+            let s = self.uart.state();
+            s.line_control & LCR_DLAB == 0 && s.interrupt_identification & IIR_THRE != 0
+        };
         if self.uart.write(offset, value).is_err() {
             self.errors += 1;
+        }
+        if rearm {
+            self.rearms += 1;
+            if self.uart.interrupt_evt().trigger().is_err() {
+                self.errors += 1;
+            }
         }
     }
 

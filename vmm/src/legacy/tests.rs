@@ -126,7 +126,8 @@ fn marker_writer_times_markers_and_keeps_the_last_line() {
         &["READY".to_string(), "NEVER".to_string()],
         Instant::now() - Duration::from_secs(1),
     );
-    w.write_all(b"boot\r\nsystem READY now\npart").expect("write");
+    w.write_all(b"boot\r\nsystem READY now\npart")
+        .expect("write");
     let l = log.lock().expect("log").clone();
     assert!(l.hit("READY").is_some_and(|t| t >= Duration::from_secs(1)));
     assert_eq!(l.hit("NEVER"), None);
