@@ -240,9 +240,8 @@ mod tests {
             Some(((4u64 << 30) - 2 * MIB) | 0x83)
         );
         // Tables do not overlap the zero page, stack or command line.
-        let end = PD_ADDR + 4 * 0x1000;
-        assert!(PML4_ADDR > BOOT_STACK && end <= CMDLINE_ADDR);
-        assert!(ZERO_PAGE_ADDR + 0x1000 <= BOOT_STACK);
+        const { assert!(PML4_ADDR > BOOT_STACK && PD_ADDR + 4 * 0x1000 <= CMDLINE_ADDR) };
+        const { assert!(ZERO_PAGE_ADDR + 0x1000 <= BOOT_STACK) };
     }
 
     #[test]

@@ -76,8 +76,10 @@ pub fn zero_page(
     if e820.len() > E820_MAX_ZEROPAGE {
         return Err(ParamsError::TooManyE820(e820.len()));
     }
-    let mut p = boot_params::default();
-    p.hdr = image_header.unwrap_or_default();
+    let mut p = boot_params {
+        hdr: image_header.unwrap_or_default(),
+        ..Default::default()
+    };
     let hdr = &mut p.hdr;
     if image_header.is_none() {
         hdr.boot_flag = BOOT_FLAG_MAGIC;
