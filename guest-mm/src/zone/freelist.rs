@@ -7,10 +7,13 @@
 //! insertion and removal are O(1) and never allocate.
 
 use super::Zone;
-use crate::frame::{MigrateType, MAX_ORDER, NR_ORDERS};
+use crate::frame::{MigrateType, MAX_ORDER, NR_ORDERS, PAGEBLOCK_ORDER};
 
 /// End of a list.
 pub(crate) const NIL: u32 = u32::MAX;
+/// How many blocks at the head of a free list [`Zone::list_pick`] compares (bounded, so that
+/// allocation stays O(1)).
+pub(crate) const PLACEMENT_SCAN: usize = 8;
 /// A frame inside a block that is not its head.
 pub(crate) const KIND_TAIL: u8 = 0;
 /// Head of a free block (on a free list).
@@ -72,6 +75,16 @@ impl Zone {
     /// Push the free block at `idx` (order `order`) onto list `mt`, marking it a free head.
     #[inline]
     pub(crate) fn list_push(&mut self, idx: u32, order: u8, mt: usize) {
+        self.link(idx, order, mt);
+        if order < PAGEBLOCK_ORDER {
+            let pb = self.pb_index(idx);
+            self.pb_free[pb] += 1u16 << order;
+        }
+    }
+
+    /// [`Zone::list_push`] without the pageblock free counter (the caller updates it).
+    #[inline(always)]
+    fn link(&mut self, idx: u32, order: u8, mt: usize) {
         debug_assert!(order <= MAX_ORDER && mt < MigrateType::COUNT);
         let o = order as usize;
         let head = self.lists.heads[mt][o];
@@ -93,6 +106,16 @@ impl Zone {
     /// re-marks it.
     #[inline]
     pub(crate) fn list_remove(&mut self, idx: u32) {
+        let order = self.unlink(idx);
+        if order < PAGEBLOCK_ORDER {
+            let pb = self.pb_index(idx);
+            self.pb_free[pb] -= 1u16 << order;
+        }
+    }
+
+    /// [`Zone::list_remove`] without the pageblock free counter; returns the block's order.
+    #[inline(always)]
+    pub(crate) fn unlink(&mut self, idx: u32) -> u8 {
         let m = self.meta[idx as usize];
         debug_assert_eq!(m.kind, KIND_FREE);
         let (o, mt) = (m.order as usize, m.mt as usize);
@@ -109,6 +132,7 @@ impl Zone {
         if *c == 0 {
             self.lists.nonempty[mt] &= !(1 << o);
         }
+        m.order
     }
 
     /// Pop the first block of list (mt, order). The list must be non-empty.
@@ -118,6 +142,33 @@ impl Zone {
         debug_assert_ne!(idx, NIL);
         self.list_remove(idx);
         idx
+    }
+
+    /// A block of list (mt, order), which must be non-empty, for an allocation: among the first
+    /// [`PLACEMENT_SCAN`] blocks of the list, the one whose pageblock has the fewest free
+    /// frames (the most used pageblock), so that small allocations pack into pageblocks that
+    /// are already busy and the emptier ones can drain and merge back into 2 MiB blocks.
+    /// For blocks below pageblock order (larger ones fill whole pageblocks: take the head).
+    #[inline(never)]
+    pub(crate) fn list_pick(&self, order: u8, mt: usize) -> u32 {
+        let mut cur = self.lists.heads[mt][order as usize];
+        debug_assert!(cur != NIL && order < PAGEBLOCK_ORDER);
+        let (mut best, mut best_free) = (cur, u16::MAX);
+        for _ in 0..PLACEMENT_SCAN {
+            let f = self.pb_free[self.pb_index(cur)];
+            if f < best_free {
+                (best, best_free) = (cur, f);
+                if f == 1u16 << order {
+                    // The block is its pageblock's only free space: nothing is fuller.
+                    break;
+                }
+            }
+            cur = self.meta[cur as usize].next;
+            if cur == NIL {
+                break;
+            }
+        }
+        best
     }
 
     /// Move the free head at `idx` to list `mt` (same order).
@@ -136,7 +187,12 @@ impl Zone {
         let mut h = high;
         while h > low {
             h -= 1;
-            self.list_push(idx + (1u32 << h), h, mt);
+            self.link(idx + (1u32 << h), h, mt);
+        }
+        // The halves below pageblock order all lie in the pageblock of `idx`.
+        if low < PAGEBLOCK_ORDER && high > low {
+            let pb = self.pb_index(idx);
+            self.pb_free[pb] += (1u16 << high.min(PAGEBLOCK_ORDER)) - (1u16 << low);
         }
     }
 }

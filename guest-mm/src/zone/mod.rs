@@ -67,6 +67,10 @@ pub struct Zone {
     epoch: IsolationEpoch,
     compaction: crate::compaction::CompactionStats,
     thp: crate::thp::ThpStats,
+    /// Free frames per pageblock in listed free blocks below pageblock order (a pageblock
+    /// that is one free block, or part of a larger one, counts 0): how used a split pageblock
+    /// is, for placement (see [`Zone::list_pick`]).
+    pb_free: Vec<u16>,
 }
 
 impl std::fmt::Debug for Zone {
@@ -126,6 +130,7 @@ impl Zone {
             epoch: IsolationEpoch::default(),
             compaction: Default::default(),
             thp: Default::default(),
+            pb_free: vec![0; (pb_last - pb_first + 1) as usize],
         };
         let mut pos = base.0;
         while pos < end {
@@ -222,7 +227,9 @@ impl Zone {
     #[inline]
     fn buddy_index(&self, idx: u32, order: u8) -> Option<u32> {
         let b = ((self.base + u64::from(idx)) ^ (1u64 << order)).wrapping_sub(self.base);
-        (b < self.nr).then_some(b as u32)
+        // `meta` has one entry per frame: comparing with its length lets the compiler drop
+        // the bounds check of the caller's `meta[b]`.
+        (b < self.meta.len() as u64).then_some(b as u32)
     }
 
     /// The block (free or allocated) containing zone index `idx`: (head index, order, kind).
@@ -262,7 +269,13 @@ impl Zone {
         let mask = self.lists.nonempty[lt] >> order;
         let idx = if mask != 0 {
             let o = order + mask.trailing_zeros() as u8;
-            let idx = self.list_pop(o, lt);
+            let idx = if o < PAGEBLOCK_ORDER {
+                let idx = self.list_pick(o, lt);
+                self.list_remove(idx);
+                idx
+            } else {
+                self.list_pop(o, lt)
+            };
             self.expand(idx, order, o, lt);
             idx
         } else {
@@ -494,6 +507,7 @@ impl Zone {
     /// Insert the unlisted free block (idx, order), merging with free buddies.
     pub(crate) fn merge_insert(&mut self, mut idx: u32, mut order: u8) {
         let mut t = self.pb_type_of(idx);
+        let (first_idx, first_order) = (idx, order);
         while order < MAX_ORDER {
             let Some(b) = self.buddy_index(idx, order) else {
                 break;
@@ -521,13 +535,19 @@ impl Zone {
                     t = nt;
                 }
             }
-            self.list_remove(b);
+            self.unlink(b);
             let (lo, hi) = if b < idx { (b, idx) } else { (idx, b) };
             self.meta[hi as usize].kind = KIND_TAIL;
             idx = lo;
             order += 1;
         }
         self.list_push(idx, order, t);
+        // The buddies merged below pageblock order lay in the pageblock of the freed block.
+        if first_order < PAGEBLOCK_ORDER {
+            let merged = (1u16 << order.min(PAGEBLOCK_ORDER)) - (1u16 << first_order);
+            let pb = self.pb_index(first_idx);
+            self.pb_free[pb] -= merged;
+        }
     }
 
     // ---- allocated-block operations ------------------------------------------------------

@@ -392,3 +392,62 @@ fn stats_serialize() {
     assert_eq!(j["allocated_per_type"][0], 1);
     assert_eq!(j["free_blocks_per_order"].as_array().unwrap().len(), 19);
 }
+
+#[test]
+fn small_allocations_go_to_the_most_used_pageblock() {
+    let mut z = zone(2048);
+    let all: Vec<FrameId> = (0..2048).map(|_| z.alloc(0, M).unwrap()).collect();
+    assert_eq!(z.free_frames(), 0);
+    // Pageblock 0: one free frame. Pageblock 1: a large free run plus one free frame, freed
+    // last so that it sits at the head of the order-0 list.
+    z.free(all[5], 0).unwrap();
+    for f in &all[512..712] {
+        z.free(*f, 0).unwrap();
+    }
+    z.free(all[813], 0).unwrap();
+    z.validate().unwrap();
+    assert_eq!((z.pb_free[0], z.pb_free[1]), (1, 201));
+    assert_eq!(z.free_blocks(0), 2);
+    // The frame in the nearly full pageblock 0 goes first, then the other one.
+    assert_eq!(z.alloc(0, M).unwrap(), FrameId(5));
+    assert_eq!(z.alloc(0, M).unwrap(), FrameId(813));
+    assert_eq!((z.pb_free[0], z.pb_free[1]), (0, 200));
+    z.validate().unwrap();
+    // Whole pageblocks do not count: freeing everything leaves the counters at zero.
+    z.free(FrameId(5), 0).unwrap();
+    z.free(FrameId(813), 0).unwrap();
+    for (i, f) in all.iter().enumerate() {
+        if i != 5 && i != 813 && !(512..712).contains(&i) {
+            z.free(*f, 0).unwrap();
+        }
+    }
+    z.validate().unwrap();
+    assert!(z.pb_free.iter().all(|&n| n == 0));
+    assert_eq!(z.free_blocks(11), 1);
+}
+
+#[test]
+fn placement_scan_is_bounded() {
+    // More candidates than the scan looks at: the pick comes from the first PLACEMENT_SCAN.
+    let mut z = zone(8192);
+    let all: Vec<FrameId> = (0..8192).map(|_| z.alloc(0, M).unwrap()).collect();
+    // Pageblock 0 is the fullest (one free frame) but is freed first, so it ends up deep in
+    // the LIFO list behind PLACEMENT_SCAN frames of emptier pageblocks.
+    z.free(all[0], 0).unwrap();
+    let mut freed = Vec::new();
+    for pb in 1..16u64 {
+        for k in 0..3u64 {
+            let i = (pb * 512 + 2 * k + 1) as usize;
+            z.free(all[i], 0).unwrap();
+            freed.push(all[i]);
+        }
+    }
+    z.validate().unwrap();
+    let got = z.alloc(0, M).unwrap();
+    assert_ne!(
+        got,
+        FrameId(0),
+        "the fullest block lies beyond the scan window"
+    );
+    assert!(freed.contains(&got));
+}

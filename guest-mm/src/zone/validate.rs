@@ -12,6 +12,7 @@ impl Zone {
         let err = |inv: &'static str, i: u32, d: String| Err(ValidateError::new(inv, fid(i), d));
         let mut walk_free = [[0u64; NR_ORDERS]; MigrateType::COUNT];
         let mut walk_alloc = [0u64; MigrateType::COUNT];
+        let mut walk_pb_free = vec![0u16; self.pb_free.len()];
         let nr = self.nr as u32;
         let mut pos = 0u32;
         // 1. The blocks tile the zone; tails are tails; types and merges are right.
@@ -63,6 +64,9 @@ impl Zone {
                     );
                 }
                 walk_free[m.mt as usize][m.order as usize] += 1;
+                if m.order < PAGEBLOCK_ORDER {
+                    walk_pb_free[first] += 1u16 << m.order;
+                }
                 if m.order < MAX_ORDER {
                     if let Some(b) = self.buddy_index(pos, m.order) {
                         let bm = self.meta[b as usize];
@@ -136,7 +140,18 @@ impl Zone {
                 }
             }
         }
-        // 3. Allocation and cache counters.
+        // 3. Per-pageblock free counters, allocation and cache counters.
+        if let Some(pb) = (0..walk_pb_free.len()).find(|&i| walk_pb_free[i] != self.pb_free[i]) {
+            let f = ((self.pb_first + pb as u64) << PAGEBLOCK_ORDER).max(self.base);
+            return Err(ValidateError::new(
+                "pageblock free",
+                Some(FrameId(f)),
+                format!(
+                    "{} free frames below pageblock order in the walk, {} counted",
+                    walk_pb_free[pb], self.pb_free[pb]
+                ),
+            ));
+        }
         if walk_alloc != self.alloc_frames {
             return Err(ValidateError::new(
                 "allocated",
