@@ -30,7 +30,7 @@ pub const DEFAULT_VM_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often an idle VM thread looks at vCPU events and refreshes its published figures.
 const IDLE_TICK: Duration = Duration::from_millis(50);
 /// How often the published residency figures are refreshed.
-const RESIDENCY_REFRESH: Duration = Duration::from_secs(1);
+const RESIDENCY_REFRESH: Duration = Duration::from_secs(2);
 
 /// Errors of the manager.
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +75,7 @@ enum Msg {
 pub struct Published {
     /// Lifecycle state.
     pub state: VmLifecycle,
-    /// Residency per node, refreshed about once a second.
+    /// Residency per node, refreshed every couple of seconds (and at creation).
     pub residency: Vec<NodeResidency>,
     /// Host virtual range of the VM's window (for THP accounting).
     pub window: std::ops::Range<usize>,
