@@ -104,10 +104,16 @@ fn serve_create_read_delete_pool_whole() {
             .expect_err("no driver");
         assert_eq!(e.kind(), Some(ErrorKind::Conflict));
 
-        // A Linux boot request is refused as unsupported (501) for now.
+        // A kernel that does not exist is a bad request; the built-in default guest is not
+        // wired yet (501).
         let mut linux = CreateVmRequest::with_memory(64);
         linux.kernel = Some("/nonexistent/vmlinux".into());
         let e = client.create_vm(&linux).await.expect_err("linux");
+        assert_eq!(e.kind(), Some(ErrorKind::BadRequest));
+        let e = client
+            .create_vm(&CreateVmRequest::with_memory(64))
+            .await
+            .expect_err("default guest");
         assert_eq!(e.kind(), Some(ErrorKind::Unsupported));
 
         // The CLI client subcommands reach the same daemon.

@@ -10,6 +10,7 @@ use guest_mm::policy::NumaPolicy;
 
 use crate::devices::IrqMode;
 use crate::memory::MIB;
+use crate::microvm::linux::LinuxImage;
 use crate::microvm::{BalloonSpec, BootImage, HotplugSpec, MicrovmConfig};
 
 /// Largest raw image accepted from a file.
@@ -64,14 +65,35 @@ fn policy(numa: Option<&NumaConfig>) -> Result<NumaPolicy, RequestError> {
 }
 
 fn image(req: &CreateVmRequest) -> Result<BootImage, RequestError> {
-    if req.kernel.is_some() {
-        return Err(RequestError::Unsupported(
-            "Linux boot is not wired yet: boot a raw image (`image`) instead".into(),
-        ));
+    if let Some(kernel) = &req.kernel {
+        if req.image.is_some() {
+            return Err(RequestError::Invalid(
+                "`kernel` and `image` are exclusive".into(),
+            ));
+        }
+        for p in std::iter::once(kernel).chain(req.initrd.iter()) {
+            let meta = std::fs::metadata(p).map_err(|e| RequestError::Image {
+                path: p.clone(),
+                reason: e.to_string(),
+            })?;
+            if !meta.is_file() {
+                return Err(RequestError::Image {
+                    path: p.clone(),
+                    reason: "not a regular file".into(),
+                });
+            }
+        }
+        return Ok(BootImage::Linux(LinuxImage {
+            kernel: kernel.into(),
+            initrd: req.initrd.as_ref().map(Into::into),
+            cmdline: req.cmdline.clone(),
+        }));
     }
     let Some(img) = &req.image else {
         return Err(RequestError::Unsupported(
-            "the default guest needs Linux boot, which is not wired yet: give a raw `image`".into(),
+            "the built-in default guest is not wired yet: give a `kernel` (and `initrd`) or a \
+             raw `image`"
+                .into(),
         ));
     };
     let bytes = match (&img.inline, &img.path) {
@@ -208,17 +230,35 @@ mod tests {
     }
 
     #[test]
-    fn linux_and_default_guest_are_unsupported_for_now() {
+    fn kernel_requests_become_linux_and_the_default_guest_is_unsupported() {
+        let dir = std::env::temp_dir().join(format!("tp-req-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let kernel = dir.join("vmlinux");
+        let _ = std::fs::write(&kernel, b"not really a kernel");
         let mut r = raw();
         r.image = None;
-        r.kernel = Some("/boot/vmlinux".into());
-        let e = config_from_request("a", &r, IrqMode::Irqfd).expect_err("kernel");
-        assert!(e.to_string().contains("Linux boot is not wired yet"), "{e}");
+        r.kernel = Some(kernel.display().to_string());
+        r.cmdline = Some("quiet".into());
+        let c = config_from_request("a", &r, IrqMode::Irqfd).expect("linux");
+        match c.image {
+            BootImage::Linux(l) => {
+                assert_eq!(l.kernel, kernel);
+                assert_eq!(l.cmdline.as_deref(), Some("quiet"));
+            }
+            other => panic!("expected Linux, got {other:?}"),
+        }
+        r.initrd = Some(dir.join("missing.cpio").display().to_string());
+        assert!(matches!(
+            config_from_request("a", &r, IrqMode::Irqfd),
+            Err(RequestError::Image { .. })
+        ));
         r.kernel = None;
+        r.initrd = None;
         assert!(matches!(
             config_from_request("a", &r, IrqMode::Irqfd),
             Err(RequestError::Unsupported(_))
         ));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

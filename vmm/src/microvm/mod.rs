@@ -11,6 +11,7 @@
 mod driver_tests;
 pub mod exits;
 pub mod lifecycle;
+pub mod linux;
 mod setup;
 #[cfg(test)]
 mod tests;
@@ -133,7 +134,7 @@ pub struct Microvm {
     config: MicrovmConfig,
     state: VmLifecycle,
     threads: Vec<VcpuThread>,
-    pending: Vec<(Vcpu, crate::tiny_guest::BootState)>,
+    pending: Vec<Vcpu>,
     events_tx: Sender<VcpuEvent>,
     events_rx: Receiver<VcpuEvent>,
     notifier: Option<NotifyThread>,
@@ -145,6 +146,9 @@ pub struct Microvm {
     exit_counters: Arc<ExitCounters>,
     resize_from: u64,
     handle: Option<VmMemoryHandle>,
+    legacy: Option<Arc<Mutex<crate::legacy::LegacyDevices>>>,
+    console: Option<linux::ConsoleLog>,
+    boot_info: Option<crate::boot::BootInfo>,
     vm: Option<Arc<Vm>>,
     boot_blocks: Vec<(FrameId, NodeId)>,
     pool: Arc<dyn FramePool>,
@@ -188,6 +192,16 @@ impl Microvm {
     /// The device bus.
     pub fn bus(&self) -> &Arc<MmioBus> {
         &self.bus
+    }
+
+    /// The serial console output of a Linux guest (the most recent 64 KiB).
+    pub fn console(&self) -> Option<String> {
+        self.console.as_ref().map(|c| c.text())
+    }
+
+    /// What the Linux loader did (None for raw images).
+    pub fn boot_info(&self) -> Option<&crate::boot::BootInfo> {
+        self.boot_info.as_ref()
     }
 
     /// Reports the guest wrote so far.
@@ -302,13 +316,22 @@ impl Microvm {
         let next = self.state.next(op)?;
         match op {
             LifecycleOp::Start => {
-                for (vcpu, _) in self.pending.drain(..).collect::<Vec<_>>() {
+                for vcpu in self.pending.drain(..).collect::<Vec<_>>() {
                     let handler = VmExitHandler::new(
                         Arc::clone(&self.bus),
                         Arc::clone(&self.reports),
                         Arc::clone(&self.exit_counters),
                     );
-                    let t = VcpuThread::spawn(vcpu, handler, self.events_tx.clone(), &self.id)?;
+                    let tx = self.events_tx.clone();
+                    let t = match &self.legacy {
+                        Some(dev) => VcpuThread::spawn(
+                            vcpu,
+                            crate::legacy::LegacyExitHandler::new(Arc::clone(dev), handler),
+                            tx,
+                            &self.id,
+                        )?,
+                        None => VcpuThread::spawn(vcpu, handler, tx, &self.id)?,
+                    };
                     self.threads.push(t);
                 }
             }

@@ -39,6 +39,8 @@ pub enum BootImage {
         /// Entry point.
         entry: u64,
     },
+    /// A Linux kernel (needs [`IrqMode::Irqfd`]: the in-kernel irqchip).
+    Linux(super::linux::LinuxImage),
 }
 
 /// The virtio-mem device of a VM.
@@ -123,6 +125,11 @@ impl MicrovmConfig {
                 };
                 (*load_addr, bytes.clone(), vec![state])
             }
+            BootImage::Linux(_) => {
+                return Err(MicrovmError::Config(
+                    "a Linux kernel has no raw boot state".into(),
+                ))
+            }
         };
         let end = load_addr.saturating_add(bytes.len() as u64);
         if end > low_end {
@@ -185,7 +192,19 @@ impl Microvm {
             return Err(MicrovmError::Config("a VM needs at least one vCPU".into()));
         }
         let layout = config.layout()?;
-        let (load_addr, bytes, states) = config.boot_states(&layout)?;
+        let linux = match &config.image {
+            BootImage::Linux(l) => Some(l.clone()),
+            _ => None,
+        };
+        if linux.is_some() && config.irq != IrqMode::Irqfd {
+            return Err(MicrovmError::Config(
+                "a Linux guest needs the in-kernel irqchip (irqfd interrupts)".into(),
+            ));
+        }
+        let raw = match linux {
+            Some(_) => None,
+            None => Some(config.boot_states(&layout)?),
+        };
         if let Some(h) = config.hotplug {
             // Check before taking any memory.
             VirtioMemConfig {
@@ -224,6 +243,9 @@ impl Microvm {
             exit_counters: Arc::new(ExitCounters::default()),
             resize_from: 0,
             handle: None,
+            legacy: None,
+            console: None,
+            boot_info: None,
             vm: None,
             boot_blocks,
             pool: Arc::clone(&pool),
@@ -235,9 +257,9 @@ impl Microvm {
         vm.vm = Some(Arc::clone(&kvm_vm));
         let handle = VmMemoryHandle::new(Arc::clone(&kvm_vm))?;
         vm.handle = Some(handle.clone());
-        {
+        if let Some((load_addr, bytes, _)) = &raw {
             let view = kvm_vm.window().guest_memory()?;
-            view.write_slice(&bytes, GuestAddress(load_addr))
+            view.write_slice(bytes, GuestAddress(*load_addr))
                 .map_err(|e| MicrovmError::Config(format!("loading the image: {e}")))?;
         }
         let mut bus = MmioBus::new();
@@ -305,16 +327,30 @@ impl Microvm {
         if !bus.slots().is_empty() {
             vm.notifier = Some(NotifyThread::start(kvm_vm.fd(), &bus, &config.id)?);
         }
-        vm.bus = Arc::new(bus);
-        for (i, state) in states.into_iter().enumerate() {
-            let vcpu = kvm_vm.create_vcpu(i as u64)?;
-            let mut sregs = vcpu.sregs()?;
-            state.apply_sregs(&mut sregs);
-            vcpu.set_sregs(&sregs)?;
-            vcpu.set_regs(&state.regs())?;
-            vcpu.set_runnable()?;
-            vm.pending.push((vcpu, state));
+        match (raw, linux) {
+            (Some((_, _, states)), _) => {
+                for (i, state) in states.into_iter().enumerate() {
+                    let vcpu = kvm_vm.create_vcpu(i as u64)?;
+                    let mut sregs = vcpu.sregs()?;
+                    state.apply_sregs(&mut sregs);
+                    vcpu.set_sregs(&sregs)?;
+                    vcpu.set_regs(&state.regs())?;
+                    vcpu.set_runnable()?;
+                    vm.pending.push(vcpu);
+                }
+            }
+            (None, Some(image)) => {
+                let p = super::linux::prepare(&kvm_vm, &image, config.vcpus, &bus)?;
+                vm.pending = p.vcpus;
+                vm.legacy = Some(p.legacy);
+                vm.console = Some(p.console);
+                vm.boot_info = Some(p.boot);
+            }
+            (None, None) => {
+                return Err(MicrovmError::Config("nothing to boot".into()));
+            }
         }
+        vm.bus = Arc::new(bus);
         // The balloon's figures need nothing else; make sure the devices see the final map.
         if let Some(dev) = &vm.mem_dev {
             let _ = lock(dev).status();
