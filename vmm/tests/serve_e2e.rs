@@ -116,6 +116,16 @@ fn serve_create_read_delete_pool_whole() {
             .expect_err("default guest");
         assert_eq!(e.kind(), Some(ErrorKind::Unsupported));
 
+        // GET /metrics renders the VM's figures.
+        let text = client.metrics().await.expect("metrics");
+        let boot_line = format!(
+            "tidepool_vm_memory_bytes{{vm=\"{}\",kind=\"boot\"}} {}",
+            vm.id,
+            64u64 << 20
+        );
+        assert!(text.contains(&boot_line), "{boot_line} not in:\n{text}");
+        assert!(text.contains(&format!("tidepool_vm_vcpus{{vm=\"{}\"}} 1", vm.id)));
+
         // The CLI client subcommands reach the same daemon.
         let out = Command::new(BIN)
             .args(["vm", "list", "--json", "--socket"])

@@ -72,7 +72,7 @@ pub struct PoolMemoryBackend {
     handle: VmMemoryHandle,
     pool: Arc<dyn FramePool>,
     policy: NumaPolicy,
-    local: NodeId,
+    local: Option<NodeId>,
     slab: TypedSlab<BlockRecord>,
     slab_nodes: u16,
     records: BTreeMap<u64, OwnedSlabBox<BlockRecord>>,
@@ -90,13 +90,14 @@ fn kvm_err(e: KvmError) -> BackendError {
 }
 
 impl PoolMemoryBackend {
-    /// A backend placing blocks in `handle`'s VM, taken from `pool` under `policy` for a VMM
-    /// thread on `local`, with records in `slab` (built for `slab_nodes` nodes).
+    /// A backend placing blocks in `handle`'s VM, taken from `pool` under `policy` for a caller
+    /// on `local` (None: the node of the CPU that runs each plug), with records in `slab`
+    /// (built for `slab_nodes` nodes).
     pub fn new(
         handle: VmMemoryHandle,
         pool: Arc<dyn FramePool>,
         policy: NumaPolicy,
-        local: NodeId,
+        local: Option<NodeId>,
         slab: TypedSlab<BlockRecord>,
         slab_nodes: u16,
     ) -> PoolMemoryBackend {
@@ -109,6 +110,12 @@ impl PoolMemoryBackend {
             slab_nodes: slab_nodes.max(1),
             records: BTreeMap::new(),
         }
+    }
+
+    /// The node the Local policy means: the one given at construction, else the node of the
+    /// CPU running the plug.
+    fn local_node(&self) -> NodeId {
+        self.local.unwrap_or_else(|| self.pool.local_node())
     }
 
     /// Bytes plugged through this backend.
@@ -164,7 +171,7 @@ impl MemoryBackend for PoolMemoryBackend {
         for _ in 0..n {
             match self
                 .pool
-                .alloc_block(MigrateType::Movable, &self.policy, self.local)
+                .alloc_block(MigrateType::Movable, &self.policy, self.local_node())
             {
                 Ok(b) => taken.push(b),
                 Err(e) => {

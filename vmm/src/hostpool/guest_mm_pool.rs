@@ -48,6 +48,14 @@ impl FramePool for Pool {
         self.free(frame, BLOCK_ORDER).map(|_| ()).map_err(map_err)
     }
 
+    fn node_of_cpu(&self, cpu: u32) -> NodeId {
+        self.topology()
+            .nodes()
+            .iter()
+            .find(|n| n.cpus.binary_search(&cpu).is_ok())
+            .map_or(NodeId(0), |n| n.id)
+    }
+
     fn figures(&self) -> Result<PoolFigures, PoolError> {
         let stats = self.stats().map_err(map_err)?;
         let figures = self.zone_figures().map_err(map_err)?;
@@ -128,5 +136,26 @@ mod tests {
         assert!(f.is_whole());
         assert_eq!(f.allocs, 2);
         assert_eq!(f.frees, 2);
+    }
+
+    #[test]
+    fn cpus_map_to_their_nodes() {
+        use guest_mm::topology::NodeInfo;
+        let node = |id: u16, cpus: Vec<u32>| NodeInfo {
+            id: NodeId(id),
+            mem_bytes: 1 << 30,
+            has_memory: true,
+            cpus,
+        };
+        let topo = Topology::new(
+            vec![node(0, vec![0, 1]), node(1, vec![2, 3])],
+            vec![vec![10, 20], vec![20, 10]],
+        )
+        .expect("topology");
+        let pool = build_pool(topo, Some(16 << 20)).expect("pool");
+        assert_eq!(pool.node_of_cpu(1), NodeId(0));
+        assert_eq!(pool.node_of_cpu(3), NodeId(1));
+        assert_eq!(pool.node_of_cpu(99), NodeId(0));
+        let _ = pool.local_node();
     }
 }

@@ -95,4 +95,15 @@ pub trait FramePool: Send + Sync + std::fmt::Debug {
     fn free_block(&self, frame: FrameId) -> Result<(), PoolError>;
     /// Current figures.
     fn figures(&self) -> Result<PoolFigures, PoolError>;
+    /// The node of host CPU `cpu` (for the Local policy); node 0 when unknown.
+    fn node_of_cpu(&self, cpu: u32) -> NodeId {
+        let _ = cpu;
+        NodeId(0)
+    }
+    /// The node of the CPU the calling thread runs on now.
+    fn local_node(&self) -> NodeId {
+        // SAFETY: sched_getcpu takes no arguments and only reads the calling thread's CPU.
+        let cpu = unsafe { libc::sched_getcpu() };
+        u32::try_from(cpu).map_or(NodeId(0), |c| self.node_of_cpu(c))
+    }
 }

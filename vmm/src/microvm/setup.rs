@@ -157,7 +157,7 @@ fn take_blocks(
 ) -> Result<Vec<(FrameId, NodeId)>, MicrovmError> {
     let mut out = Vec::new();
     for _ in 0..n {
-        match pool.alloc_block(mt, policy, NodeId(0)) {
+        match pool.alloc_block(mt, policy, pool.local_node()) {
             Ok(b) => out.push(b),
             Err(e) => {
                 for (f, _) in out {
@@ -272,7 +272,7 @@ impl Microvm {
                 handle.clone(),
                 Arc::clone(&pool),
                 config.policy.clone(),
-                NodeId(0),
+                None,
                 records,
                 slab_nodes,
             );
