@@ -25,6 +25,7 @@ mod cpu;
 mod load;
 pub mod params;
 pub mod run;
+mod vcpu_thread;
 
 pub use cpu::{setup_vcpu, CpuSetupError, LINT_EXTINT, LINT_NMI, MTRR_DEF_TYPE_WB};
 pub use load::load_linux;

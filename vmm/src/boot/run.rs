@@ -11,6 +11,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::cmdline::{self, CpuWorkarounds};
+use super::vcpu_thread::{kernel_va_to_pa, VcpuThread};
 use super::{load_linux, setup_vcpu, BootError, BootInfo, CpuSetupError, EntryPreference};
 use crate::kvm::{KvmError, StopReason, VcpuError, Vm, VmConfig};
 use crate::legacy::{
@@ -44,6 +45,9 @@ pub struct RunConfig {
     pub entry: EntryPreference,
     /// Console lines to time (first appearance).
     pub markers: Vec<String>,
+    /// Reflect `int3` emulation failures at guest CPL0 as #BP (a work-around for this host's
+    /// KVM, see `boot::vcpu_thread`).
+    pub reflect_int3: bool,
 }
 
 impl Default for RunConfig {
@@ -60,6 +64,7 @@ impl Default for RunConfig {
             timeout: None,
             entry: EntryPreference::Pvh,
             markers: Vec::new(),
+            reflect_int3: false,
         }
     }
 }
@@ -112,6 +117,8 @@ pub struct RunReport {
     /// Serial register traffic: (writes by offset, reads by offset, THRE re-arms), and port
     /// accesses no device claimed.
     pub serial_stats: ([u64; 8], [u64; 8], u64, u64),
+    /// `int3` emulation failures reflected as #BP.
+    pub reflected_int3: u64,
 }
 
 /// Errors before the guest ran.
@@ -138,20 +145,6 @@ pub enum RunError {
     /// Bad configuration.
     #[error("{0}")]
     Config(String),
-}
-
-/// The guest-physical address of a kernel virtual address, for reading the instruction at a
-/// failing RIP: the kernel text map (`__START_KERNEL_map`, 0xffffffff80000000, with the kernel
-/// loaded at its link address) or an identity-mapped low address.
-fn kernel_va_to_pa(rip: u64) -> Option<u64> {
-    const START_KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
-    if rip >= START_KERNEL_MAP {
-        Some(rip - START_KERNEL_MAP)
-    } else if rip < 1 << 32 {
-        Some(rip)
-    } else {
-        None
-    }
 }
 
 /// Boot `config.kernel` and run it to its end, the console going to `out`.
@@ -211,7 +204,12 @@ pub fn run(config: &RunConfig, out: Box<dyn Write + Send>) -> Result<RunReport, 
     let setup = start.elapsed();
     let mut handles = Vec::new();
     for v in vcpus {
-        handles.push(v.spawn(LegacyExitHandler::new(Arc::clone(&devices), NoMmio))?);
+        handles.push(VcpuThread::spawn(
+            v,
+            LegacyExitHandler::new(Arc::clone(&devices), NoMmio),
+            Arc::clone(vm.window()),
+            config.reflect_int3,
+        )?);
     }
     let deadline = config.timeout.map(|t| start + t);
     let mut timed_out = false;
@@ -225,19 +223,15 @@ pub fn run(config: &RunConfig, out: Box<dyn Write + Send>) -> Result<RunReport, 
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    // Stop the others (a finished vCPU returns at once).
     let mut first_end: Option<RunEnd> = None;
     let mut exits = Vec::new();
+    let mut reflected_int3 = 0;
     let mut fail_rip = None;
-    for h in &handles {
-        if !h.is_finished() {
-            h.kick();
-        }
-    }
     for h in handles {
-        let summary = h.join()?;
-        exits.push(summary.exits);
-        let end = match summary.result {
+        let outcome = h.stop_and_join()?;
+        exits.push(outcome.exits);
+        reflected_int3 += outcome.reflected_int3;
+        let end = match outcome.result {
             Ok(StopReason::Kicked) => continue,
             Ok(StopReason::Handler) => {
                 match devices
@@ -287,6 +281,7 @@ pub fn run(config: &RunConfig, out: Box<dyn Write + Send>) -> Result<RunReport, 
         exits,
         insn_bytes,
         serial_stats,
+        reflected_int3,
     })
 }
 
