@@ -30,7 +30,19 @@ done
 # Static glibc for the guest's tp-mem helper.
 [ -f /usr/lib/x86_64-linux-gnu/libc.a ] || missing+=(libc6-dev)
 
+# The guest build (resources/guest/build.sh) downloads the kernel and busybox with apt: fresh
+# CI images often ship without package lists, so refresh them when apt does not know those.
+lists_ok() { apt-cache show linux-image-cloud-amd64 busybox-static >/dev/null 2>&1; }
+refresh_lists() {
+    local s=""
+    [ "$(id -u)" -eq 0 ] || { command -v sudo >/dev/null 2>&1 && s="sudo -n"; } || return 0
+    echo "install-deps: refreshing apt package lists (for the guest build)" >&2
+    $s env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null ||
+        echo "install-deps: apt-get update failed; the guest build will fall back to its cache" >&2
+}
+
 if [ ${#missing[@]} -eq 0 ]; then
+    command -v apt-cache >/dev/null 2>&1 && ! lists_ok && refresh_lists
     exit 0
 fi
 
@@ -52,3 +64,4 @@ if ! $sudo "${apt[@]}" install -y -q --no-install-recommends "${missing[@]}" >/d
     $sudo "${apt[@]}" update -q >/dev/null
     $sudo "${apt[@]}" install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
+lists_ok || refresh_lists
