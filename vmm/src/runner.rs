@@ -46,10 +46,10 @@ pub struct RunArgs {
     /// Console line to time (repeatable); the times are in the summary on stderr.
     #[arg(long = "mark")]
     marks: Vec<String>,
-    /// Answer `int3` emulation failures at guest CPL0 with a #BP exception (a work-around
-    /// for hosts whose KVM emulates guest kernel code, see docs/boot.md).
+    /// Complete `int3` (as #BP) and `fwait` (as a no-op) when the host's KVM cannot emulate
+    /// them at guest CPL0 (a work-around for this machine's kvm_pvm, see docs/boot.md).
     #[arg(long)]
-    reflect_int3: bool,
+    cpl0_fixups: bool,
 }
 
 /// Run it; the summary goes to stderr as `TIDEPOOL-RUN key=value ...` lines.
@@ -66,7 +66,7 @@ pub fn main(a: RunArgs) -> ExitCode {
         timeout: a.timeout_s.map(Duration::from_secs),
         entry: a.entry,
         markers: a.marks,
-        reflect_int3: a.reflect_int3,
+        cpl0_fixups: a.cpl0_fixups,
     };
     let report = match run(&config, Box::new(std::io::stdout())) {
         Ok(r) => r,
@@ -108,8 +108,8 @@ pub fn main(a: RunArgs) -> ExitCode {
     if let Some(b) = &report.insn_bytes {
         eprintln!("TIDEPOOL-RUN-INSN {b:02x?}");
     }
-    if report.reflected_int3 > 0 {
-        eprintln!("TIDEPOOL-RUN-INT3-REFLECTED {}", report.reflected_int3);
+    if report.cpl0_fixups > 0 {
+        eprintln!("TIDEPOOL-RUN-CPL0-FIXUPS {}", report.cpl0_fixups);
     }
     eprintln!("TIDEPOOL-RUN-CMDLINE {}", report.boot.cmdline);
     match report.end {

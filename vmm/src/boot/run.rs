@@ -45,9 +45,9 @@ pub struct RunConfig {
     pub entry: EntryPreference,
     /// Console lines to time (first appearance).
     pub markers: Vec<String>,
-    /// Reflect `int3` emulation failures at guest CPL0 as #BP (a work-around for this host's
-    /// KVM, see `boot::vcpu_thread`).
-    pub reflect_int3: bool,
+    /// Complete `int3` (as #BP) and `fwait` (as a no-op) when this host's KVM fails to emulate
+    /// them at guest CPL0 (see `boot::vcpu_thread`).
+    pub cpl0_fixups: bool,
 }
 
 impl Default for RunConfig {
@@ -64,7 +64,7 @@ impl Default for RunConfig {
             timeout: None,
             entry: EntryPreference::Pvh,
             markers: Vec::new(),
-            reflect_int3: false,
+            cpl0_fixups: false,
         }
     }
 }
@@ -117,8 +117,8 @@ pub struct RunReport {
     /// Serial register traffic: (writes by offset, reads by offset, THRE re-arms), and port
     /// accesses no device claimed.
     pub serial_stats: ([u64; 8], [u64; 8], u64, u64),
-    /// `int3` emulation failures reflected as #BP.
-    pub reflected_int3: u64,
+    /// Emulation failures completed by the CPL0 fix-ups.
+    pub cpl0_fixups: u64,
 }
 
 /// Errors before the guest ran.
@@ -208,7 +208,7 @@ pub fn run(config: &RunConfig, out: Box<dyn Write + Send>) -> Result<RunReport, 
             v,
             LegacyExitHandler::new(Arc::clone(&devices), NoMmio),
             Arc::clone(vm.window()),
-            config.reflect_int3,
+            config.cpl0_fixups,
         )?);
     }
     let deadline = config.timeout.map(|t| start + t);
@@ -225,12 +225,12 @@ pub fn run(config: &RunConfig, out: Box<dyn Write + Send>) -> Result<RunReport, 
     }
     let mut first_end: Option<RunEnd> = None;
     let mut exits = Vec::new();
-    let mut reflected_int3 = 0;
+    let mut cpl0_fixups = 0;
     let mut fail_rip = None;
     for h in handles {
         let outcome = h.stop_and_join()?;
         exits.push(outcome.exits);
-        reflected_int3 += outcome.reflected_int3;
+        cpl0_fixups += outcome.fixups;
         let end = match outcome.result {
             Ok(StopReason::Kicked) => continue,
             Ok(StopReason::Handler) => {
@@ -281,7 +281,7 @@ pub fn run(config: &RunConfig, out: Box<dyn Write + Send>) -> Result<RunReport, 
         exits,
         insn_bytes,
         serial_stats,
-        reflected_int3,
+        cpl0_fixups,
     })
 }
 

@@ -1,12 +1,15 @@
-//! vCPU threads of the one-shot runner, with an optional work-around for this host's KVM:
-//! reflecting `int3` at guest CPL0 as a #BP exception.
+//! vCPU threads of the one-shot runner, with optional CPL0 fix-ups for this host's KVM.
 //!
-//! Under `kvm_pvm`, guest CPL0 code is emulated, and KVM's emulator cannot run `int3` in
-//! protected mode (KVM_EXIT_INTERNAL_ERROR, emulation failure). The stock kernel executes one
-//! deliberately in `int3_selftest()` at the start of `alternative_instructions()`, so it cannot
-//! boot past that point here. With reflection on, the runner answers such a failure by moving
-//! RIP past the `int3` and injecting #BP (vector 3, a trap) with KVM_SET_VCPU_EVENTS, which is
-//! what the CPU would have done; KVM then delivers it through the guest's IDT.
+//! Under `kvm_pvm`, guest CPL0 code is emulated, and KVM's emulator cannot run some
+//! instructions (KVM_EXIT_INTERNAL_ERROR, emulation failure). With fix-ups on, the runner
+//! completes two of them itself and re-enters the guest:
+//! - `int3` (0xcc): the stock kernel runs one on purpose in `int3_selftest()` at the start of
+//!   `alternative_instructions()`. The runner moves RIP past it and injects #BP (vector 3, a
+//!   trap) with KVM_SET_VCPU_EVENTS, which is what the CPU would have done; KVM delivers it
+//!   through the guest's IDT.
+//! - `fwait` (0x9b): `fpu__drop()` runs one when a task that used the FPU exits. With every x87
+//!   exception masked (FCW 0x37f, the kernel's default) it has nothing to wait for, so the
+//!   runner moves RIP past it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,8 +29,8 @@ pub struct VcpuOutcome {
     pub result: Result<StopReason, VcpuError>,
     /// KVM exits.
     pub exits: u64,
-    /// `int3` emulation failures reflected as #BP.
-    pub reflected_int3: u64,
+    /// Emulation failures completed by [`cpl0_fixup`].
+    pub fixups: u64,
 }
 
 /// A running vCPU thread of the runner.
@@ -50,8 +53,9 @@ pub(crate) fn kernel_va_to_pa(rip: u64) -> Option<u64> {
     }
 }
 
-/// If the instruction at `rip` is `int3`, advance RIP past it and inject #BP.
-fn reflect_int3(vcpu: &Vcpu, window: &Arc<GuestWindow>, rip: u64) -> bool {
+/// If the instruction at `rip` is `int3` or `fwait`, complete it as the CPU would (see the
+/// module comment).
+fn cpl0_fixup(vcpu: &Vcpu, window: &Arc<GuestWindow>, rip: u64) -> bool {
     let Some(pa) = kernel_va_to_pa(rip) else {
         return false;
     };
@@ -61,7 +65,7 @@ fn reflect_int3(vcpu: &Vcpu, window: &Arc<GuestWindow>, rip: u64) -> bool {
     let Ok(byte) = mem.read_obj::<u8>(GuestAddress(pa)) else {
         return false;
     };
-    if byte != 0xcc {
+    if byte != 0xcc && byte != 0x9b {
         return false;
     }
     let fd = vcpu.fd();
@@ -75,6 +79,9 @@ fn reflect_int3(vcpu: &Vcpu, window: &Arc<GuestWindow>, rip: u64) -> bool {
         return false;
     };
     regs.rip += 1;
+    if byte == 0x9b {
+        return fd.set_regs(&regs).is_ok();
+    }
     events.exception.injected = 1;
     events.exception.nr = 3;
     events.exception.has_error_code = 0;
@@ -99,19 +106,19 @@ impl VcpuThread {
             .spawn(move || {
                 let mut exits = 0;
                 let mut first = None;
-                let mut reflected_int3 = 0;
+                let mut fixups = 0;
                 loop {
                     let r = vcpu.run_until(&mut handler, &stop2, &mut exits, &mut first);
                     if let Err(VcpuError::InternalError { rip, .. }) = &r {
-                        if reflect && reflect_int3(&vcpu, &window, *rip) {
-                            reflected_int3 += 1;
+                        if reflect && cpl0_fixup(&vcpu, &window, *rip) {
+                            fixups += 1;
                             continue;
                         }
                     }
                     return VcpuOutcome {
                         result: r,
                         exits,
-                        reflected_int3,
+                        fixups,
                     };
                 }
             })
