@@ -89,7 +89,10 @@ pub fn load_linux(vm: &Vm, config: &LinuxBootConfig) -> Result<BootInfo, BootErr
     }
     let mem = vm.window().guest_memory()?;
     let cmdline = config.cmdline.clone();
-    if cmdline.len() > cmdline::CMDLINE_MAX || cmdline.contains('\0') {
+    if cmdline.contains(['\0', '\n', '\r']) {
+        return Err(cmdline::CmdlineError::BadByte.into());
+    }
+    if cmdline.len() > cmdline::CMDLINE_MAX {
         return Err(cmdline::CmdlineError::TooLong(cmdline.len()).into());
     }
 
