@@ -1,12 +1,22 @@
-//! Tier 3: the stock Debian cloud kernel (the default guest) booted by Tidepool's own VMM on a
-//! real KVM, inside a nested L1 (QEMU TCG with emulated SVM, `resources/nested/run-l1.sh`).
+//! Tier 3: the stock Debian cloud kernel (the default guest) on Tidepool's own VMM and a real
+//! KVM, inside a nested L1 (QEMU TCG with emulated SVM, `resources/nested/run-l1.sh`).
 //!
-//! The test builds the guest image (`resources/guest/build.sh`) if it is missing, finds or
-//! builds the release `tidepool` binary, runs `tidepool run --kernel vmlinux --initrd ...
-//! --memory-mib 512` in L1 and checks that the guest reached its `/init`, reported a MemTotal
-//! plausible for 512 MiB and powered off through ACPI. It prints the L1 boot time and the L2
-//! time to `/init`. It skips (printing why) when qemu-system-x86_64 is missing or the guest
-//! image cannot be built here.
+//! One L1 boot serves every stock-Linux check: the test builds the guest image
+//! (`resources/guest/build.sh`) if it is missing, finds or builds the release `tidepool`
+//! binary, and runs `resources/nested/tier3-memory.sh` in L1, which
+//! 1. boots the guest with `tidepool run --memory-mib 512` to its `/init` and ACPI power-off
+//!    (MemTotal printed and plausible for 512 MiB);
+//! 2. starts `tidepool serve` and creates a Linux VM (1 GiB boot RAM, 1 GiB virtio-mem region,
+//!    balloon with free page reporting and statistics) whose `/init` allocates, touches and
+//!    frees 512 MiB: host-side resident memory of the VM must drop by at least 400 MiB within
+//!    30 s of the guest freeing it;
+//! 3. resizes the VM up by 512 MiB and back down: the guest's MemTotal follows and the
+//!    daemon's pool counters move by 512 MiB and come back;
+//! 4. deletes the VM: the pool is whole again.
+//!
+//! It prints the timings (L1 boot, L2 to `/init`, resize durations, reclaim drop and time). It
+//! skips (printing why) when qemu-system-x86_64 is missing or the guest image cannot be built
+//! here.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -107,6 +117,27 @@ fn value_after<'a>(text: &'a str, key: &str) -> Option<&'a str> {
         .and_then(|v| v.split_whitespace().next())
 }
 
+/// The `key=value` fields of the first `TIER3 <what> ...` marker line.
+fn marker<'a>(text: &'a str, what: &str) -> Option<Vec<(&'a str, &'a str)>> {
+    let head = format!("TIER3 {what} ");
+    text.lines().find_map(|l| {
+        l.find(&head).map(|i| {
+            l[i + head.len()..]
+                .split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .collect()
+        })
+    })
+}
+
+/// Field `key` of marker `what` as an integer; panics with the serial tail when missing.
+fn field(text: &str, what: &str, key: &str, tail: &str) -> i64 {
+    marker(text, what)
+        .and_then(|f| f.iter().find(|(k, _)| *k == key).map(|(_, v)| *v))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no `TIER3 {what}` marker with {key}=<n>:\n{tail}"))
+}
+
 #[test]
 fn stock_debian_kernel_boots_to_init_in_nested_kvm() {
     let root = workspace_root();
@@ -125,7 +156,7 @@ fn stock_debian_kernel_boots_to_init_in_nested_kvm() {
     let log = std::env::temp_dir().join(format!("tidepool-nested-boot-{}.log", std::process::id()));
     let t0 = Instant::now();
     let out = Command::new(root.join("resources/nested/run-l1.sh"))
-        .args(["-q", "-t", "240", "--log"])
+        .args(["-q", "-t", "540", "--log"])
         .arg(&log)
         .arg("--binary")
         .arg(&bin)
@@ -133,25 +164,9 @@ fn stock_debian_kernel_boots_to_init_in_nested_kvm() {
         .arg(guest.join("vmlinux"))
         .arg("--file")
         .arg(guest.join("initramfs.cpio.gz"))
-        .args([
-            "--",
-            "./tidepool",
-            "run",
-            "--kernel",
-            "vmlinux",
-            "--initrd",
-            "initramfs.cpio.gz",
-            "--memory-mib",
-            "512",
-            "--timeout-s",
-            "150",
-            "--cmdline",
-            "tidepool.end=poweroff",
-            "--mark",
-            "TIDEPOOL-INIT-START",
-            "--mark",
-            "TIDEPOOL-MEMTOTAL-KB",
-        ])
+        .arg("--file")
+        .arg(root.join("resources/nested/tier3-memory.sh"))
+        .args(["--", "sh", "tier3-memory.sh"])
         .output()
         .expect("run resources/nested/run-l1.sh");
     let wall = t0.elapsed();
@@ -162,19 +177,24 @@ fn stock_debian_kernel_boots_to_init_in_nested_kvm() {
     let tail: String = serial
         .lines()
         .rev()
-        .take(40)
+        .take(80)
         .collect::<Vec<_>>()
         .into_iter()
         .rev()
         .collect::<Vec<_>>()
         .join("\n");
+    let failures: Vec<&str> = serial
+        .lines()
+        .filter(|l| l.contains("TIER3-FAIL"))
+        .collect();
     assert!(
-        out.status.success(),
-        "nested run failed ({}); harness: {harness}\nserial tail:\n{tail}",
+        out.status.success() && failures.is_empty(),
+        "nested run failed ({}); failures: {failures:?}\nharness: {harness}\nserial tail:\n{tail}",
         out.status
     );
     let _ = std::fs::remove_file(&log);
 
+    // 1. The plain runner: /init reached, MemTotal plausible, ACPI power-off.
     assert!(
         serial.contains("TIDEPOOL-INIT-START"),
         "the L2 guest never reached /init:\n{tail}"
@@ -192,16 +212,87 @@ fn stock_debian_kernel_boots_to_init_in_nested_kvm() {
         serial.contains("TIDEPOOL-RUN end=PowerOff"),
         "the guest did not power off through ACPI S5:\n{tail}"
     );
+    assert_eq!(field(&serial, "boot", "rc", &tail), 0);
+
+    // 2. Free page reporting: resident memory drops by >= 400 MiB within 30 s.
+    let ready_cs = field(&serial, "l2-ready", "cs", &tail);
+    let base_total = field(&serial, "l2-ready", "total_mib", &tail);
+    assert!(
+        (900..=1024).contains(&base_total),
+        "MemTotal {base_total} MiB is not plausible for 1 GiB of boot RAM"
+    );
+    assert_eq!(field(&serial, "reclaim", "ok", &tail), 1);
+    let peak = field(&serial, "reclaim", "peak", &tail);
+    let drop = field(&serial, "reclaim", "drop", &tail);
+    let reclaim_cs = field(&serial, "reclaim", "cs", &tail);
+    assert!(drop >= 400, "resident dropped by {drop} MiB only");
+    assert!(
+        reclaim_cs <= 3000,
+        "the drop took {reclaim_cs} cs, more than 30 s"
+    );
+
+    // 3. virtio-mem: +512 MiB and back; MemTotal follows, the pool counters match.
+    for (what, delta) in [("grow", 512), ("shrink", -512)] {
+        assert_eq!(field(&serial, what, "rc", &tail), 0, "{what}: resize failed");
+        let before = field(&serial, what, "total_before", &tail);
+        let after = field(&serial, what, "total_after", &tail);
+        assert!(
+            (after - before - delta).abs() <= 16,
+            "{what}: guest MemTotal went {before} -> {after} MiB, want a change of {delta}"
+        );
+        assert!(field(&serial, what, "memtotal_cs", &tail) >= 0);
+        let plugged = field(&serial, what, "plugged", &tail);
+        let requested = field(&serial, what, "requested", &tail);
+        let want_plugged = if delta > 0 { 1024 + 512 } else { 1024 };
+        assert_eq!(plugged, want_plugged, "{what}: plugged");
+        assert_eq!(requested, want_plugged, "{what}: requested");
+        let pf0 = field(&serial, what, "pool_free_before", &tail);
+        let pf1 = field(&serial, what, "pool_free_after", &tail);
+        let as0 = field(&serial, what, "assigned_before", &tail);
+        let as1 = field(&serial, what, "assigned_after", &tail);
+        assert_eq!(pf0 - pf1, delta, "{what}: pool free {pf0} -> {pf1} MiB");
+        assert_eq!(as1 - as0, delta, "{what}: pool assigned {as0} -> {as1} MiB");
+    }
+    assert_eq!(
+        field(&serial, "delete", "pool_free", &tail),
+        field(&serial, "delete", "pool_total", &tail),
+        "the pool is not whole after deleting the VM"
+    );
+
     let l2_uptime = value_after(&serial, "TIDEPOOL-INIT-START uptime=").unwrap_or("?");
     let l2_wall = value_after(&serial, "TIDEPOOL-RUN-MARK TIDEPOOL-INIT-START ").unwrap_or("?");
     let l1_uptime = value_after(&serial, "TIDEPOOL-L1-INIT uptime=").unwrap_or("?");
     let l1_wall = value_after(&harness, "init after ").unwrap_or("?");
     let setup_ms = value_after(&serial, "setup_ms=").unwrap_or("?");
+    let cs = |v: i64| format!("{:.2}s", v as f64 / 100.0);
     eprintln!(
         "nested_boot: L1 boot to /init {l1_wall} wall ({l1_uptime}s L1 uptime); \
-         L2 (Tidepool, PVH vmlinux, 512 MiB) to /init {l2_wall}s from `tidepool run` start \
+         L2 (tidepool run, PVH vmlinux, 512 MiB) to /init {l2_wall}s from `tidepool run` start \
          ({l2_uptime}s L2 uptime, VM set-up {setup_ms} ms); MemTotal {mem_kb} kB; \
          whole test {:.1}s",
         wall.as_secs_f64()
     );
+    eprintln!(
+        "nested_boot: served VM (1 GiB + 1 GiB virtio-mem, balloon FPR): create to driver ready \
+         and first stats {}; MemTotal {base_total} MiB",
+        cs(ready_cs)
+    );
+    eprintln!(
+        "nested_boot: free page reporting: resident peak {peak} MiB, dropped by {drop} MiB \
+         {} after the guest freed 512 MiB",
+        cs(reclaim_cs)
+    );
+    for what in ["grow", "shrink"] {
+        eprintln!(
+            "nested_boot: virtio-mem {what}: plugged {} MiB in {} (vm resize), guest MemTotal \
+             {} -> {} MiB after {}; pool free {} -> {} MiB",
+            field(&serial, what, "plugged", &tail),
+            cs(field(&serial, what, "plug_cs", &tail)),
+            field(&serial, what, "total_before", &tail),
+            field(&serial, what, "total_after", &tail),
+            cs(field(&serial, what, "memtotal_cs", &tail)),
+            field(&serial, what, "pool_free_before", &tail),
+            field(&serial, what, "pool_free_after", &tail),
+        );
+    }
 }

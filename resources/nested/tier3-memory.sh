@@ -1,0 +1,203 @@
+#!/bin/busybox sh
+# Tier-3 checks of the default guest (stock Debian kernel) on a real KVM, run INSIDE the nested
+# L1 (resources/nested/run-l1.sh) with /payload holding ./tidepool, vmlinux and
+# initramfs.cpio.gz. One L1 boot serves every check (tests/tests/nested_boot.rs parses the
+# markers):
+#
+# 1. boot: `tidepool run` of a 512 MiB guest to /init and ACPI power-off (the runner's own
+#    TIDEPOOL-RUN lines and the guest's console go to the L1 console);
+# 2. a daemon (`tidepool serve`) with one Linux VM: 1 GiB boot RAM, a 1 GiB virtio-mem region,
+#    a balloon with free page reporting and 1 s statistics. The guest allocates, touches and
+#    frees 512 MiB (tidepool.workload); host-side resident memory is sampled every second until
+#    it has dropped by RECLAIM_MIB from its peak (30 s budget from the last sample in which the
+#    guest still held the memory);
+# 3. virtio-mem: resize +512 MiB and back down; the guest's MemTotal (the balloon statistics'
+#    total memory, which is the guest's totalram, i.e. /proc/meminfo MemTotal) must follow and
+#    the daemon's pool counters must move by 512 MiB and come back;
+# 4. delete the VM: the pool is whole again.
+#
+# Markers (one line each, `TIER3 <what> key=value ...`; times in centiseconds of L1 uptime):
+#   TIER3 boot rc= cs=
+#   TIER3 l2-ready cs= total_mib= free_mib=          (create -> driver ready + first statistics)
+#   TIER3-SAMPLE cs= resident= reported= free= total= (every poll)
+#   TIER3 reclaim ok=0|1 peak= low= drop= cs=        (cs from the guest's free to the drop)
+#   TIER3 grow|shrink rc= plug_cs= memtotal_cs= total_before= total_after= plugged= requested=
+#                     pool_free_before= pool_free_after= assigned_before= assigned_after=
+#   TIER3 delete pool_total= pool_free=
+#   TIER3 done failures=N
+set -u
+TP=./tidepool
+SOCK=/tmp/tidepool-tier3.sock
+VM=vm1
+BOOT_MIB=1024
+REGION_MIB=1024
+GROW_MIB=512
+ALLOC_MIB=512
+RECLAIM_MIB=400
+RECLAIM_BUDGET_CS=3000
+POOL_MIB=2048
+failures=0
+
+up_cs() {
+    read -r u _ </proc/uptime
+    echo "${u%.*}${u#*.}"
+}
+# json_field NAME: the first integer value of "NAME" in the JSON on stdin (pretty-printed).
+json_field() { sed -n "s/.*\"$1\": *\([0-9][0-9]*\).*/\1/p" | head -n1; }
+fail() {
+    echo "TIER3-FAIL $*"
+    failures=$((failures + 1))
+}
+
+# 1. The plain runner.
+t=$(up_cs)
+$TP run --kernel vmlinux --initrd initramfs.cpio.gz --memory-mib 512 --timeout-s 150 \
+    --cmdline tidepool.end=poweroff --mark TIDEPOOL-INIT-START --mark TIDEPOOL-MEMTOTAL-KB
+rc=$?
+echo "TIER3 boot rc=$rc cs=$(($(up_cs) - t))"
+[ "$rc" -eq 0 ] || fail "tidepool run exited $rc"
+
+# 2. The daemon and one VM with both memory devices.
+$TP serve --socket "$SOCK" --pool-mib "$POOL_MIB" >/tmp/serve.log 2>&1 &
+serve_pid=$!
+i=0
+while [ ! -S "$SOCK" ] && [ $i -lt 100 ]; do
+    usleep 100000
+    i=$((i + 1))
+done
+if [ ! -S "$SOCK" ]; then
+    fail "tidepool serve did not create its socket"
+    cat /tmp/serve.log
+    echo "TIER3 done failures=$failures"
+    exit 1
+fi
+host_free() { $TP host --socket "$SOCK" --json | json_field free_mib; }
+host_assigned() { $TP host --socket "$SOCK" --json | json_field assigned_mib; }
+mem_json() { $TP vm memory --socket "$SOCK" --json "$VM"; }
+stats_json() { $TP balloon stats --socket "$SOCK" --json "$VM"; }
+pool_total=$($TP host --socket "$SOCK" --json | json_field total_mib)
+
+t_create=$(up_cs)
+if ! $TP vm create --socket "$SOCK" --memory "${BOOT_MIB}M" --hotplug "${REGION_MIB}M" \
+    --free-page-reporting --stats-interval 1 --kernel vmlinux --initrd initramfs.cpio.gz \
+    --cmdline "tidepool.workload=sleep:4,alloc:${ALLOC_MIB}:3000 tidepool.watch=5"; then
+    fail "vm create"
+    cat /tmp/serve.log
+    echo "TIER3 done failures=$failures"
+    exit 1
+fi
+
+# Poll until ready, then follow the allocation and the reclaim.
+phase=boot # boot -> ready -> held -> freed -> done
+first_free=0
+min_free=999999
+peak=0
+low=999999
+last_low_cs=0
+base_total=0
+deadline=$(($(up_cs) + 18000))
+while [ "$phase" != done ] && [ "$(up_cs)" -lt "$deadline" ]; do
+    now=$(up_cs)
+    mem=$(mem_json)
+    st=$(stats_json)
+    res=$(echo "$mem" | json_field resident_mib)
+    rep=$(echo "$mem" | json_field reported_mib)
+    free=$(echo "$st" | json_field free_mib)
+    total=$(echo "$st" | json_field total_mib)
+    echo "TIER3-SAMPLE cs=$now resident=${res:-?} reported=${rep:-?} free=${free:-?} total=${total:-?} phase=$phase"
+    if [ -z "$res" ]; then
+        usleep 500000
+        continue
+    fi
+    case "$phase" in
+    boot)
+        if echo "$mem" | grep -q '"driver_ready": true' && [ -n "$free" ] && [ -n "$total" ]; then
+            echo "TIER3 l2-ready cs=$((now - t_create)) total_mib=$total free_mib=$free"
+            base_total=$total
+            first_free=$free
+            phase=ready
+        fi
+        ;;
+    ready | held)
+        [ "$res" -le "$peak" ] || peak=$res
+        [ -z "$free" ] || [ "$free" -ge "$min_free" ] || min_free=$free
+        if [ -n "$free" ] && [ "$free" -le $((first_free - ALLOC_MIB + 112)) ]; then
+            phase=held
+            last_low_cs=$now
+        elif [ "$phase" = held ] && [ -n "$free" ] && [ "$free" -ge $((min_free + ALLOC_MIB - 112)) ]; then
+            phase=freed
+            echo "TIER3 guest-freed cs=$now held_until_cs=$last_low_cs peak=$peak"
+        fi
+        ;;
+    freed)
+        [ "$res" -ge "$low" ] || low=$res
+        if [ $((peak - res)) -ge "$RECLAIM_MIB" ]; then
+            echo "TIER3 reclaim ok=1 peak=$peak low=$res drop=$((peak - res)) cs=$((now - last_low_cs))"
+            phase=done
+        elif [ $((now - last_low_cs)) -gt "$RECLAIM_BUDGET_CS" ]; then
+            echo "TIER3 reclaim ok=0 peak=$peak low=$low drop=$((peak - low)) cs=$((now - last_low_cs))"
+            fail "resident dropped only $((peak - low)) MiB from $peak MiB within $((RECLAIM_BUDGET_CS / 100)) s"
+            phase=done
+        fi
+        ;;
+    esac
+    [ "$phase" = done ] || sleep 1
+done
+[ "$phase" = done ] || fail "reclaim phase stuck in '$phase' (free never fell by ${ALLOC_MIB} MiB, or the guest never freed)"
+[ "$base_total" -gt 0 ] || base_total=$(stats_json | json_field total_mib)
+
+# 3. virtio-mem: grow by GROW_MIB and back.
+# resize WHAT TARGET_MIB EXPECT_TOTAL_CMP: resize, then wait for the guest's MemTotal.
+resize() {
+    what=$1
+    target=$2
+    before_total=$(stats_json | json_field total_mib)
+    pf0=$(host_free)
+    as0=$(host_assigned)
+    t=$(up_cs)
+    $TP vm resize --socket "$SOCK" --timeout 120 "$VM" "${target}M" >/tmp/resize.out 2>&1
+    rc=$?
+    plug_cs=$(($(up_cs) - t))
+    [ "$rc" -eq 0 ] || {
+        fail "$what: vm resize exited $rc"
+        tail -c 600 /tmp/resize.out
+    }
+    mem=$(mem_json)
+    plugged=$(echo "$mem" | json_field plugged_mib)
+    requested=$(echo "$mem" | json_field requested_mib)
+    # The guest's MemTotal must move by the resize (within 16 MiB; it counts pages, and
+    # onlining takes memmap from the plugged memory on some configurations).
+    want=$((base_total + target - BOOT_MIB))
+    total=$before_total
+    mt_cs=-1
+    while [ $(($(up_cs) - t)) -lt 9000 ]; do
+        total=$(stats_json | json_field total_mib)
+        d=$((total - want))
+        [ "$d" -ge 0 ] || d=$((-d))
+        if [ "$d" -le 16 ]; then
+            mt_cs=$(($(up_cs) - t))
+            break
+        fi
+        usleep 250000
+    done
+    [ "$mt_cs" -ge 0 ] || fail "$what: guest MemTotal stayed at $total MiB (want $want)"
+    # The pool's free count is live; the per-VM assignment in `host` is what the VM's thread
+    # last published (every 2 s), so read it after one more publication.
+    sleep 3
+    pf1=$(host_free)
+    as1=$(host_assigned)
+    echo "TIER3 $what rc=$rc plug_cs=$plug_cs memtotal_cs=$mt_cs total_before=$before_total total_after=$total want_total=$want plugged=$plugged requested=$requested pool_free_before=$pf0 pool_free_after=$pf1 assigned_before=$as0 assigned_after=$as1"
+}
+resize grow $((BOOT_MIB + GROW_MIB))
+resize shrink "$BOOT_MIB"
+
+# 4. Delete: every frame back in the pool.
+$TP vm delete --socket "$SOCK" "$VM" >/dev/null 2>&1 || fail "vm delete"
+echo "TIER3 delete pool_total=$pool_total pool_free=$(host_free)"
+kill "$serve_pid" 2>/dev/null
+wait "$serve_pid" 2>/dev/null
+echo "TIER3-SERVE-LOG-BEGIN"
+sed 's/\x1b\[[0-9;]*m//g' /tmp/serve.log | tail -n 40
+echo "TIER3-SERVE-LOG-END"
+echo "TIER3 done failures=$failures"
+[ "$failures" -eq 0 ]
