@@ -88,7 +88,7 @@ if ! $TP vm create --socket "$SOCK" --memory "${BOOT_MIB}M" --hotplug "${REGION_
 fi
 
 # Poll until ready, then follow the allocation and the reclaim.
-phase=boot # boot -> ready -> held -> freed -> done
+phase=boot # boot -> ready -> held -> freed -> finished
 first_free=0
 min_free=999999
 peak=0
@@ -96,7 +96,7 @@ low=999999
 last_low_cs=0
 base_total=0
 deadline=$(($(up_cs) + 18000))
-while [ "$phase" != done ] && [ "$(up_cs)" -lt "$deadline" ]; do
+while [ "$phase" != finished ] && [ "$(up_cs)" -lt "$deadline" ]; do
     now=$(up_cs)
     mem=$(mem_json)
     st=$(stats_json)
@@ -133,21 +133,21 @@ while [ "$phase" != done ] && [ "$(up_cs)" -lt "$deadline" ]; do
         [ "$res" -ge "$low" ] || low=$res
         if [ $((peak - res)) -ge "$RECLAIM_MIB" ]; then
             echo "TIER3 reclaim ok=1 peak=$peak low=$res drop=$((peak - res)) cs=$((now - last_low_cs))"
-            phase=done
+            phase=finished
         elif [ $((now - last_low_cs)) -gt "$RECLAIM_BUDGET_CS" ]; then
             echo "TIER3 reclaim ok=0 peak=$peak low=$low drop=$((peak - low)) cs=$((now - last_low_cs))"
             fail "resident dropped only $((peak - low)) MiB from $peak MiB within $((RECLAIM_BUDGET_CS / 100)) s"
-            phase=done
+            phase=finished
         fi
         ;;
     esac
-    [ "$phase" = done ] || sleep 1
+    [ "$phase" = finished ] || sleep 1
 done
-[ "$phase" = done ] || fail "reclaim phase stuck in '$phase' (free never fell by ${ALLOC_MIB} MiB, or the guest never freed)"
+[ "$phase" = finished ] || fail "reclaim phase stuck in '$phase' (free never fell by ${ALLOC_MIB} MiB, or the guest never freed)"
 [ "$base_total" -gt 0 ] || base_total=$(stats_json | json_field total_mib)
 
 # 3. virtio-mem: grow by GROW_MIB and back.
-# resize WHAT TARGET_MIB EXPECT_TOTAL_CMP: resize, then wait for the guest's MemTotal.
+# resize WHAT TARGET_MIB: resize to TARGET_MIB total, then wait for the guest's MemTotal.
 resize() {
     what=$1
     target=$2

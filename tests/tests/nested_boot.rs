@@ -233,7 +233,11 @@ fn stock_debian_kernel_boots_to_init_in_nested_kvm() {
 
     // 3. virtio-mem: +512 MiB and back; MemTotal follows, the pool counters match.
     for (what, delta) in [("grow", 512), ("shrink", -512)] {
-        assert_eq!(field(&serial, what, "rc", &tail), 0, "{what}: resize failed");
+        assert_eq!(
+            field(&serial, what, "rc", &tail),
+            0,
+            "{what}: resize failed"
+        );
         let before = field(&serial, what, "total_before", &tail);
         let after = field(&serial, what, "total_after", &tail);
         assert!(
