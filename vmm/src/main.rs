@@ -75,6 +75,10 @@ enum Command {
         #[arg(long)]
         out: std::path::PathBuf,
     },
+    /// Load generator for `bench api`: drives the API of a running daemon from this process
+    /// and prints one JSON report.
+    #[command(hide = true)]
+    Loadgen(bench::loadgen::LoadgenArgs),
 }
 
 #[derive(Debug, Args)]
@@ -192,6 +196,13 @@ fn main() -> ExitCode {
             virtio_mem_region_mib,
             out,
         } => tiny_image(memory_mib, virtio_mem_region_mib, &out),
+        Command::Loadgen(args) => bench::loadgen::run_loadgen(&args)
+            .map_err(|e| e.to_string())
+            .and_then(|r| {
+                serde_json::to_string(&r)
+                    .map(|s| println!("{s}"))
+                    .map_err(|e| e.to_string())
+            }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,7 +5,10 @@
 //! stderr while the suite runs.
 
 pub mod alloc;
+pub mod api;
 pub mod boot;
+pub mod latency;
+pub mod loadgen;
 pub mod reclaim;
 pub mod trace;
 
@@ -135,7 +138,7 @@ pub static SUITES: &[Suite] = &[
     Suite {
         name: "api",
         about: "REST API latency and throughput",
-        run: None,
+        run: Some(api::run),
     },
     Suite {
         name: "density",
