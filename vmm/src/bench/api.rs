@@ -356,6 +356,13 @@ fn add_latency(r: &mut Report, prefix: &str, rep: &LoadgenReport, what: &str) {
         "us, p99 (target <= 1,000)",
     );
     r.add(&format!("{prefix}_p999_us"), l.p999_us, "us, p99.9");
+    if let Some(s) = rep.from_send {
+        r.add(
+            &format!("{prefix}_sent_p99_us"),
+            s.p99_us,
+            "us, p99 from the actual send (without the load generator's lag)",
+        );
+    }
     r.add(&format!("{prefix}_max_us"), l.max_us, "us, slowest request");
     r.add(
         &format!("{prefix}_requests"),

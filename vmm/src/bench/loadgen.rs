@@ -96,6 +96,9 @@ pub struct LoadgenReport {
     /// Open loop only: how late the sends left against their schedule (client-side lag,
     /// included in `latency`).
     pub send_lag: Option<LatencySummary>,
+    /// Open loop only: latency from the actual send, without the lag (the figure a closed
+    /// loop would see; for telling server time from client scheduling).
+    pub from_send: Option<LatencySummary>,
 }
 
 /// Errors of the load generator itself (request failures are counted, not raised).
@@ -263,6 +266,7 @@ fn tighten_timer_slack() {
 struct WorkerResult {
     latencies: Latencies,
     lag: Latencies,
+    from_send: Latencies,
     ok: u64,
     errors: u64,
     first_error: Option<String>,
@@ -299,7 +303,7 @@ fn worker(mut conn: Conn, plan: &Plan, start: Instant) -> WorkerResult {
     loop {
         let i = plan.next.fetch_add(1, Ordering::Relaxed);
         let req = &plan.reqs[(i % plan.reqs.len() as u64) as usize];
-        let from = match plan.rate {
+        let (from, sent) = match plan.rate {
             Some(rate) => {
                 if i >= plan.total {
                     break;
@@ -309,22 +313,25 @@ fn worker(mut conn: Conn, plan: &Plan, start: Instant) -> WorkerResult {
                 if due > now {
                     std::thread::sleep(due - now);
                 }
-                out.lag
-                    .record(Instant::now().saturating_duration_since(due));
-                due
+                let sent = Instant::now();
+                out.lag.record(sent.saturating_duration_since(due));
+                (due, sent)
             }
             None => {
                 let now = Instant::now();
                 if now >= end {
                     break;
                 }
-                now
+                (now, now)
             }
         };
         match conn.exchange(req) {
             Ok(s) if s == plan.expect => {
                 let done = Instant::now();
                 out.latencies.record(done.saturating_duration_since(from));
+                if plan.rate.is_some() {
+                    out.from_send.record(done.saturating_duration_since(sent));
+                }
                 out.ok += 1;
                 out.last_done = Some(done);
             }
@@ -400,6 +407,7 @@ pub fn run_loadgen(args: &LoadgenArgs) -> Result<LoadgenReport, LoadgenError> {
             .map_err(|_| LoadgenError::Worker("a worker panicked".into()))?;
         all.latencies.merge(r.latencies);
         all.lag.merge(r.lag);
+        all.from_send.merge(r.from_send);
         all.ok += r.ok;
         all.errors += r.errors;
         if all.first_error.is_none() {
@@ -429,6 +437,7 @@ pub fn run_loadgen(args: &LoadgenArgs) -> Result<LoadgenReport, LoadgenError> {
         achieved_rps: all.ok as f64 / elapsed.as_secs_f64(),
         latency: all.latencies.summary(),
         send_lag: args.rate.map(|_| all.lag.summary()),
+        from_send: args.rate.map(|_| all.from_send.summary()),
     })
 }
 
@@ -539,6 +548,7 @@ mod tests {
         );
         assert_eq!(r.latency.count, 50);
         assert_eq!(r.send_lag.map(|l| l.count), Some(50));
+        assert_eq!(r.from_send.map(|l| l.count), Some(50));
         assert!(r.latency.p50_us > 0.0 && r.latency.p99_us >= r.latency.p50_us);
 
         // Resizes alternate between the sizes; the 50th (index 49) asks for the second.
@@ -558,7 +568,7 @@ mod tests {
         let r = run_loadgen(&args).expect("closed loop");
         assert_eq!((r.mode.as_str(), r.errors), ("closed", 0));
         assert!(r.ok > 0 && r.achieved_rps > 0.0);
-        assert!(r.send_lag.is_none());
+        assert!(r.send_lag.is_none() && r.from_send.is_none());
 
         // Failures are counted with the first reason, not raised.
         args.vm = "vm999".into();
