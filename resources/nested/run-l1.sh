@@ -18,6 +18,9 @@
 #       --append ARGS       extra L1 kernel command-line arguments
 #       --gzip              gzip the per-run payload archive (smaller, slower to unpack under TCG)
 #       --no-require-kvm    run COMMAND even when /dev/kvm did not appear in L1
+#       --modules NAMES     extra L1 kernel modules (space-separated, dependencies added), loaded
+#                           after KVM's (e.g. "virtio_pci virtio_net" for a -nic)
+#       --qemu-arg ARG      one extra QEMU argument (repeatable; e.g. -nic user,model=virtio-net-pci)
 #   -q, --quiet             do not copy the serial console to stderr
 #
 # COMMAND runs with /payload as its working directory (so ./name runs a --binary). The exit status is
@@ -39,6 +42,8 @@ append=""
 payload_comp=none
 require_kvm=1
 quiet=0
+extra_modules=""
+qemu_args=()
 while [ $# -gt 0 ]; do
     case "$1" in
     -b | --binary) binaries+=("${2:?--binary needs a path}"); shift ;;
@@ -50,6 +55,8 @@ while [ $# -gt 0 ]; do
     --append) append=${2:?--append needs arguments}; shift ;;
     --gzip) payload_comp=gzip ;;
     --no-require-kvm) require_kvm=0 ;;
+    --modules) extra_modules=${2:?--modules needs module names}; shift ;;
+    --qemu-arg) qemu_args+=("${2:?--qemu-arg needs an argument}"); shift ;;
     -q | --quiet) quiet=1 ;;
     -h | --help)
         sed -n '2,/^set -euo/p' "$0" | sed -n 's/^# \{0,1\}//p'
@@ -75,7 +82,7 @@ tp_kernel_resolve
 tp_busybox_fetch
 
 # The base archive (busybox, KVM modules, /init) depends only on the kernel, busybox and our sources.
-L1_MODULES="kvm-amd"
+L1_MODULES="kvm-amd${extra_modules:+ $extra_modules}"
 key=$(
     {
         printf '%s %s %s %s\n' "$TP_KPKG" "$TP_KPKG_VERSION" "$TP_BUSYBOX_VERSION" "$L1_MODULES"
@@ -162,7 +169,7 @@ set +e
 {
     timeout --foreground -k 10 "$timeout_s" qemu-system-x86_64 -accel tcg -cpu "$cpu" -m "$mem" -smp 1 \
         -nographic -no-reboot -kernel "$TP_KDIR/vmlinuz" -initrd "$work/l1.cpio" \
-        -append "$cmdline" </dev/null 2>&1
+        -append "$cmdline" ${qemu_args[@]+"${qemu_args[@]}"} </dev/null 2>&1
     echo "TIDEPOOL-HOST-QEMU-EXIT $?"
 } | while IFS= read -r line || [ -n "$line" ]; do
     line=${line%$'\r'}

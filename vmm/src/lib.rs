@@ -11,3 +11,4 @@ pub mod manager;
 pub mod memory;
 pub mod microvm;
 pub mod tiny_guest;
+pub mod up;

@@ -1,4 +1,5 @@
-//! The `tidepool` binary: `serve` runs the daemon (REST API over a Unix socket, VMs managed
+//! The `tidepool` binary: `up` starts the daemon with the default config and one default VM
+//! (nested under QEMU when this host's KVM cannot run a stock kernel); `serve` runs the daemon (REST API over a Unix socket, VMs managed
 //! by [`tidepool_vmm::manager::VmManager`]); `vm`, `balloon` and `host` talk to a running
 //! daemon; `bench` runs a benchmark suite.
 
@@ -26,6 +27,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Start the daemon with the embedded default config, build the default guest image if
+    /// missing, launch one microVM and print how to resize it; runs until Ctrl-C. Runs the
+    /// daemon nested in an L1 VM (QEMU TCG) when this host's KVM cannot run a stock kernel.
+    Up(tidepool_vmm::up::UpArgs),
     /// Run a benchmark suite (alloc, boot, hotplug, reclaim, api, density).
     Bench {
         /// The suite to run.
@@ -178,6 +183,7 @@ fn main() -> ExitCode {
                 Err(e) => Err(e.to_string()),
             }
         }
+        Command::Up(args) => tidepool_vmm::up::run(&args).map_err(|e| e.to_string()),
         Command::Serve(cmd) => {
             let _ = tracing_subscriber::fmt()
                 .with_env_filter(

@@ -1,0 +1,242 @@
+//! Direct mode: the daemon in this process on this host's KVM, and the default VM created
+//! through the same [`ApiBackend`] the API serves. Also what `tidepool up --direct` runs
+//! inside L1 in nested mode (with the L1 side of the relay).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tidepool_api::types::VmState;
+use tidepool_api::{ApiBackend, ServeConfig, Server};
+
+use super::config::UpConfig;
+use super::paths::GuestImage;
+use super::{daemon, relay, UpArgs, UpError};
+use crate::manager::VmManager;
+
+/// The marker the L1 side prints when the VM exists and the relay listens.
+pub const READY_MARKER: &str = "TIDEPOOL-UP-READY";
+/// The marker printed when the guest reached its `/init`.
+pub const GUEST_INIT_MARKER: &str = "TIDEPOOL-UP-GUEST-INIT";
+/// The marker printed after the clean shutdown.
+pub const STOPPED_MARKER: &str = "TIDEPOOL-UP-STOPPED";
+
+/// How long the guest may take to print `TIDEPOOL-INIT-START` before `up` says it looks stuck.
+const INIT_PATIENCE: Duration = Duration::from_secs(90);
+
+fn failed(what: &str) -> impl FnOnce(String) -> UpError + '_ {
+    move |e| UpError::Failed(format!("{what}: {e}"))
+}
+
+/// The new part of `now` after `seen` (the console log is a bounded ring, so match on the
+/// tail printed last rather than on lengths).
+pub fn console_delta<'a>(seen_tail: &str, now: &'a str) -> &'a str {
+    if seen_tail.is_empty() {
+        return now;
+    }
+    match now.rfind(seen_tail) {
+        Some(i) => &now[i + seen_tail.len()..],
+        None => now,
+    }
+}
+
+/// Follows the guest console on a thread until `stop`: prints markers (or every line with
+/// `all`), reports when `/init` is reached, and warns when it is not reached in time or the
+/// VM stops.
+fn follow_console(
+    manager: Arc<VmManager>,
+    id: String,
+    all: bool,
+    t0: Instant,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut tail = String::new();
+        let mut partial = String::new();
+        let mut init_seen = false;
+        let mut warned = false;
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(500));
+            let Ok(Some(text)) = manager.call(&id, |vm| vm.console()) else {
+                continue;
+            };
+            let delta = console_delta(&tail, &text).to_string();
+            tail = text
+                .char_indices()
+                .rev()
+                .nth(255)
+                .map(|(i, _)| text[i..].to_string())
+                .unwrap_or_else(|| text.clone());
+            partial.push_str(&delta);
+            while let Some(nl) = partial.find('\n') {
+                let line: String = partial.drain(..=nl).collect();
+                let line = line.trim_end();
+                if all || line.contains("TIDEPOOL-") {
+                    println!("  guest| {line}");
+                }
+                if !init_seen && line.contains("TIDEPOOL-INIT-START") {
+                    init_seen = true;
+                    println!(
+                        "{GUEST_INIT_MARKER} vm={id} after={:.1}s (the guest's /init started)",
+                        t0.elapsed().as_secs_f64()
+                    );
+                }
+            }
+            if !init_seen && !warned && t0.elapsed() > INIT_PATIENCE {
+                warned = true;
+                println!(
+                    "warning: the guest has not reached /init after {} s; if this host's KVM \
+                     cannot run a stock kernel, stop with Ctrl-C and run `tidepool up --nested`",
+                    INIT_PATIENCE.as_secs()
+                );
+            }
+            if let Ok(info) = manager.get_vm(&id) {
+                if info.state == VmState::Stopped {
+                    println!(
+                        "the VM {id} stopped (the guest powered off or failed{}); \
+                         the daemon keeps running",
+                        if init_seen { "" } else { " before /init" }
+                    );
+                    return;
+                }
+            }
+        }
+    })
+}
+
+/// Prints how to use the running VM.
+pub fn print_banner(socket: &Path, id: &str, memory_mib: u64, region_mib: u64) {
+    let s = socket.display();
+    let grow = (memory_mib + 512).min(memory_mib + region_mib);
+    println!("tidepool is up: VM {id} ({memory_mib} MiB boot RAM, {region_mib} MiB virtio-mem region)");
+    println!("  API socket:   {s}");
+    println!("  list VMs:     tidepool vm list --socket {s}");
+    if region_mib > 0 {
+        println!("  resize:       tidepool vm resize --socket {s} {id} {grow}");
+    }
+    println!("  see memory:   tidepool vm memory --socket {s} {id}");
+    println!("  host memory:  tidepool host --socket {s}");
+    println!("  stop:         Ctrl-C (deletes the VM, removes the socket)");
+}
+
+/// Runs direct mode until SIGINT/SIGTERM (or, in L1, the relay's STOP).
+pub fn run(
+    args: &UpArgs,
+    cfg: &UpConfig,
+    socket: &Path,
+    guest: &GuestImage,
+) -> Result<(), UpError> {
+    let host_mib = daemon::host_mem_bytes() >> 20;
+    let pool_mib = cfg.pool_mib(host_mib);
+    println!(
+        "starting the daemon: pool {pool_mib} MiB of {host_mib} MiB host RAM, THP {}",
+        if cfg.vm.thp { "on" } else { "off" }
+    );
+    let manager = daemon::build_manager_total(
+        pool_mib,
+        Duration::from_secs(cfg.daemon.vm_timeout_s),
+    )
+    .map_err(UpError::Failed)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| failed("starting the async runtime")(e.to_string()))?;
+    let result = rt.block_on(serve_with_vm(args, cfg, socket, guest, manager.clone()));
+    manager.shutdown();
+    result
+}
+
+async fn serve_with_vm(
+    args: &UpArgs,
+    cfg: &UpConfig,
+    socket: &Path,
+    guest: &GuestImage,
+    manager: Arc<VmManager>,
+) -> Result<(), UpError> {
+    let backend: Arc<dyn ApiBackend> = manager.clone();
+    let server = Server::bind(backend.clone(), ServeConfig::unix(socket))
+        .map_err(|e| failed("starting the API server")(e.to_string()))?;
+    let (stop_tx, mut stop_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let relay_task = match (&args.relay_listen, &args.relay_token_file) {
+        (Some(addr), Some(tf)) => {
+            let token = std::fs::read_to_string(tf)
+                .map_err(|e| failed("reading the relay token")(e.to_string()))?
+                .trim()
+                .to_string();
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| failed("binding the relay")(e.to_string()))?;
+            Some(tokio::spawn(relay::serve_l1(
+                l,
+                socket.to_path_buf(),
+                token,
+                stop_tx.clone(),
+            )))
+        }
+        _ => None,
+    };
+    let req = cfg.create_request(
+        &guest.vmlinux.display().to_string(),
+        &guest.initramfs.display().to_string(),
+        &guest.cmdline,
+    );
+    let t0 = Instant::now();
+    let b = backend.clone();
+    let info = tokio::task::spawn_blocking(move || b.create_vm(req))
+        .await
+        .map_err(|e| failed("creating the VM")(e.to_string()))?
+        .map_err(|e| failed("creating the VM")(e.to_string()))?;
+    let create_ms = t0.elapsed().as_millis();
+    let id = info.id.clone();
+    println!("created VM {id} in {create_ms} ms (kernel {})", guest.vmlinux.display());
+    let stop_follow = Arc::new(AtomicBool::new(false));
+    let follower = follow_console(
+        manager.clone(),
+        id.clone(),
+        args.console,
+        t0,
+        stop_follow.clone(),
+    );
+    print_banner(socket, &id, cfg.vm.memory_mib, cfg.vm.hotplug_region_mib);
+    if relay_task.is_some() {
+        println!("{READY_MARKER} vm={id} create_ms={create_ms}");
+    }
+    let shutdown = async move {
+        tokio::select! {
+            _ = tidepool_api::server::shutdown_signal() => {}
+            _ = stop_rx.recv() => {}
+        }
+    };
+    let served = server.run(shutdown).await;
+    if let Some(t) = relay_task {
+        t.abort();
+    }
+    stop_follow.store(true, Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || follower.join()).await;
+    let b = backend.clone();
+    let vm = id.clone();
+    let deleted = tokio::task::spawn_blocking(move || b.delete_vm(&vm)).await;
+    match deleted {
+        Ok(Ok(())) => println!("deleted VM {id}"),
+        Ok(Err(e)) => println!("deleting VM {id}: {e}"),
+        Err(e) => println!("deleting VM {id}: {e}"),
+    }
+    println!("{STOPPED_MARKER} socket {} removed", socket.display());
+    served.map_err(|e| failed("serving the API")(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_delta_follows_a_ring() {
+        assert_eq!(console_delta("", "abc\n"), "abc\n");
+        assert_eq!(console_delta("abc\n", "abc\ndef\n"), "def\n");
+        // The ring dropped its head: the tail seen last is still found.
+        assert_eq!(console_delta("c\nd", "b\nc\nde\n"), "e\n");
+        // Nothing new.
+        assert_eq!(console_delta("xyz", "wxyz"), "");
+    }
+}
