@@ -207,18 +207,32 @@ fn run_in(
         cfg.l1_memory_mib(),
         log.display()
     );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| failed("starting the async runtime", e))?;
+    // SIGINT/SIGTERM from here on: while L1 boots, stop it; later, stop it cleanly.
+    let (sig_tx, sig_rx) = mpsc::channel::<()>();
+    let (sig_tx2, mut sig_rx2) = tokio::sync::mpsc::channel::<()>(1);
+    rt.spawn(async move {
+        tidepool_api::server::shutdown_signal().await;
+        let _ = sig_tx.send(());
+        let _ = sig_tx2.send(()).await;
+    });
     let t0 = Instant::now();
     let mut child = spawn_l1(cfg, guest, work, host_port, &log)?;
     let (tx, rx) = mpsc::channel();
     watch(&mut child, args.console, tx)?;
 
     // Wait for the VM in L1, or L1's end, or the boot timeout, or a signal.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| failed("starting the async runtime", e))?;
     let limit = Duration::from_secs(cfg.nested.boot_timeout_s);
     let (id, create_ms) = loop {
+        if sig_rx.try_recv().is_ok() {
+            println!("interrupted while L1 was booting: stopping QEMU");
+            kill_group(&child);
+            let _ = wait_exit(&mut child, Duration::from_secs(15));
+            return Err(UpError::Failed("interrupted before the VM came up".into()));
+        }
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(Event::Ready { id, create_ms }) => break (id, create_ms),
             Ok(Event::Exited) => {
@@ -279,7 +293,7 @@ fn run_in(
             }
         });
         tokio::select! {
-            _ = tidepool_api::server::shutdown_signal() => false,
+            _ = sig_rx2.recv() => false,
             _ = erx.recv() => true,
         }
     });
