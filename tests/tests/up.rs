@@ -69,10 +69,20 @@ fn tidepool_binary(root: &Path) -> PathBuf {
         .unwrap_or_else(|| root.join("target"));
     let status = Command::new(cargo)
         .current_dir(root)
-        .args(["build", "--release", "-p", "tidepool-vmm", "--bin", "tidepool"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "tidepool-vmm",
+            "--bin",
+            "tidepool",
+        ])
         .status()
         .expect("run cargo build for the tidepool binary");
-    assert!(status.success(), "cargo build of the tidepool binary failed");
+    assert!(
+        status.success(),
+        "cargo build of the tidepool binary failed"
+    );
     target.join("release").join("tidepool")
 }
 
@@ -174,7 +184,10 @@ fn tidepool_up_serves_the_default_vm_and_cleans_up() {
     let ready_limit = Duration::from_secs(180);
     while !sock.exists() {
         if let Ok(Some(status)) = up.try_wait() {
-            panic!("tidepool up exited early ({status}):\n{}", read_log(&log_path));
+            panic!(
+                "tidepool up exited early ({status}):\n{}",
+                read_log(&log_path)
+            );
         }
         if t0.elapsed() > ready_limit {
             let _ = signal(pgid, "-TERM");
@@ -194,10 +207,19 @@ fn tidepool_up_serves_the_default_vm_and_cleans_up() {
     let mem = cli_json(&bin, &sock, &["vm", "memory", &id]);
     assert_eq!(mem["boot_mib"], 512, "{mem}");
     assert_eq!(mem["region_mib"], 2048, "{mem}");
-    assert!(mem["plugged_mib"].as_u64().is_some_and(|p| p >= 512), "{mem}");
+    assert!(
+        mem["plugged_mib"].as_u64().is_some_and(|p| p >= 512),
+        "{mem}"
+    );
 
     let out = read_log(&log_path);
-    assert!(out.contains(&format!("tidepool vm resize --socket {} {id}", sock.display())), "{out}");
+    assert!(
+        out.contains(&format!(
+            "tidepool vm resize --socket {} {id}",
+            sock.display()
+        )),
+        "{out}"
+    );
     if nested {
         assert!(out.contains("cannot run the stock guest kernel"), "{out}");
         assert!(out.contains("nested mode:"), "{out}");
@@ -207,13 +229,18 @@ fn tidepool_up_serves_the_default_vm_and_cleans_up() {
     let status = wait_child(&mut up, Duration::from_secs(90));
     let out = read_log(&log_path);
     let Some(status) = status else {
-        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{pgid}")]).status();
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pgid}")])
+            .status();
         panic!("tidepool up did not stop within 90 s:\n{out}");
     };
     assert!(status.success(), "tidepool up exited with {status}:\n{out}");
     assert!(!sock.exists(), "the socket was not removed");
     std::thread::sleep(Duration::from_millis(500));
-    assert!(!group_alive(pgid), "processes left in tidepool up's group:\n{out}");
+    assert!(
+        !group_alive(pgid),
+        "processes left in tidepool up's group:\n{out}"
+    );
     if nested {
         assert!(out.contains("stopped cleanly"), "{out}");
     } else {

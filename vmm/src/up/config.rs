@@ -155,7 +155,9 @@ impl UpConfig {
             })?;
         let over: serde_json::Value = serde_json::from_str(text).map_err(parse)?;
         if !over.is_object() {
-            return Err(ConfigError::Invalid(format!("{what} must be a JSON object")));
+            return Err(ConfigError::Invalid(format!(
+                "{what} must be a JSON object"
+            )));
         }
         merge(&mut base, over);
         serde_json::from_value(base).map_err(parse)

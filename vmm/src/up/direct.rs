@@ -109,7 +109,9 @@ fn follow_console(
 pub fn print_banner(socket: &Path, id: &str, memory_mib: u64, region_mib: u64) {
     let s = socket.display();
     let grow = (memory_mib + 512).min(memory_mib + region_mib);
-    println!("tidepool is up: VM {id} ({memory_mib} MiB boot RAM, {region_mib} MiB virtio-mem region)");
+    println!(
+        "tidepool is up: VM {id} ({memory_mib} MiB boot RAM, {region_mib} MiB virtio-mem region)"
+    );
     println!("  API socket:   {s}");
     println!("  list VMs:     tidepool vm list --socket {s}");
     if region_mib > 0 {
@@ -133,11 +135,9 @@ pub fn run(
         "starting the daemon: pool {pool_mib} MiB of {host_mib} MiB host RAM, THP {}",
         if cfg.vm.thp { "on" } else { "off" }
     );
-    let manager = daemon::build_manager_total(
-        pool_mib,
-        Duration::from_secs(cfg.daemon.vm_timeout_s),
-    )
-    .map_err(UpError::Failed)?;
+    let manager =
+        daemon::build_manager_total(pool_mib, Duration::from_secs(cfg.daemon.vm_timeout_s))
+            .map_err(UpError::Failed)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -189,7 +189,10 @@ async fn serve_with_vm(
         .map_err(|e| failed("creating the VM")(e.to_string()))?;
     let create_ms = t0.elapsed().as_millis();
     let id = info.id.clone();
-    println!("created VM {id} in {create_ms} ms (kernel {})", guest.vmlinux.display());
+    println!(
+        "created VM {id} in {create_ms} ms (kernel {})",
+        guest.vmlinux.display()
+    );
     let stop_follow = Arc::new(AtomicBool::new(false));
     let follower = follow_console(
         manager.clone(),
@@ -198,9 +201,11 @@ async fn serve_with_vm(
         t0,
         stop_follow.clone(),
     );
-    print_banner(socket, &id, cfg.vm.memory_mib, cfg.vm.hotplug_region_mib);
     if relay_task.is_some() {
+        // Inside L1: the host prints the banner with its own socket.
         println!("{READY_MARKER} vm={id} create_ms={create_ms}");
+    } else {
+        print_banner(socket, &id, cfg.vm.memory_mib, cfg.vm.hotplug_region_mib);
     }
     let shutdown = async move {
         tokio::select! {

@@ -138,9 +138,8 @@ pub fn socket_path(c: &UpConfig) -> PathBuf {
 
 /// Whether `name` is an executable on PATH.
 pub fn on_path(name: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|p| {
-        std::env::split_paths(&p).any(|d| d.join(name).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
 }
 
 /// Runs the embedded `resources/ci/install-deps.sh` (installs only what is missing; needs
@@ -226,7 +225,10 @@ fn choose_mode(c: &UpConfig) -> Mode {
     let evidence = probe::gather();
     match probe::decide(&evidence) {
         probe::Verdict::Capable => {
-            println!("  yes: KVM modules {:?}, every probed CPL0 instruction works", evidence.kvm_modules);
+            println!(
+                "  yes: KVM modules {:?}, every probed CPL0 instruction works",
+                evidence.kvm_modules
+            );
             Mode::Direct
         }
         probe::Verdict::Incapable(reasons) => {

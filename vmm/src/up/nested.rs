@@ -28,7 +28,10 @@ const HARNESS_TIMEOUT_S: u64 = 10 * 365 * 24 * 3600;
 #[derive(Debug)]
 enum Event {
     /// The harness logged L1's boot: seconds from QEMU start to L1's `/init`.
-    Ready { id: String, create_ms: String },
+    Ready {
+        id: String,
+        create_ms: String,
+    },
     GuestInit(String),
     Exited,
 }
@@ -83,20 +86,35 @@ fn spawn_l1(
         .arg(log)
         .arg("--mem")
         .arg(l1_mem.to_string())
-        .args(["--modules", "virtio_pci virtio_net", "--qemu-arg", "-nic", "--qemu-arg"])
+        .args([
+            "--modules",
+            "virtio_pci virtio_net",
+            "--qemu-arg",
+            "-nic",
+            "--qemu-arg",
+        ])
         .arg(nic)
         .arg("--binary")
         .arg(&exe)
         .arg("--file")
         .arg(format!("{}:guest/vmlinux", guest.vmlinux.display()))
         .arg("--file")
-        .arg(format!("{}:guest/initramfs.cpio.gz", guest.initramfs.display()))
+        .arg(format!(
+            "{}:guest/initramfs.cpio.gz",
+            guest.initramfs.display()
+        ))
         .arg("--file")
-        .arg(format!("{}:guest/cmdline", guest.dir.join("cmdline").display()))
+        .arg(format!(
+            "{}:guest/cmdline",
+            guest.dir.join("cmdline").display()
+        ))
         .arg("--file")
         .arg(format!("{}:up.json", work.join("up.json").display()))
         .arg("--file")
-        .arg(format!("{}:relay.token", work.join("relay.token").display()))
+        .arg(format!(
+            "{}:relay.token",
+            work.join("relay.token").display()
+        ))
         .args(["--", "sh", "-c"])
         .arg(l1_command(pool_mib))
         .stdin(Stdio::null())
@@ -129,15 +147,53 @@ fn watch(child: &mut Child, all: bool, tx: mpsc::Sender<Event>) -> Result<(), Up
                     after(line, "after=").unwrap_or("?").to_string(),
                 ));
             }
-            // Kernel log lines of L1 (`[    1.234] ...`) only with --console.
-            let kernel_line = line.starts_with('[') && line.as_bytes().get(1) == Some(&b' ');
-            if all || !kernel_line {
-                println!("  L1| {line}");
+            if all || interesting(line) {
+                println!("  L1| {}", strip_escapes(line));
             }
         }
         let _ = tx.send(Event::Exited);
     });
     Ok(())
+}
+
+/// Removes terminal escape sequences (SeaBIOS clears the screen) and other control bytes.
+pub fn strip_escapes(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ params final-byte, or ESC + one byte.
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for d in chars.by_ref() {
+                    if ('@'..='~').contains(&d) {
+                        break;
+                    }
+                }
+            } else {
+                chars.next();
+            }
+        } else if !c.is_control() || c == '\t' {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Whether an L1 console or harness line is worth showing without --console: not L1's
+/// kernel log, firmware banners or QEMU's CPU-model warnings.
+pub fn interesting(line: &str) -> bool {
+    let l = strip_escapes(line);
+    let t = l.trim();
+    !(t.is_empty()
+        || (t.starts_with('[') && t.as_bytes().get(1) == Some(&b' '))
+        || t.contains("TCG doesn't support requested feature")
+        || t.starts_with("SeaBIOS")
+        || t.starts_with("iPXE")
+        || t.starts_with("Press Ctrl-B")
+        || t.starts_with("Booting from ROM")
+        || t.starts_with("TIDEPOOL-L1-MODULE")
+        || t.starts_with("TIDEPOOL-HOST-QEMU-EXIT"))
 }
 
 /// Stops the harness's process group (QEMU included).
@@ -166,7 +222,9 @@ pub fn run(
     socket: &Path,
     guest: &GuestImage,
 ) -> Result<(), UpError> {
-    let work = paths::cache_root().join("up").join(format!("run-{}", std::process::id()));
+    let work = paths::cache_root()
+        .join("up")
+        .join(format!("run-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| failed("creating the work directory", e))?;
     let token = relay::new_token().map_err(|e| failed("making the relay token", e))?;
     let res = run_in(args, cfg, socket, guest, &work, &token);
@@ -261,8 +319,8 @@ fn run_in(
     let target = std::net::SocketAddr::from(([127, 0, 0, 1], host_port));
     let listener = relay::bind_host_socket(socket).map_err(|e| failed("binding the socket", e))?;
     let _guard = rt.enter();
-    let listener =
-        tokio::net::UnixListener::from_std(listener).map_err(|e| failed("registering the socket", e))?;
+    let listener = tokio::net::UnixListener::from_std(listener)
+        .map_err(|e| failed("registering the socket", e))?;
     let relay_task = rt.spawn(relay::serve_host(listener, target, token.to_string()));
     println!(
         "nested mode: L1 booted and VM {id} was created {ready_s:.1} s after QEMU started \
@@ -316,7 +374,11 @@ fn run_in(
     let clean = std::fs::read_to_string(&log).is_ok_and(|l| l.contains(STOPPED_MARKER));
     println!(
         "stopped{}; socket {} removed",
-        if clean { " cleanly (VM deleted in L1, L1 powered off)" } else { "" },
+        if clean {
+            " cleanly (VM deleted in L1, L1 powered off)"
+        } else {
+            ""
+        },
         socket.display()
     );
     Ok(())
@@ -334,6 +396,22 @@ mod tests {
         assert!(c.contains("./tidepool up --direct"));
         assert!(c.contains("--relay-listen 10.0.2.15:7070"));
         assert!(c.contains("--pool-mib 2560"));
+    }
+
+    #[test]
+    fn console_filtering() {
+        assert_eq!(
+            strip_escapes("\u{1b}c\u{1b}[?7l\u{1b}[2JTIDEPOOL-L1-INIT uptime=1"),
+            "TIDEPOOL-L1-INIT uptime=1"
+        );
+        assert!(interesting("TIDEPOOL-L1-KVM ok"));
+        assert!(interesting("[tidepool] booting L1"));
+        assert!(!interesting("[    1.930674] reboot: Power down"));
+        assert!(!interesting(
+            "qemu-system-x86_64: warning: TCG doesn't support requested feature: x"
+        ));
+        assert!(!interesting("\u{1b}[0mSeaBIOS (version 1.16.2)"));
+        assert!(!interesting("   "));
     }
 
     #[test]

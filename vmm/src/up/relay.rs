@@ -111,7 +111,10 @@ pub async fn serve_l1(
         let token = token.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
-            match read_preamble(&mut tcp).await.and_then(|l| parse_preamble(&l, &token)) {
+            match read_preamble(&mut tcp)
+                .await
+                .and_then(|l| parse_preamble(&l, &token))
+            {
                 Some(Request::Api) => match UnixStream::connect(&daemon).await {
                     Ok(mut unix) => {
                         let _ = tokio::io::copy_bidirectional(&mut tcp, &mut unix).await;
