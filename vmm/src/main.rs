@@ -8,12 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use guest_mm::slab::TypedSlab;
-use guest_mm::topology::Topology;
 use tidepool_api::cli::{ApiCommand, BalloonCommand, ConnectArgs, ServeArgs, VmCommand};
 use tidepool_vmm::bench;
-use tidepool_vmm::hostpool::build_pool;
-use tidepool_vmm::manager::VmManager;
 
 mod runner;
 
@@ -106,32 +102,10 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 }
 
 fn serve(cmd: &ServeCmd) -> Result<(), String> {
-    let topo = match Topology::from_host() {
-        Some(Ok(t)) => t,
-        Some(Err(e)) => return Err(format!("reading the host NUMA topology: {e}")),
-        None => {
-            let mem = std::fs::read_to_string("/proc/meminfo")
-                .ok()
-                .and_then(|s| {
-                    s.lines()
-                        .find_map(|l| l.strip_prefix("MemTotal:"))
-                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                })
-                .unwrap_or(0);
-            Topology::single(mem * 1024)
-        }
-    };
-    let nodes = u16::try_from(topo.len()).map_err(|_| "too many NUMA nodes".to_string())?;
-    let pool = build_pool(topo, cmd.pool_mib.map(|m| m << 20))
-        .map_err(|e| format!("building the memory pool: {e}"))?;
-    let slab = TypedSlab::with_config("vm-block-records", |b| b.nodes(usize::from(nodes)))
-        .map_err(|e| format!("building the block record slab: {e}"))?;
-    let manager = Arc::new(VmManager::new(
-        Arc::new(pool),
-        slab,
-        nodes,
+    let manager = tidepool_vmm::up::daemon::build_manager(
+        cmd.pool_mib.map(|m| m << 20),
         Duration::from_secs(cmd.vm_timeout),
-    ));
+    )?;
     let cfg = cmd.api.to_config().map_err(|e| e.to_string())?;
     let rt = runtime()?;
     let backend: Arc<dyn tidepool_api::ApiBackend> = manager.clone();
