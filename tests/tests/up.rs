@@ -3,7 +3,8 @@
 //!
 //! The test starts `tidepool up --socket <tmp>` in the background, waits for the socket, runs
 //! `tidepool vm list` and `tidepool vm memory ID` against it, checks the default VM's figures
-//! (512 MiB boot RAM, a 2 GiB virtio-mem region), sends SIGTERM and checks that `up` stopped
+//! (512 MiB boot RAM, a 2 GiB virtio-mem region), resizes it to 1024 MiB through the socket
+//! (the guest's virtio-mem driver plugs it), sends SIGTERM and checks that `up` stopped
 //! cleanly: exit status 0, the socket removed, and no process left in the harness's group.
 //! It skips (printing why) when the guest image cannot be had, or when nested mode is needed
 //! and qemu-system-x86_64 is missing. `TIDEPOOL_BIN` picks the binary (default: a release
@@ -211,6 +212,22 @@ fn tidepool_up_serves_the_default_vm_and_cleans_up() {
         mem["plugged_mib"].as_u64().is_some_and(|p| p >= 512),
         "{mem}"
     );
+
+    // `up` announces the VM once the guest's virtio-mem driver is up, so a resize works now.
+    let resize = Command::new(&bin)
+        .args(["vm", "resize", &id, "1024", "--timeout", "90", "--socket"])
+        .arg(&sock)
+        .output()
+        .expect("run tidepool vm resize");
+    assert!(
+        resize.status.success(),
+        "vm resize failed: {}\n{}",
+        String::from_utf8_lossy(&resize.stderr),
+        read_log(&log_path)
+    );
+    let mem = cli_json(&bin, &sock, &["vm", "memory", &id]);
+    assert_eq!(mem["plugged_mib"], 1024, "{mem}");
+    assert_eq!(mem["requested_mib"], 1024, "{mem}");
 
     let out = read_log(&log_path);
     assert!(

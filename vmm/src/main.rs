@@ -117,7 +117,10 @@ fn serve(cmd: &ServeCmd) -> Result<(), String> {
 
 fn client(cmd: ApiCommand, connect: &ConnectArgs) -> Result<(), String> {
     let rt = runtime()?;
-    rt.block_on(tidepool_api::cli::run(&cmd, connect))
+    // Without --socket, and with no daemon at the serve default, talk to `tidepool up`'s.
+    let mut connect = connect.clone();
+    connect.socket = tidepool_vmm::up::paths::client_socket(&connect.socket);
+    rt.block_on(tidepool_api::cli::run(&cmd, &connect))
         .map_err(|e| e.to_string())
 }
 

@@ -105,21 +105,75 @@ fn follow_console(
     })
 }
 
+/// ` --socket PATH`, or nothing when a client without `--socket` reaches `socket` anyway
+/// (see [`super::paths::client_socket`]).
+pub fn socket_flag(socket: &Path) -> String {
+    let serve_default = Path::new(tidepool_api::server::DEFAULT_SOCKET_PATH);
+    let reached = socket == serve_default
+        || (socket == super::paths::default_socket_here() && !serve_default.exists());
+    if reached {
+        String::new()
+    } else {
+        format!(" --socket {}", socket.display())
+    }
+}
+
 /// Prints how to use the running VM.
 pub fn print_banner(socket: &Path, id: &str, memory_mib: u64, region_mib: u64) {
-    let s = socket.display();
+    let s = socket_flag(socket);
     let grow = (memory_mib + 512).min(memory_mib + region_mib);
     println!(
         "tidepool is up: VM {id} ({memory_mib} MiB boot RAM, {region_mib} MiB virtio-mem region)"
     );
-    println!("  API socket:   {s}");
-    println!("  list VMs:     tidepool vm list --socket {s}");
+    println!("  API socket:   {}", socket.display());
+    println!("  list VMs:     tidepool vm list{s}");
     if region_mib > 0 {
-        println!("  resize:       tidepool vm resize --socket {s} {id} {grow}");
+        println!("  resize:       tidepool vm resize{s} {id} {grow}");
     }
-    println!("  see memory:   tidepool vm memory --socket {s} {id}");
-    println!("  host memory:  tidepool host --socket {s}");
+    println!("  see memory:   tidepool vm memory{s} {id}");
+    println!("  host memory:  tidepool host{s}");
     println!("  stop:         Ctrl-C (deletes the VM, removes the socket)");
+}
+
+/// Waits (at most [`INIT_PATIENCE`]) until the guest's virtio-mem driver is up, so that the
+/// resize command printed next works at once; says so either way.
+async fn wait_driver_ready(backend: &Arc<dyn ApiBackend>, id: &str, t0: Instant) {
+    println!("waiting for the guest's virtio-mem driver (resizes are refused until it is up)...");
+    while t0.elapsed() < INIT_PATIENCE {
+        let b = backend.clone();
+        let vm = id.to_string();
+        let ready = tokio::task::spawn_blocking(move || b.get_memory(&vm))
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .map(|m| m.resize.driver_ready);
+        let b = backend.clone();
+        let vm = id.to_string();
+        let stopped = tokio::task::spawn_blocking(move || b.get_vm(&vm))
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .is_none_or(|v| v.state == VmState::Stopped);
+        if stopped {
+            return;
+        }
+        match ready {
+            Some(true) => {
+                println!(
+                    "the guest's virtio-mem driver is up {:.1} s after the VM was created",
+                    t0.elapsed().as_secs_f64()
+                );
+                return;
+            }
+            // The VM is gone or stopped: the console follower says why.
+            None => return,
+            Some(false) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+    println!(
+        "the guest's virtio-mem driver is not up after {} s; resizes are refused until it is",
+        INIT_PATIENCE.as_secs()
+    );
 }
 
 /// Runs direct mode until SIGINT/SIGTERM (or, in L1, the relay's STOP).
@@ -201,19 +255,35 @@ async fn serve_with_vm(
         t0,
         stop_follow.clone(),
     );
-    if relay_task.is_some() {
-        // Inside L1: the host prints the banner with its own socket.
-        println!("{READY_MARKER} vm={id} create_ms={create_ms}");
-    } else {
-        print_banner(socket, &id, cfg.vm.memory_mib, cfg.vm.hotplug_region_mib);
-    }
+    // Signals (and the relay's STOP) from here on end the server; the wait below gives way.
+    let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
     let shutdown = async move {
         tokio::select! {
             _ = tidepool_api::server::shutdown_signal() => {}
             _ = stop_rx.recv() => {}
         }
+        let _ = stopping_tx.send(true);
     };
-    let served = server.run(shutdown).await;
+    let server_task = tokio::spawn(server.run(shutdown));
+    let announce = async {
+        if cfg.vm.hotplug_region_mib > 0 {
+            wait_driver_ready(&backend, &id, t0).await;
+        }
+        if relay_task.is_some() {
+            // Inside L1: the host prints the banner with its own socket.
+            println!("{READY_MARKER} vm={id} create_ms={create_ms}");
+        } else {
+            print_banner(socket, &id, cfg.vm.memory_mib, cfg.vm.hotplug_region_mib);
+        }
+    };
+    tokio::select! {
+        _ = announce => {}
+        _ = stopping_rx.wait_for(|s| *s) => {}
+    }
+    let served = match server_task.await {
+        Ok(r) => r,
+        Err(e) => return Err(failed("the API server task")(e.to_string())),
+    };
     if let Some(t) = relay_task {
         t.abort();
     }

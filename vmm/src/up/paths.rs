@@ -25,6 +25,27 @@ pub fn default_socket_here() -> PathBuf {
     default_socket(xdg.as_deref(), uid)
 }
 
+/// The socket a client command uses: `given`, unless it is the `tidepool serve` default
+/// (`/run/tidepool/api.sock`, i.e. no `--socket`), no socket is there, and `tidepool up`'s
+/// default socket exists; then that one.
+pub fn client_socket(given: &Path) -> PathBuf {
+    choose_client_socket(given, &default_socket_here(), |p| p.exists())
+}
+
+/// [`client_socket`] with the `up` socket and the existence test given.
+pub fn choose_client_socket(
+    given: &Path,
+    up_socket: &Path,
+    exists: impl Fn(&Path) -> bool,
+) -> PathBuf {
+    let serve_default = Path::new(tidepool_api::server::DEFAULT_SOCKET_PATH);
+    if given == serve_default && !exists(given) && exists(up_socket) {
+        up_socket.to_path_buf()
+    } else {
+        given.to_path_buf()
+    }
+}
+
 /// `${XDG_CACHE_HOME:-$HOME/.cache}/tidepool`, as the scripts compute it.
 pub fn cache_root() -> PathBuf {
     std::env::var_os("XDG_CACHE_HOME")
@@ -178,6 +199,21 @@ mod tests {
             default_socket(Some("rel/dir"), 0),
             PathBuf::from("/run/tidepool/tidepool.sock")
         );
+    }
+
+    #[test]
+    fn clients_fall_back_to_the_up_socket() {
+        let serve = Path::new(tidepool_api::server::DEFAULT_SOCKET_PATH);
+        let up = Path::new("/run/user/1/tidepool/tidepool.sock");
+        let only_up = |p: &Path| p == up;
+        assert_eq!(choose_client_socket(serve, up, only_up), up);
+        // a daemon at the serve default wins
+        assert_eq!(choose_client_socket(serve, up, |_| true), serve);
+        // no up socket either: keep the default (the error names it)
+        assert_eq!(choose_client_socket(serve, up, |_| false), serve);
+        // an explicit --socket is never replaced
+        let mine = Path::new("/tmp/x.sock");
+        assert_eq!(choose_client_socket(mine, up, only_up), mine);
     }
 
     #[test]
