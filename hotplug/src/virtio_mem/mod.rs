@@ -21,8 +21,8 @@ pub mod state;
 
 #[cfg(test)]
 mod pool_tests;
-#[cfg(test)]
-mod test_utils;
+#[cfg(any(test, feature = "testing"))]
+pub mod test_utils;
 #[cfg(test)]
 mod tests;
 

@@ -1,6 +1,7 @@
 //! Test helpers: a tracking backend and a guest that drives the device through the real
 //! virtio-mmio transport the way Linux's virtio_mmio + virtio_mem drivers do, over real guest
-//! memory.
+//! memory. Built for the crate's tests and, with the `testing` feature, for benchmarks that
+//! drive the device from the host (they panic on a malformed ring, as a test would).
 
 use super::request::{Request, Response, RESPONSE_SIZE};
 use super::{BackendError, MemoryBackend, VirtioMem, VirtioMemConfig, MIB};
@@ -129,6 +130,12 @@ impl MemoryBackend for FakeBackend {
     }
 }
 
+impl Default for FakeBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Counts interrupts.
 #[derive(Debug, Default)]
 pub struct Trigger(pub AtomicUsize);
@@ -156,6 +163,15 @@ pub struct Guest<B: MemoryBackend + Send = FakeBackend> {
     /// The transport with the device.
     pub t: MmioTransport<VirtioMem<B>>,
     sent: u16,
+}
+
+impl<B: MemoryBackend + Send> std::fmt::Debug for Guest<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guest")
+            .field("sent", &self.sent)
+            .field("irqs", &self.irqs())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Guest<FakeBackend> {

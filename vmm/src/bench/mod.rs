@@ -7,6 +7,7 @@
 pub mod alloc;
 pub mod api;
 pub mod boot;
+pub mod hotplug;
 pub mod latency;
 pub mod loadgen;
 pub mod reclaim;
@@ -128,7 +129,7 @@ pub static SUITES: &[Suite] = &[
     Suite {
         name: "hotplug",
         about: "virtio-mem plug/unplug of 1 GiB, plug/unplug cycles",
-        run: None,
+        run: Some(hotplug::run),
     },
     Suite {
         name: "reclaim",
