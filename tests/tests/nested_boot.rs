@@ -18,97 +18,9 @@
 //! skips (printing why) when qemu-system-x86_64 is missing or the guest image cannot be built
 //! here.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-fn on_path(name: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|p| {
-        std::env::split_paths(&p).any(|d| {
-            let f = d.join(name);
-            f.is_file()
-        })
-    })
-}
-
-fn cache_root() -> PathBuf {
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from("/tmp"))
-        .join("tidepool")
-}
-
-/// The guest image directory, built when missing; Err says why it cannot be had here.
-fn guest_image(root: &Path) -> Result<PathBuf, String> {
-    let current = cache_root().join("guest").join("current");
-    let ready = |d: &Path| d.join("vmlinux").is_file() && d.join("initramfs.cpio.gz").is_file();
-    if ready(&current) {
-        return Ok(current);
-    }
-    eprintln!("nested_boot: guest image missing, running resources/guest/build.sh");
-    let out = Command::new(root.join("resources/guest/build.sh"))
-        .output()
-        .map_err(|e| format!("cannot run resources/guest/build.sh: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "resources/guest/build.sh failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .rev()
-                .take(5)
-                .collect::<Vec<_>>()
-                .join(" | ")
-        ));
-    }
-    if ready(&current) {
-        Ok(current)
-    } else {
-        Err(format!(
-            "build.sh succeeded but {} is incomplete",
-            current.display()
-        ))
-    }
-}
-
-/// The release `tidepool` binary: `TIDEPOOL_BIN` if set, else built with cargo (a no-op when
-/// it is fresh; `cargo test --workspace --release` has built it already).
-fn tidepool_binary(root: &Path) -> PathBuf {
-    if let Some(p) = std::env::var_os("TIDEPOOL_BIN") {
-        return PathBuf::from(p);
-    }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    let status = Command::new(cargo)
-        .current_dir(root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "tidepool-vmm",
-            "--bin",
-            "tidepool",
-        ])
-        .status()
-        .expect("run cargo build for the tidepool binary");
-    assert!(
-        status.success(),
-        "cargo build of the tidepool binary failed"
-    );
-    let bin = target.join("release").join("tidepool");
-    assert!(bin.is_file(), "{} missing after cargo build", bin.display());
-    bin
-}
+use tidepool_tests::{guest_image, on_path, tidepool_binary, workspace_root};
 
 /// The value after `key` in the first line containing it, up to whitespace.
 fn value_after<'a>(text: &'a str, key: &str) -> Option<&'a str> {

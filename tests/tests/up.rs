@@ -11,81 +11,10 @@
 //! build through cargo).
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-fn on_path(name: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
-}
-
-fn cache_root() -> PathBuf {
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from("/tmp"))
-        .join("tidepool")
-}
-
-fn guest_ready() -> Result<(), String> {
-    let current = cache_root().join("guest").join("current");
-    let ok = ["vmlinux", "initramfs.cpio.gz", "cmdline"]
-        .iter()
-        .all(|f| current.join(f).is_file());
-    if ok {
-        return Ok(());
-    }
-    let out = Command::new(workspace_root().join("resources/guest/build.sh"))
-        .output()
-        .map_err(|e| format!("cannot run resources/guest/build.sh: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "resources/guest/build.sh failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
-        ))
-    }
-}
-
-fn tidepool_binary(root: &Path) -> PathBuf {
-    if let Some(p) = std::env::var_os("TIDEPOOL_BIN") {
-        return PathBuf::from(p);
-    }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    let status = Command::new(cargo)
-        .current_dir(root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "tidepool-vmm",
-            "--bin",
-            "tidepool",
-        ])
-        .status()
-        .expect("run cargo build for the tidepool binary");
-    assert!(
-        status.success(),
-        "cargo build of the tidepool binary failed"
-    );
-    target.join("release").join("tidepool")
-}
+use tidepool_tests::{guest_image, on_path, tidepool_binary, workspace_root};
 
 fn kvm_is_pvm() -> bool {
     Path::new("/sys/module/kvm_pvm").exists() || !Path::new("/dev/kvm").exists()
@@ -156,7 +85,7 @@ fn tidepool_up_serves_the_default_vm_and_cleans_up() {
         eprintln!("SKIP up: this host needs nested mode and qemu-system-x86_64 is not installed (resources/ci/install-deps.sh installs it)");
         return;
     }
-    if let Err(why) = guest_ready() {
+    if let Err(why) = guest_image(&workspace_root()) {
         eprintln!("SKIP up: no guest image: {why}");
         return;
     }
