@@ -1,7 +1,8 @@
 //! The balloon's host side over the VM window: discarding is `madvise(MADV_DONTNEED)` on the
 //! window's anonymous private backing (the next guest touch reads zeroes), and residency is
-//! `mincore` over the window. The balloon manages boot RAM only; virtio-mem owns the hot-plug
-//! region.
+//! `mincore` over the window. Reports may cover boot RAM and the plugged blocks of the
+//! virtio-mem region: both are the VM's RAM. A range of the region that is not plugged (not
+//! placed in the window) is refused, so nothing outside what the VM holds is ever discarded.
 
 use std::sync::Arc;
 
@@ -11,7 +12,8 @@ use crate::memory::GuestWindow;
 
 const PAGE: u64 = 4096;
 
-/// [`ReclaimBackend`] and [`ResidencyProbe`] over a VM's boot RAM in its window.
+/// [`ReclaimBackend`] and [`ResidencyProbe`] over a VM's RAM in its window (boot RAM and
+/// plugged virtio-mem blocks).
 #[derive(Debug)]
 pub struct WindowReclaim {
     window: Arc<GuestWindow>,
@@ -19,19 +21,21 @@ pub struct WindowReclaim {
 }
 
 impl WindowReclaim {
-    /// A backend over the boot RAM of `window`'s layout.
+    /// A backend over the boot RAM and the hot-plug region of `window`'s layout; within the
+    /// region only placed (plugged) blocks can be discarded.
     pub fn new(window: Arc<GuestWindow>) -> Result<WindowReclaim, BackendError> {
-        let ranges: Vec<(u64, u64)> = window
-            .layout()
+        let layout = window.layout();
+        let ranges: Vec<(u64, u64)> = layout
             .boot_ram_ranges()
             .into_iter()
+            .chain(layout.hotplug())
             .map(|r| (r.start, r.end - r.start))
             .collect();
         let ram = RamMap::new(&ranges)?;
         Ok(WindowReclaim { window, ram })
     }
 
-    /// Host address of `[gpa, gpa+len)` after checking it is placed boot RAM.
+    /// Host address of `[gpa, gpa+len)` after checking it is the VM's RAM and placed.
     fn host_span(&self, gpa: u64, len: u64) -> Result<usize, BackendError> {
         if gpa % PAGE != 0 || len % PAGE != 0 {
             return Err(BackendError::Misaligned { gpa, len });
@@ -64,7 +68,7 @@ impl ReclaimBackend for WindowReclaim {
     fn discard(&mut self, gpa: u64, len: u64) -> Result<(), BackendError> {
         let host = self.host_span(gpa, len)?;
         let n = usize::try_from(len).map_err(|_| BackendError::NotGuestRam { gpa, len })?;
-        // SAFETY: `[host, host+n)` is placed boot RAM inside the window (checked above), a
+        // SAFETY: `[host, host+n)` is placed guest RAM inside the window (checked above), a
         // private anonymous mapping the window keeps alive while this backend holds its Arc.
         // Guest memory is only accessed through volatile operations or by KVM, so dropping its
         // pages under a running guest is not undefined behaviour: the guest reads zeroes.
@@ -111,7 +115,7 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     #[test]
-    fn discard_drops_pages_and_stays_inside_boot_ram() {
+    fn discard_drops_pages_and_stays_inside_the_vms_ram() {
         let layout = Layout::new(LayoutConfig {
             boot_ram: 8 * MIB,
             hotplug_size: 128 * MIB,
@@ -119,7 +123,11 @@ mod tests {
         .expect("layout");
         let window = Arc::new(GuestWindow::new(layout).expect("window"));
         let mut r = WindowReclaim::new(Arc::clone(&window)).expect("backend");
-        assert_eq!(r.guest_ram(), &[(0, 8 * MIB)]);
+        let hp = window.layout().hotplug().expect("region");
+        assert_eq!(
+            r.guest_ram(),
+            &[(0, 8 * MIB), (hp.start, hp.end - hp.start)]
+        );
         let mem = window.guest_memory().expect("view");
         for p in 0..16u64 {
             mem.write_obj(0xabcd_u64 + p, GuestAddress(2 * MIB + p * PAGE))
@@ -140,10 +148,27 @@ mod tests {
             mem.read_obj::<u64>(GuestAddress(2 * MIB + 8 * PAGE)).ok(),
             Some(0xabcd + 8)
         );
-        // Outside boot RAM, unaligned, or in the (unplugged) hot-plug region: refused.
-        let hp = window.layout().hotplug().expect("region").start;
+        // Outside the VM's RAM, unaligned, or in the unplugged part of the hot-plug region:
+        // refused.
+        let hp = hp.start;
         assert!(matches!(
             r.discard(hp, PAGE),
+            Err(BackendError::NotGuestRam { .. })
+        ));
+        // A plugged block of the region is the VM's RAM: reports there are honoured.
+        window.place_block(hp, 2 * MIB).expect("place");
+        // A view taken after the plug covers the new block.
+        let mem = window.guest_memory().expect("view after plug");
+        mem.write_obj(0x5a5a_u64, GuestAddress(hp))
+            .expect("write plugged");
+        let mut one = [false];
+        r.residency(hp, &mut one).expect("mincore");
+        assert!(one[0]);
+        r.discard(hp, 2 * MIB).expect("discard plugged block");
+        r.residency(hp, &mut one).expect("mincore");
+        assert!(!one[0], "a discarded plugged page is not resident");
+        assert!(matches!(
+            r.discard(hp + 2 * MIB, PAGE),
             Err(BackendError::NotGuestRam { .. })
         ));
         assert!(matches!(
