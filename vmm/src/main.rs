@@ -37,6 +37,10 @@ enum Command {
         /// Print one JSON object of figures instead of a table.
         #[arg(long)]
         json: bool,
+        /// `boot` suite: also boot the stock Debian guest to its `/init` with `tidepool run`
+        /// (directly, or inside the nested L1 when this host's KVM cannot run it).
+        #[arg(long, conflicts_with = "quick")]
+        linux: bool,
     },
     /// Boot a Linux kernel once, serial console on stdout; exits when the guest powers off or
     /// resets (status 0), fails (1) or times out (124).
@@ -146,8 +150,13 @@ fn main() -> ExitCode {
     let result = match cli.command {
         // The runner has its own exit statuses (0 clean end, 1 failure, 124 timeout).
         Command::Run(args) => return runner::main(args),
-        Command::Bench { suite, quick, json } => {
-            let opts = bench::BenchOptions { quick, json };
+        Command::Bench {
+            suite,
+            quick,
+            json,
+            linux,
+        } => {
+            let opts = bench::BenchOptions { quick, json, linux };
             match bench::run(&suite, &opts) {
                 Ok(report) => {
                     if json {

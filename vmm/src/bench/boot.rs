@@ -6,6 +6,11 @@
 //! - `vmm_overhead_mib_per_vm`: with 20 idle tiny-guest VMs alive at once, (process RSS - guest
 //!   memory touched) / 20. Guest memory touched is measured with `mincore` over each VM's
 //!   window. `vmm_marginal_mib_per_vm` subtracts the RSS the process had before the VMs.
+//! - With `--linux` only ([`linux`]): `linux_boot_to_init_s`, the stock Debian guest under
+//!   `tidepool run` from its start to `/init`; measured in the nested L1 when this host's KVM
+//!   cannot run a stock kernel (`linux_boot_nested` = 1, plus `l1_boot_s`).
+
+pub mod linux;
 
 use super::{progress, BenchError, BenchOptions, Report};
 use crate::kvm::{kvm_available, Vm, VmConfig};
@@ -138,5 +143,8 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         touched as f64 / VMS as f64 / mib,
         "MiB of guest RAM resident per VM",
     );
+    if opts.linux && !opts.quick {
+        linux::measure(&mut r)?;
+    }
     Ok(r)
 }

@@ -42,6 +42,8 @@ pub struct BenchOptions {
     pub quick: bool,
     /// Print one JSON object instead of a table; progress goes to stderr either way.
     pub json: bool,
+    /// `boot` suite: also measure the stock Debian guest booting to `/init` (not with `quick`).
+    pub linux: bool,
 }
 
 /// The figures a suite produced, by name, in insertion order for the table.
