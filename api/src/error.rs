@@ -69,22 +69,24 @@ impl ErrorKind {
         }
     }
 
+    /// Every kind, in declaration order.
+    pub const ALL: [ErrorKind; 11] = [
+        ErrorKind::BadRequest,
+        ErrorKind::Unauthorized,
+        ErrorKind::NotFound,
+        ErrorKind::MethodNotAllowed,
+        ErrorKind::Conflict,
+        ErrorKind::PayloadTooLarge,
+        ErrorKind::UnsupportedMediaType,
+        ErrorKind::Internal,
+        ErrorKind::Unsupported,
+        ErrorKind::Busy,
+        ErrorKind::Timeout,
+    ];
+
     /// Parses a `code` string back into a kind (used by the client).
     pub fn from_code(code: &str) -> Option<ErrorKind> {
-        const ALL: [ErrorKind; 11] = [
-            ErrorKind::BadRequest,
-            ErrorKind::Unauthorized,
-            ErrorKind::NotFound,
-            ErrorKind::MethodNotAllowed,
-            ErrorKind::Conflict,
-            ErrorKind::PayloadTooLarge,
-            ErrorKind::UnsupportedMediaType,
-            ErrorKind::Internal,
-            ErrorKind::Unsupported,
-            ErrorKind::Busy,
-            ErrorKind::Timeout,
-        ];
-        ALL.into_iter().find(|k| k.code() == code)
+        Self::ALL.into_iter().find(|k| k.code() == code)
     }
 }
 
@@ -167,19 +169,7 @@ mod tests {
 
     #[test]
     fn codes_round_trip_and_statuses_are_distinct_classes() {
-        for k in [
-            ErrorKind::BadRequest,
-            ErrorKind::Unauthorized,
-            ErrorKind::NotFound,
-            ErrorKind::MethodNotAllowed,
-            ErrorKind::Conflict,
-            ErrorKind::PayloadTooLarge,
-            ErrorKind::UnsupportedMediaType,
-            ErrorKind::Internal,
-            ErrorKind::Unsupported,
-            ErrorKind::Busy,
-            ErrorKind::Timeout,
-        ] {
+        for k in ErrorKind::ALL {
             assert_eq!(ErrorKind::from_code(k.code()), Some(k));
             let json = serde_json::to_value(k).unwrap_or_default();
             assert_eq!(json, serde_json::Value::String(k.code().to_string()));
