@@ -10,5 +10,6 @@ pub mod legacy;
 pub mod manager;
 pub mod memory;
 pub mod microvm;
+pub mod reclaim;
 pub mod tiny_guest;
 pub mod up;
