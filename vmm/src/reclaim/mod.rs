@@ -13,6 +13,7 @@
 //! - [`monitor`]: the periodic task that turns guest-mm monitor actions into compaction,
 //!   reclaim and NUMA rebalancing, with counted triggers.
 
+pub mod balloon;
 pub mod engine;
 // pub mod monitor;
 pub mod pressure;
@@ -25,6 +26,7 @@ pub use engine::{
     ReclaimEvent, StepReport, Trigger,
 };
 
+pub use balloon::DeviceBalloon;
 pub use pressure::{
     parse_psi, PressureReading, PressureSource, ProcPressure, PsiLine, PsiTrigger,
     SyntheticPressure,
@@ -33,7 +35,7 @@ pub use target::{Idleness, Phase, PhaseOutcome, PhaseRequest, ReclaimTarget, Tar
 pub use watermark::{
     Domain, DomainReading, DomainState, Level, WatermarkFractions, WatermarkTracker, Watermarks,
 };
-pub use window::{BalloonHook, SwapHook, WindowTarget, ZeroSplitStats};
+pub use window::{AccessHook, BalloonHook, QuiesceFn, SwapHook, WindowTarget, ZeroSplitStats};
 
 /// Errors of the reclaim engine and its parts.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

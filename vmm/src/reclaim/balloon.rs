@@ -1,0 +1,113 @@
+//! [`DeviceBalloon`]: the [`BalloonHook`] over a VM's virtio-balloon device (phases 1 and 2).
+
+use std::sync::Mutex;
+
+use super::target::TargetError;
+use super::window::BalloonHook;
+use crate::devices::lock;
+use crate::memory::MIB;
+use crate::microvm::BalloonTransport;
+
+/// A VM's balloon device as the engine uses it.
+#[derive(Debug)]
+pub struct DeviceBalloon {
+    dev: BalloonTransport,
+    /// `reported_bytes_total` at the last [`BalloonHook::take_reported`].
+    seen_reported: Mutex<u64>,
+}
+
+impl DeviceBalloon {
+    /// The hook over `dev`. Reports that arrived before this call are not counted.
+    pub fn new(dev: BalloonTransport) -> Self {
+        let seen = lock(&dev)
+            .device()
+            .accounting()
+            .counters
+            .reported_bytes_total;
+        DeviceBalloon {
+            dev,
+            seen_reported: Mutex::new(seen),
+        }
+    }
+}
+
+impl BalloonHook for DeviceBalloon {
+    fn inflate(&self, bytes: u64) -> Result<u64, TargetError> {
+        let mut t = lock(&self.dev);
+        let b = t.device_mut();
+        if !tidepool_virtio::VirtioDevice::is_activated(&*b) {
+            return Err(TargetError::Unsupported(
+                "the guest's balloon driver is not up".into(),
+            ));
+        }
+        let ram_mib = b.accounting().assigned_bytes / MIB;
+        let cur = b.target_mib();
+        let add = bytes.div_ceil(MIB);
+        let next = cur.saturating_add(add).min(ram_mib);
+        if next <= cur {
+            return Ok(0);
+        }
+        b.set_target_mib(next)
+            .map_err(|e| TargetError::Failed(e.to_string()))?;
+        Ok((next - cur) * MIB)
+    }
+
+    fn take_reported(&self) -> Result<u64, TargetError> {
+        let total = lock(&self.dev)
+            .device()
+            .accounting()
+            .counters
+            .reported_bytes_total;
+        let mut seen = lock(&self.seen_reported);
+        let delta = total.saturating_sub(*seen);
+        *seen = total;
+        Ok(delta)
+    }
+
+    fn start_hinting(&self) -> Result<u64, TargetError> {
+        // The balloon device does not offer VIRTIO_BALLOON_F_FREE_PAGE_HINT yet.
+        Err(TargetError::Unsupported(
+            "free page hinting is not offered by the balloon device".into(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{GuestWindow, Layout, LayoutConfig};
+    use crate::tiny_guest::harness::NoIrq;
+    use std::sync::Arc;
+    use tidepool_balloon::{Balloon, BalloonConfig, MmapBackend};
+    use tidepool_virtio::MmioTransport;
+    use vm_memory::GuestMemoryAtomic;
+
+    #[test]
+    fn balloon_hook_before_the_driver_is_up() {
+        let layout = Layout::new(LayoutConfig {
+            boot_ram: 32 * MIB,
+            hotplug_size: 0,
+        })
+        .expect("layout");
+        let window = Arc::new(GuestWindow::new(layout).expect("window"));
+        let mem = (*window.guest_memory().expect("view")).clone();
+        let backend = MmapBackend::with_ram(&mem, &[(0, 32 * MIB)]).expect("backend");
+        let balloon = Balloon::new(BalloonConfig::default(), Box::new(backend)).expect("balloon");
+        let t = MmioTransport::new(
+            Box::new(balloon),
+            GuestMemoryAtomic::new(mem),
+            Arc::new(NoIrq::default()),
+        )
+        .expect("transport");
+        let hook = DeviceBalloon::new(Arc::new(std::sync::Mutex::new(t)));
+        assert!(matches!(
+            hook.inflate(4 * MIB),
+            Err(TargetError::Unsupported(_))
+        ));
+        assert_eq!(hook.take_reported(), Ok(0));
+        assert!(matches!(
+            hook.start_hinting(),
+            Err(TargetError::Unsupported(_))
+        ));
+    }
+}
