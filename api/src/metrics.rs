@@ -106,6 +106,74 @@ pub struct LatencyHistogram {
     pub count: u64,
 }
 
+/// A counter with arbitrary labels.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabeledCounter {
+    /// Label pairs, in order.
+    pub labels: Vec<(String, String)>,
+    /// Value.
+    pub value: u64,
+}
+
+/// Counters of one reclaim phase.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReclaimPhaseMetrics {
+    /// Phase name (`reported`, `balloon`, `drop_clean`, `swap_out`, `split_huge`).
+    pub phase: String,
+    /// Target calls.
+    pub calls: u64,
+    /// Calls that reclaimed or requested something.
+    pub runs: u64,
+    /// Bytes reclaimed at once.
+    pub reclaimed_bytes: u64,
+    /// Bytes requested from guests (balloon, hinting).
+    pub requested_bytes: u64,
+    /// Time spent, seconds.
+    pub seconds: f64,
+    /// Calls answered "unsupported".
+    pub unsupported: u64,
+    /// Calls that failed.
+    pub errors: u64,
+}
+
+/// Watermark state of one reclaim domain (`budget`, `node0`, ...).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WatermarkMetrics {
+    /// Domain name.
+    pub domain: String,
+    /// Domain size.
+    pub total_bytes: u64,
+    /// Free memory.
+    pub free_bytes: u64,
+    /// Min watermark.
+    pub min_bytes: u64,
+    /// Low watermark.
+    pub low_bytes: u64,
+    /// High watermark.
+    pub high_bytes: u64,
+    /// Level name (`min`, `low`, `normal`, `high`).
+    pub level: String,
+    /// Whether the domain is reclaiming.
+    pub reclaiming: bool,
+}
+
+/// Reclaim engine figures.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReclaimMetrics {
+    /// Runs by trigger (`watermark`, `psi`, `alloc_failure`).
+    pub runs: Vec<NamedCounter>,
+    /// Urgent runs (below min).
+    pub urgent_runs: u64,
+    /// Per phase.
+    pub phases: Vec<ReclaimPhaseMetrics>,
+    /// Per domain.
+    pub watermarks: Vec<WatermarkMetrics>,
+    /// PSI `some avg10` (percent), when readable.
+    pub psi_some_avg10: Option<f64>,
+    /// PSI `full avg10` (percent), when readable.
+    pub psi_full_avg10: Option<f64>,
+}
+
 /// Everything `GET /metrics` shows, as plain numbers.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MetricsSnapshot {
@@ -119,6 +187,15 @@ pub struct MetricsSnapshot {
     pub devices: Vec<DeviceMetrics>,
     /// Allocation latency of the pool.
     pub alloc_latency: LatencyHistogram,
+    /// Monitor triggers by action (`compact`, `reclaim`, `rebalance`).
+    #[serde(default)]
+    pub monitor_triggers: Vec<NamedCounter>,
+    /// Monitor action results, labelled `action` and `outcome`.
+    #[serde(default)]
+    pub monitor_actions: Vec<LabeledCounter>,
+    /// Reclaim engine figures, when the engine runs.
+    #[serde(default)]
+    pub reclaim: Option<ReclaimMetrics>,
 }
 
 type Labels = Vec<(String, String)>;
@@ -304,9 +381,151 @@ pub fn render(s: &MetricsSnapshot) -> Result<String, std::fmt::Error> {
         SnapshotHistogram::from_latency(&s.alloc_latency),
     );
 
+    render_monitor(&mut reg, s);
+    if let Some(r) = &s.reclaim {
+        render_reclaim(&mut reg, r);
+    }
+
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &reg)?;
     Ok(out)
+}
+
+fn render_monitor(reg: &mut Registry, s: &MetricsSnapshot) {
+    let triggers = Family::<Labels, Counter>::default();
+    for c in &s.monitor_triggers {
+        triggers
+            .get_or_create(&labels(&[("action", &c.name)]))
+            .inc_by(c.value);
+    }
+    reg.register(
+        "monitor_triggers",
+        "Actions the pool monitor triggered (compact, reclaim, rebalance)",
+        triggers,
+    );
+    let actions = Family::<Labels, Counter>::default();
+    for c in &s.monitor_actions {
+        actions.get_or_create(&c.labels).inc_by(c.value);
+    }
+    reg.register(
+        "monitor_actions",
+        "Results of the monitor's actions, by action and outcome",
+        actions,
+    );
+}
+
+fn render_reclaim(reg: &mut Registry, r: &ReclaimMetrics) {
+    let runs = Family::<Labels, Counter>::default();
+    for c in &r.runs {
+        runs.get_or_create(&labels(&[("trigger", &c.name)]))
+            .inc_by(c.value);
+    }
+    reg.register("reclaim_runs", "Reclaim engine runs by trigger", runs);
+    let urgent: Counter = Counter::default();
+    urgent.inc_by(r.urgent_runs);
+    reg.register(
+        "reclaim_urgent_runs",
+        "Reclaim runs below the min watermark",
+        urgent,
+    );
+
+    let bytes = Family::<Labels, Counter>::default();
+    let calls = Family::<Labels, Counter>::default();
+    let prun = Family::<Labels, Counter>::default();
+    let secs = Family::<Labels, Counter<f64, AtomicU64>>::default();
+    for p in &r.phases {
+        let ph = p.phase.as_str();
+        for (kind, v) in [
+            ("reclaimed", p.reclaimed_bytes),
+            ("requested", p.requested_bytes),
+        ] {
+            bytes
+                .get_or_create(&labels(&[("phase", ph), ("kind", kind)]))
+                .inc_by(v);
+        }
+        let ok = p.calls.saturating_sub(p.unsupported + p.errors);
+        for (result, v) in [
+            ("ok", ok),
+            ("unsupported", p.unsupported),
+            ("error", p.errors),
+        ] {
+            calls
+                .get_or_create(&labels(&[("phase", ph), ("result", result)]))
+                .inc_by(v);
+        }
+        prun.get_or_create(&labels(&[("phase", ph)])).inc_by(p.runs);
+        secs.get_or_create(&labels(&[("phase", ph)]))
+            .inc_by(clean_f64(p.seconds).max(0.0));
+    }
+    reg.register_with_unit(
+        "reclaim_phase",
+        "Bytes taken back per reclaim phase (reclaimed now, or requested from the guest)",
+        Unit::Bytes,
+        bytes,
+    );
+    reg.register(
+        "reclaim_phase_runs",
+        "Reclaim phase calls that reclaimed or requested memory",
+        prun,
+    );
+    reg.register(
+        "reclaim_phase_calls",
+        "Reclaim phase calls by result",
+        calls,
+    );
+    reg.register_with_unit(
+        "reclaim_phase_time",
+        "Time spent in each reclaim phase",
+        Unit::Seconds,
+        secs,
+    );
+
+    let marks = Family::<Labels, Gauge>::default();
+    let state = Family::<Labels, Gauge>::default();
+    for w in &r.watermarks {
+        let d = w.domain.as_str();
+        for (mark, v) in [
+            ("total", w.total_bytes),
+            ("free", w.free_bytes),
+            ("min", w.min_bytes),
+            ("low", w.low_bytes),
+            ("high", w.high_bytes),
+        ] {
+            marks
+                .get_or_create(&labels(&[("domain", d), ("mark", mark)]))
+                .set(to_i64(v));
+        }
+        state
+            .get_or_create(&labels(&[
+                ("domain", d),
+                ("level", &w.level),
+                ("reclaiming", if w.reclaiming { "true" } else { "false" }),
+            ]))
+            .set(1);
+    }
+    reg.register_with_unit(
+        "reclaim_watermark",
+        "Free memory and watermarks per reclaim domain (budget, nodeN)",
+        Unit::Bytes,
+        marks,
+    );
+    reg.register(
+        "reclaim_watermark_state",
+        "Watermark level and reclaiming flag per domain (1 for the current state)",
+        state,
+    );
+    let psi = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+    for (kind, v) in [("some", r.psi_some_avg10), ("full", r.psi_full_avg10)] {
+        if let Some(v) = v {
+            psi.get_or_create(&labels(&[("kind", kind), ("window", "avg10")]))
+                .set(clean_f64(v));
+        }
+    }
+    reg.register(
+        "host_memory_pressure",
+        "Host memory PSI (percent of time stalled)",
+        psi,
+    );
 }
 
 #[cfg(test)]
@@ -360,6 +579,43 @@ mod tests {
                 sum_ns: 900.0,
                 count: 5,
             },
+            monitor_triggers: vec![NamedCounter {
+                name: "compact".into(),
+                value: 2,
+            }],
+            monitor_actions: vec![LabeledCounter {
+                labels: vec![
+                    ("action".into(), "rebalance".into()),
+                    ("outcome".into(), "done".into()),
+                ],
+                value: 1,
+            }],
+            reclaim: Some(ReclaimMetrics {
+                runs: vec![NamedCounter {
+                    name: "watermark".into(),
+                    value: 3,
+                }],
+                urgent_runs: 1,
+                phases: vec![ReclaimPhaseMetrics {
+                    phase: "split_huge".into(),
+                    calls: 4,
+                    runs: 2,
+                    reclaimed_bytes: 1 << 20,
+                    seconds: 0.5,
+                    unsupported: 1,
+                    ..Default::default()
+                }],
+                watermarks: vec![WatermarkMetrics {
+                    domain: "budget".into(),
+                    total_bytes: 1 << 30,
+                    free_bytes: 1 << 20,
+                    level: "min".into(),
+                    reclaiming: true,
+                    ..Default::default()
+                }],
+                psi_some_avg10: Some(12.5),
+                psi_full_avg10: None,
+            }),
         }
     }
 
@@ -376,6 +632,18 @@ mod tests {
             "tidepool_device_events_total{vm=\"vm-1\",device=\"virtio-mem\",event=\"plug_requests\"} 5",
             "tidepool_pool_alloc_latency_seconds_count 5",
             "tidepool_pool_alloc_latency_seconds_bucket{le=\"+Inf\"} 5",
+            "tidepool_monitor_triggers_total{action=\"compact\"} 2",
+            "tidepool_monitor_actions_total{action=\"rebalance\",outcome=\"done\"} 1",
+            "tidepool_reclaim_runs_total{trigger=\"watermark\"} 3",
+            "tidepool_reclaim_urgent_runs_total 1",
+            "tidepool_reclaim_phase_bytes_total{phase=\"split_huge\",kind=\"reclaimed\"} 1048576",
+            "tidepool_reclaim_phase_runs_total{phase=\"split_huge\"} 2",
+            "tidepool_reclaim_phase_calls_total{phase=\"split_huge\",result=\"ok\"} 3",
+            "tidepool_reclaim_phase_calls_total{phase=\"split_huge\",result=\"unsupported\"} 1",
+            "tidepool_reclaim_phase_time_seconds_total{phase=\"split_huge\"} 0.5",
+            "tidepool_reclaim_watermark_bytes{domain=\"budget\",mark=\"free\"} 1048576",
+            "tidepool_reclaim_watermark_state{domain=\"budget\",level=\"min\",reclaiming=\"true\"} 1",
+            "tidepool_host_memory_pressure{kind=\"some\",window=\"avg10\"} 12.5",
             "# EOF",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");

@@ -456,6 +456,7 @@ impl ApiBackend for MemBackend {
                 })
                 .collect(),
             alloc_latency: Default::default(),
+            ..Default::default()
         })
     }
 }

@@ -280,6 +280,7 @@ impl ApiBackend for VmManager {
                 Err(e) => tracing::warn!(vm = %info.id, error = %e, "metrics skipped"),
             }
         }
+        let (monitor_triggers, monitor_actions, reclaim) = self.reclaim_metrics();
         Ok(MetricsSnapshot {
             nodes,
             pool_events: counters(&[
@@ -290,6 +291,9 @@ impl ApiBackend for VmManager {
             vms,
             devices,
             alloc_latency: Default::default(),
+            monitor_triggers,
+            monitor_actions,
+            reclaim,
         })
     }
 }

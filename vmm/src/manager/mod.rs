@@ -5,10 +5,12 @@
 mod api;
 mod host;
 pub mod images;
+mod reclaim;
 mod request;
 #[cfg(test)]
 mod tests;
 
+pub use reclaim::{DaemonReclaimConfig, ReclaimRuntime};
 pub use request::{config_from_request, info_from_request, RequestError};
 
 use std::collections::BTreeMap;
@@ -99,6 +101,8 @@ pub struct VmManager {
     next_id: AtomicU64,
     timeout: Duration,
     irq: IrqMode,
+    /// The reclaim engine and pool monitor, once started ([`VmManager::start_reclaim`]).
+    reclaim: Mutex<Option<ReclaimRuntime>>,
 }
 
 impl VmManager {
@@ -118,6 +122,7 @@ impl VmManager {
             next_id: AtomicU64::new(1),
             timeout,
             irq: IrqMode::Irqfd,
+            reclaim: Mutex::new(None),
         }
     }
 
@@ -207,7 +212,7 @@ impl VmManager {
                 let mut info = info;
                 info.state = p.state.api_state();
                 lock(&self.vms).insert(
-                    id,
+                    id.clone(),
                     Entry {
                         tx,
                         info: info.clone(),
@@ -215,6 +220,7 @@ impl VmManager {
                         join: Some(join),
                     },
                 );
+                self.reclaim_attach(&id);
                 Ok(info)
             }
             Err(e) => {
@@ -302,6 +308,7 @@ impl VmManager {
         let mut entry = lock(&self.vms)
             .remove(id)
             .ok_or_else(|| ManagerError::NotFound(id.into()))?;
+        self.reclaim_detach(id);
         let (atx, arx) = channel();
         if entry.tx.send(Msg::Delete(atx)).is_err() {
             return Ok(());
@@ -335,6 +342,8 @@ impl VmManager {
 impl Drop for VmManager {
     fn drop(&mut self) {
         self.shutdown();
+        // Stop the reclaim threads after the VMs are gone.
+        lock(&self.reclaim).take();
     }
 }
 

@@ -15,7 +15,7 @@
 
 pub mod balloon;
 pub mod engine;
-// pub mod monitor;
+pub mod monitor;
 pub mod pressure;
 pub mod target;
 pub mod watermark;
@@ -27,6 +27,10 @@ pub use engine::{
 };
 
 pub use balloon::DeviceBalloon;
+pub use monitor::{
+    ActionError, ActionOutcome, GuestMmActions, MonitorConfig, MonitorCounters, MonitorHandle,
+    MonitorTask, PinnedBlocks, Placement, PoolActions,
+};
 pub use pressure::{
     parse_psi, PressureReading, PressureSource, ProcPressure, PsiLine, PsiTrigger,
     SyntheticPressure,

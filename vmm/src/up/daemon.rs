@@ -7,7 +7,7 @@ use guest_mm::slab::TypedSlab;
 use guest_mm::topology::Topology;
 
 use crate::hostpool::build_pool;
-use crate::manager::VmManager;
+use crate::manager::{DaemonReclaimConfig, VmManager};
 
 /// The host's NUMA topology; a single node of `MemTotal` when sysfs has none.
 pub fn host_topology() -> Result<Topology, String> {
@@ -32,23 +32,29 @@ pub fn host_mem_bytes() -> u64 {
 }
 
 /// A manager over a pool of `pool_bytes_per_node` on each host node with memory (None: all
-/// of each node's memory).
+/// of each node's memory), with its reclaim engine and pool monitor running.
 pub fn build_manager(
     pool_bytes_per_node: Option<u64>,
     vm_timeout: Duration,
 ) -> Result<Arc<VmManager>, String> {
     let topo = host_topology()?;
     let nodes = u16::try_from(topo.len()).map_err(|_| "too many NUMA nodes".to_string())?;
-    let pool = build_pool(topo, pool_bytes_per_node)
-        .map_err(|e| format!("building the memory pool: {e}"))?;
+    let pool = Arc::new(
+        build_pool(topo, pool_bytes_per_node)
+            .map_err(|e| format!("building the memory pool: {e}"))?,
+    );
     let slab = TypedSlab::with_config("vm-block-records", |b| b.nodes(usize::from(nodes)))
         .map_err(|e| format!("building the block record slab: {e}"))?;
-    Ok(Arc::new(VmManager::new(
-        Arc::new(pool),
+    let manager = Arc::new(VmManager::new(
+        Arc::clone(&pool) as Arc<dyn crate::hostpool::FramePool>,
         slab,
         nodes,
         vm_timeout,
-    )))
+    ));
+    manager
+        .start_reclaim(pool, DaemonReclaimConfig::default())
+        .map_err(|e| format!("starting reclaim: {e}"))?;
+    Ok(manager)
 }
 
 /// A manager whose pool holds `pool_mib` in total, split evenly over the nodes with memory.

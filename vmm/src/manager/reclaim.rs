@@ -1,0 +1,254 @@
+//! The daemon's reclaim: a [`ReclaimEngine`] over the VMs' windows and the pool monitor task
+//! ([`MonitorTask`]), both on their own threads, their figures in `GET /metrics`.
+//!
+//! - Engine: budget = the pool's total size (the host memory the daemon may use), free =
+//!   budget - resident memory of all VM windows (mincore); PSI from `/proc/pressure/memory`.
+//!   Each VM is a [`WindowTarget`] with its balloon ([`DeviceBalloon`]) when it has one.
+//!   No quiesce hook is given, so the zero-page split answers unsupported here (the device
+//!   notifier thread can write guest memory even while the vCPUs are paused).
+//! - Monitor: guest-mm's decisions over the pool. Compaction and rebalancing run with
+//!   [`PinnedBlocks`] (a VM cannot repoint its block records yet, so every move is refused and
+//!   counted); allocation misses and failures wake the engine.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use guest_mm::pool::Pool;
+use tidepool_api::metrics::{
+    LabeledCounter, NamedCounter, ReclaimMetrics, ReclaimPhaseMetrics, WatermarkMetrics,
+};
+
+use super::VmManager;
+use crate::devices::lock;
+use crate::reclaim::{
+    DeviceBalloon, EngineConfig, EngineHandle, GuestMmActions, MonitorConfig, MonitorHandle,
+    MonitorTask, PinnedBlocks, Placement, ProcPressure, ReclaimEngine, ReclaimError, WindowTarget,
+};
+
+/// The running engine and monitor of a daemon.
+#[derive(Debug)]
+pub struct ReclaimRuntime {
+    engine: Arc<ReclaimEngine>,
+    monitor: Arc<MonitorTask>,
+    // Dropped (threads stopped and joined) with the runtime.
+    _engine_thread: EngineHandle,
+    _monitor_thread: MonitorHandle,
+}
+
+impl ReclaimRuntime {
+    /// The engine.
+    pub fn engine(&self) -> &Arc<ReclaimEngine> {
+        &self.engine
+    }
+
+    /// The monitor task.
+    pub fn monitor(&self) -> &Arc<MonitorTask> {
+        &self.monitor
+    }
+}
+
+/// Settings of the daemon's reclaim.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DaemonReclaimConfig {
+    /// Engine settings; `budget_bytes: None` means the pool's total size.
+    pub engine: EngineConfig,
+    /// Monitor settings.
+    pub monitor: MonitorConfig,
+}
+
+impl Default for DaemonReclaimConfig {
+    fn default() -> Self {
+        DaemonReclaimConfig {
+            engine: EngineConfig {
+                interval: Duration::from_secs(1),
+                ..Default::default()
+            },
+            monitor: MonitorConfig::default(),
+        }
+    }
+}
+
+fn placements(manager: &Weak<VmManager>) -> Vec<Placement> {
+    let Some(m) = manager.upgrade() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for info in m.list() {
+        let r = m.call(&info.id, |vm| {
+            let mut blocks: Vec<_> = vm
+                .boot_blocks()
+                .iter()
+                .map(|(f, _)| (*f, crate::hostpool::BLOCK_ORDER))
+                .collect();
+            if let Ok(recs) = vm.with_memory_backend(|b| b.records()) {
+                blocks.extend(recs.iter().map(|r| (r.frame, crate::hostpool::BLOCK_ORDER)));
+            }
+            Placement {
+                blocks,
+                policy: vm.config().policy.clone(),
+            }
+        });
+        match r {
+            Ok(p) => out.push(p),
+            Err(e) => tracing::warn!(vm = %info.id, error = %e, "placements skipped"),
+        }
+    }
+    out
+}
+
+impl VmManager {
+    /// Start the engine and the monitor over `pool` (the same pool this manager allocates
+    /// from). VMs created afterwards become reclaim targets; existing ones are added now.
+    pub fn start_reclaim(
+        self: &Arc<Self>,
+        pool: Arc<Pool>,
+        cfg: DaemonReclaimConfig,
+    ) -> Result<(), ReclaimError> {
+        let mut engine_cfg = cfg.engine;
+        if engine_cfg.budget_bytes.is_none() {
+            let total = pool.total_frames() * guest_mm::FRAME_SIZE;
+            engine_cfg.budget_bytes = Some(total.max(1));
+        }
+        let engine = Arc::new(ReclaimEngine::new(engine_cfg, ProcPressure::new())?);
+        let weak = Arc::downgrade(self);
+        let actions = GuestMmActions::new(
+            pool,
+            Box::new(|| Box::new(PinnedBlocks) as Box<dyn guest_mm::compaction::Mover>),
+            Box::new(move || placements(&weak)),
+        );
+        let monitor = Arc::new(MonitorTask::new(
+            Arc::new(actions),
+            Some(Arc::clone(&engine)),
+            cfg.monitor,
+        )?);
+        let engine_thread = engine.spawn()?;
+        let monitor_thread = monitor.spawn()?;
+        *lock(&self.reclaim) = Some(ReclaimRuntime {
+            engine,
+            monitor,
+            _engine_thread: engine_thread,
+            _monitor_thread: monitor_thread,
+        });
+        for info in self.list() {
+            self.reclaim_attach(&info.id);
+        }
+        tracing::info!("reclaim engine and pool monitor running");
+        Ok(())
+    }
+
+    /// The engine, when reclaim runs.
+    pub fn reclaim_engine(&self) -> Option<Arc<ReclaimEngine>> {
+        lock(&self.reclaim).as_ref().map(|r| Arc::clone(&r.engine))
+    }
+
+    /// The monitor task, when reclaim runs.
+    pub fn monitor_task(&self) -> Option<Arc<MonitorTask>> {
+        lock(&self.reclaim).as_ref().map(|r| Arc::clone(&r.monitor))
+    }
+
+    /// Make VM `id` a reclaim target (no-op without reclaim).
+    pub(super) fn reclaim_attach(&self, id: &str) {
+        let Some(engine) = self.reclaim_engine() else {
+            return;
+        };
+        let id2 = id.to_string();
+        let r = self.call(id, move |vm| {
+            let window = vm.vm().map(|v| Arc::clone(v.window()))?;
+            let mut t = WindowTarget::new(id2, &window);
+            if let Some(dev) = vm.balloon_device() {
+                t = t.with_balloon(Arc::new(DeviceBalloon::new(Arc::clone(dev))));
+            }
+            Some(t)
+        });
+        match r {
+            Ok(Some(t)) => engine.add_target(Arc::new(t)),
+            Ok(None) => tracing::warn!(vm = %id, "no guest window: not a reclaim target"),
+            Err(e) => tracing::warn!(vm = %id, error = %e, "reclaim target not added"),
+        }
+    }
+
+    /// Forget VM `id` as a reclaim target.
+    pub(super) fn reclaim_detach(&self, id: &str) {
+        if let Some(engine) = self.reclaim_engine() {
+            engine.remove_target(id);
+        }
+    }
+
+    /// Monitor triggers, action results and engine figures for `GET /metrics`.
+    pub(super) fn reclaim_metrics(
+        &self,
+    ) -> (
+        Vec<NamedCounter>,
+        Vec<LabeledCounter>,
+        Option<ReclaimMetrics>,
+    ) {
+        let Some((engine, monitor)) = lock(&self.reclaim)
+            .as_ref()
+            .map(|r| (Arc::clone(&r.engine), Arc::clone(&r.monitor)))
+        else {
+            return (Vec::new(), Vec::new(), None);
+        };
+        let c = monitor.counters();
+        let triggers = ["compact", "reclaim", "rebalance"]
+            .iter()
+            .map(|a| NamedCounter {
+                name: (*a).into(),
+                value: c.triggers(a),
+            })
+            .collect();
+        let actions = c
+            .outcomes
+            .iter()
+            .map(|((a, o), v)| LabeledCounter {
+                labels: vec![
+                    ("action".into(), (*a).into()),
+                    ("outcome".into(), (*o).into()),
+                ],
+                value: *v,
+            })
+            .collect();
+        let s = engine.snapshot();
+        let reclaim = ReclaimMetrics {
+            runs: s
+                .triggers
+                .iter()
+                .map(|(n, v)| NamedCounter {
+                    name: (*n).into(),
+                    value: *v,
+                })
+                .collect(),
+            urgent_runs: s.urgent_runs,
+            phases: s
+                .phases
+                .iter()
+                .map(|(p, st)| ReclaimPhaseMetrics {
+                    phase: p.name().into(),
+                    calls: st.calls,
+                    runs: st.productive,
+                    reclaimed_bytes: st.reclaimed_bytes,
+                    requested_bytes: st.requested_bytes,
+                    seconds: st.time_ns as f64 / 1e9,
+                    unsupported: st.unsupported,
+                    errors: st.errors,
+                })
+                .collect(),
+            watermarks: s
+                .domains
+                .iter()
+                .map(|d| WatermarkMetrics {
+                    domain: d.reading.domain.to_string(),
+                    total_bytes: d.reading.total_bytes,
+                    free_bytes: d.reading.free_bytes,
+                    min_bytes: d.marks.min,
+                    low_bytes: d.marks.low,
+                    high_bytes: d.marks.high,
+                    level: d.level.name().into(),
+                    reclaiming: d.reclaiming,
+                })
+                .collect(),
+            psi_some_avg10: s.pressure.map(|p| p.some.avg10),
+            psi_full_avg10: s.pressure.map(|p| p.full.avg10),
+        };
+        (triggers, actions, Some(reclaim))
+    }
+}
