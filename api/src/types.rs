@@ -95,6 +95,23 @@ pub struct HotplugConfig {
     /// virtio-mem block size (power of two, at least 2 MiB). Default 2.
     #[serde(default = "default_block_mib")]
     pub block_mib: u64,
+    /// How the region's KVM memslots are managed. Default `eager`.
+    #[serde(default)]
+    pub memslots: MemslotStrategy,
+}
+
+/// KVM memslot strategy of a hotplug region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MemslotStrategy {
+    /// All of the region's 128 MiB slots are registered at VM creation over inaccessible
+    /// memory; plug and unplug change only protection and discard (fastest unplug; KVM keeps
+    /// per-slot arrays for the whole region).
+    #[default]
+    Eager,
+    /// A slot is registered when its first block is plugged and deleted when its last block
+    /// is unplugged (fewest live slots; an unplug that empties a slot costs a slot deletion).
+    Lazy,
 }
 
 /// virtio-balloon device.

@@ -372,18 +372,21 @@ mod tests {
         r.hotplug = Some(HotplugConfig {
             region_mib: 1024,
             block_mib: 2,
+            memslots: Default::default(),
         });
         assert!(create_vm(&r).is_ok());
         for (region, block) in [(100, 2), (0, 2), (1024, 3), (1024, 256), (1024, 1)] {
             r.hotplug = Some(HotplugConfig {
                 region_mib: region,
                 block_mib: block,
+                memslots: Default::default(),
             });
             assert!(create_vm(&r).is_err(), "{region} {block}");
         }
         r.hotplug = Some(HotplugConfig {
             region_mib: MAX_MEMORY_MIB,
             block_mib: 2,
+            memslots: Default::default(),
         });
         assert!(create_vm(&r).is_err(), "boot + region above the maximum");
     }

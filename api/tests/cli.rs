@@ -114,6 +114,7 @@ async fn resize_of_a_paused_vm_times_out_with_the_reason() {
     req.hotplug = Some(HotplugConfig {
         region_mib: 1024,
         block_mib: 2,
+        memslots: Default::default(),
     });
     let vm = h
         .unix

@@ -80,6 +80,7 @@ fn serve_create_read_delete_pool_whole() {
         req.hotplug = Some(HotplugConfig {
             region_mib: 128,
             block_mib: 2,
+            memslots: Default::default(),
         });
         let vm = client.create_vm(&req).await.expect("create");
         assert_eq!(vm.state, VmState::Running);
@@ -183,6 +184,7 @@ fn serve_create_read_delete_pool_whole() {
         req.hotplug = Some(HotplugConfig {
             region_mib: 128,
             block_mib: 2,
+            memslots: Default::default(),
         });
         let third = client.create_vm(&req).await.expect("create third");
         let deadline = Instant::now() + Duration::from_secs(60);

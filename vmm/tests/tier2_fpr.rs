@@ -60,6 +60,7 @@ fn vm_and_balloon(
             hotplug_size: 0,
         },
         platform: false,
+        hotplug_memslots: tidepool_vmm::kvm::HotplugMemslots::default(),
     })
     .expect("create VM");
     let view = vm.window().guest_memory().expect("view");
@@ -179,6 +180,7 @@ fn fpr_phases_report_every_window() {
             hotplug_size: 0,
         },
         platform: false,
+        hotplug_memslots: tidepool_vmm::kvm::HotplugMemslots::default(),
     })
     .expect("create VM");
     let (window_mib, phases) = (64, 6);

@@ -29,6 +29,7 @@ fn vm(mib: u64, platform: bool) -> Vm {
             hotplug_size: 0,
         },
         platform,
+        hotplug_memslots: tidepool_vmm::kvm::HotplugMemslots::default(),
     })
     .expect("create VM")
 }

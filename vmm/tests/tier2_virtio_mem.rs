@@ -8,7 +8,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tidepool_vmm::kvm::{kvm_available, Exit, ExitAction, ExitHandler, StopReason, Vm, VmConfig};
+use tidepool_vmm::kvm::{
+    kvm_available, Exit, ExitAction, ExitHandler, HotplugMemslots, StopReason, Vm, VmConfig,
+};
 use tidepool_vmm::memory::{LayoutConfig, MIB};
 use tidepool_vmm::tiny_guest::virtio_mem_driver::*;
 use tidepool_vmm::tiny_guest::virtq::{
@@ -33,6 +35,7 @@ fn vm() -> Arc<Vm> {
                 hotplug_size: 512 * MIB,
             },
             platform: false,
+            hotplug_memslots: HotplugMemslots::Lazy,
         })
         .expect("create VM"),
     )

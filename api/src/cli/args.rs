@@ -321,6 +321,7 @@ impl CreateArgs {
             req.hotplug = Some(HotplugConfig {
                 region_mib: parse_size_mib(region)?,
                 block_mib: parse_size_mib(&self.hotplug_block)?,
+                memslots: Default::default(),
             });
         }
         if self.balloon

@@ -249,6 +249,7 @@ mod tests {
             hotplug: Some(HotplugConfig {
                 region_mib: 1024,
                 block_mib: 2,
+                memslots: Default::default(),
             }),
             balloon: None,
             numa: None,

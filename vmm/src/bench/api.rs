@@ -333,6 +333,7 @@ async fn prepare_vm(client: &Client) -> Result<String, BenchError> {
     req.hotplug = Some(HotplugConfig {
         region_mib: REGION_MIB,
         block_mib: 2,
+        memslots: Default::default(),
     });
     let vm = client.create_vm(&req).await.map_err(failed)?;
     wait_memory(client, &vm.id, "the guest's virtio-mem driver", |m| {

@@ -91,6 +91,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
                     hotplug_size: 0,
                 },
                 platform: true,
+                hotplug_memslots: crate::kvm::HotplugMemslots::default(),
             })
             .map_err(|e| e.to_string())?;
             // Idle for real: `hlt` at CPL0 with interrupts off parks the vCPU inside KVM (the

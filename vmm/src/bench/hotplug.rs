@@ -24,7 +24,7 @@ use tidepool_hotplug::VirtioMemConfig;
 use super::{progress, BenchError, BenchOptions, Report};
 use crate::devices::mem_backend::{PoolMemoryBackend, VmMemoryHandle};
 use crate::hostpool::{build_pool, FramePool, POOL_BLOCK_BYTES};
-use crate::kvm::{kvm_available, Vm, VmConfig};
+use crate::kvm::{kvm_available, HotplugMemslots, Vm, VmConfig};
 use crate::memory::layout::LayoutConfig;
 use crate::memory::window::GuestWindow;
 
@@ -142,7 +142,7 @@ struct Rig {
 }
 
 impl Rig {
-    fn new(region: u64) -> Result<Rig, BenchError> {
+    fn new(region: u64, memslots: HotplugMemslots) -> Result<Rig, BenchError> {
         let vm = Arc::new(
             Vm::new(VmConfig {
                 layout: LayoutConfig {
@@ -150,6 +150,7 @@ impl Rig {
                     hotplug_size: region,
                 },
                 platform: false,
+                hotplug_memslots: memslots,
             })
             .map_err(failed)?,
         );
@@ -228,18 +229,31 @@ fn pool_split(region: u64) -> Result<Duration, BenchError> {
     Ok(d)
 }
 
-/// Run the suite.
-pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
-    kvm_available().map_err(|e| failed(format!("/dev/kvm unusable: {e}")))?;
-    let runs = if opts.quick { 5 } else { 15 };
-    let cycles: u64 = if opts.quick { 200 } else { 1000 };
-    let region = GIB;
-    let mut r = Report::default();
+/// The figures of one memslot strategy.
+struct Figures {
+    plug: f64,
+    unplug: f64,
+    raw: f64,
+    pool: f64,
+    window: f64,
+    vm_place: f64,
+    window_remove: f64,
+    vm_remove: f64,
+    cycles_per_s: f64,
+}
 
+/// Measure plug, unplug (against the raw discard in the same loop), the split, and the 2 MiB
+/// cycle rate with `memslots`.
+fn measure(memslots: HotplugMemslots, runs: usize, cycles: u64) -> Result<Figures, BenchError> {
+    let region = GIB;
+    let name = match memslots {
+        HotplugMemslots::Eager => "eager",
+        HotplugMemslots::Lazy => "lazy",
+    };
     progress(&format!(
-        "VM with a 1 GiB hot-plug region; {runs} runs of 1 GiB plug/unplug"
+        "{name} memslots: VM with a 1 GiB hot-plug region; {runs} runs of 1 GiB plug/unplug"
     ));
-    let mut rig = Rig::new(region)?;
+    let mut rig = Rig::new(region, memslots)?;
     let base = rig.base;
     let (mut plug_ms, mut unplug_ms, mut raw_ms) = (Vec::new(), Vec::new(), Vec::new());
     let raw = RawArea::new(usize::try_from(region).map_err(failed)?)?;
@@ -253,7 +267,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         raw.advise(libc::MADV_DONTNEED)?;
         raw_ms.push(ms(t.elapsed()));
         progress(&format!(
-            "run {i}: plug {:.3} ms, unplug {:.3} ms, raw discard {:.3} ms",
+            "{name} run {i}: plug {:.3} ms, unplug {:.3} ms, raw discard {:.3} ms",
             plug_ms[i], unplug_ms[i], raw_ms[i]
         ));
     }
@@ -282,7 +296,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         vrm_ms.push(ms(t.elapsed()));
     }
 
-    progress(&format!("{cycles} cycles of 2 MiB plug + unplug"));
+    progress(&format!("{name}: {cycles} cycles of 2 MiB plug + unplug"));
     let t = Instant::now();
     for _ in 0..cycles {
         rig.op(true, base, POOL_BLOCK_BYTES)?;
@@ -293,63 +307,127 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     if !figures.is_whole() {
         return Err(failed("pool not whole after the runs"));
     }
-
-    let plug = median(plug_ms);
-    let unplug_med = median(unplug_ms);
-    let raw_med = median(raw_ms);
-    let pool = median(pool_ms);
-    let window = median(window_ms);
-    let vm = median(vm_ms);
-    r.add(
-        "plug_1g_ms",
-        plug,
-        "ms, PLUG 1 GiB request to ACK (target <= 1)",
-    );
-    r.add(
-        "plug_1g_pool_ms",
-        pool,
-        "ms of it: 512 blocks from the pool",
-    );
-    r.add(
-        "plug_1g_window_ms",
-        window,
-        "ms of it: window mprotect + madvise",
-    );
-    r.add(
-        "plug_1g_memslot_ms",
-        (vm - window).max(0.0),
-        "ms of it: KVM memslot registration (8 x 128 MiB)",
-    );
-    r.add(
-        "unplug_1g_ms",
-        unplug_med,
-        "ms, UNPLUG 1 GiB touched to ACK (discard included)",
-    );
-    r.add(
-        "raw_discard_1g_ms",
-        raw_med,
-        "ms, madvise(DONTNEED) of 1 GiB touched THP memory",
-    );
-    r.add(
-        "unplug_vs_raw_ratio",
-        unplug_med / raw_med,
-        "unplug / raw (target <= 1.2)",
-    );
-    let wrm = median(wrm_ms);
-    r.add(
-        "unplug_1g_window_ms",
-        wrm,
-        "ms of it: window mprotect(PROT_NONE) + madvise(DONTNEED), touched",
-    );
-    r.add(
-        "unplug_1g_memslot_ms",
-        (median(vrm_ms) - wrm).max(0.0),
-        "ms of it: KVM memslot deletion (8 x 128 MiB)",
-    );
-    r.add(
-        "plug_unplug_cycles_per_s",
+    Ok(Figures {
+        plug: median(plug_ms),
+        unplug: median(unplug_ms),
+        raw: median(raw_ms),
+        pool: median(pool_ms),
+        window: median(window_ms),
+        vm_place: median(vm_ms),
+        window_remove: median(wrm_ms),
+        vm_remove: median(vrm_ms),
         cycles_per_s,
-        "2 MiB plug + unplug cycles per second",
+    })
+}
+
+/// `VmallocUsed` from /proc/meminfo, in KiB (KVM allocates its per-slot arrays there).
+fn vmalloc_used_kib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmallocUsed:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Host kernel memory (KiB, from `VmallocUsed`) that registering a 16 GiB hot-plug region's
+/// slots eagerly costs, per GiB of region: the median over `runs` VMs of (eager VM - lazy VM).
+/// A host-wide figure, so other processes add noise; the median damps it.
+fn eager_kernel_kib_per_gib(runs: usize) -> Result<f64, BenchError> {
+    const REGION: u64 = 16 * GIB;
+    let mut deltas = Vec::new();
+    for _ in 0..runs {
+        let mut used = [0f64; 2];
+        for (i, memslots) in [HotplugMemslots::Lazy, HotplugMemslots::Eager]
+            .into_iter()
+            .enumerate()
+        {
+            let before = vmalloc_used_kib().ok_or_else(|| failed("no VmallocUsed"))?;
+            let vm = Vm::new(VmConfig {
+                layout: LayoutConfig {
+                    boot_ram: 64 << 20,
+                    hotplug_size: REGION,
+                },
+                platform: false,
+                hotplug_memslots: memslots,
+            })
+            .map_err(failed)?;
+            let after = vmalloc_used_kib().ok_or_else(|| failed("no VmallocUsed"))?;
+            drop(vm);
+            used[i] = after as f64 - before as f64;
+        }
+        deltas.push((used[1] - used[0]) / (REGION / GIB) as f64);
+    }
+    Ok(median(deltas))
+}
+
+/// Run the suite: the default (eager) strategy gives the headline figures; the lazy strategy's
+/// are reported beside them with a `lazy_` prefix.
+pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
+    kvm_available().map_err(|e| failed(format!("/dev/kvm unusable: {e}")))?;
+    let runs = if opts.quick { 5 } else { 15 };
+    let cycles: u64 = if opts.quick { 200 } else { 1000 };
+    let mut r = Report::default();
+    let eager = measure(HotplugMemslots::Eager, runs, cycles)?;
+    let lazy = measure(HotplugMemslots::Lazy, runs, cycles)?;
+    for (prefix, f, what) in [("", &eager, "eager"), ("lazy_", &lazy, "lazy")] {
+        let n = |s: &str| format!("{prefix}{s}");
+        r.add(
+            &n("plug_1g_ms"),
+            f.plug,
+            &format!("ms, PLUG 1 GiB request to ACK, {what} memslots (target <= 1)"),
+        );
+        r.add(
+            &n("plug_1g_pool_ms"),
+            f.pool,
+            "ms of it: 512 blocks from the pool",
+        );
+        r.add(
+            &n("plug_1g_window_ms"),
+            f.window,
+            "ms of it: window mprotect + madvise",
+        );
+        r.add(
+            &n("plug_1g_memslot_ms"),
+            (f.vm_place - f.window).max(0.0),
+            &format!("ms of it: KVM memslot work in Vm::place_block ({what})"),
+        );
+        r.add(
+            &n("unplug_1g_ms"),
+            f.unplug,
+            "ms, UNPLUG 1 GiB touched to ACK (discard included)",
+        );
+        r.add(
+            &n("raw_discard_1g_ms"),
+            f.raw,
+            "ms, madvise(DONTNEED) of 1 GiB touched THP memory, same loop",
+        );
+        r.add(
+            &n("unplug_vs_raw_ratio"),
+            f.unplug / f.raw,
+            "unplug / raw (target <= 1.2)",
+        );
+        r.add(
+            &n("unplug_1g_window_ms"),
+            f.window_remove,
+            "ms of it: window mprotect(PROT_NONE) + madvise(DONTNEED), touched",
+        );
+        r.add(
+            &n("unplug_1g_memslot_ms"),
+            (f.vm_remove - f.window_remove).max(0.0),
+            &format!("ms of it: KVM memslot work in Vm::remove_block ({what})"),
+        );
+        r.add(
+            &n("plug_unplug_cycles_per_s"),
+            f.cycles_per_s,
+            "2 MiB plug + unplug cycles per second",
+        );
+    }
+    progress("kernel memory of eager slots (16 GiB region, VmallocUsed)");
+    r.add(
+        "eager_slot_kernel_kib_per_gib",
+        eager_kernel_kib_per_gib(if opts.quick { 3 } else { 7 })?,
+        "KiB of host kernel memory (VmallocUsed) per GiB of region that eager slots hold \
+         with no block plugged (host-wide, noisy)",
     );
     Ok(r)
 }

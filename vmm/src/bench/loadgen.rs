@@ -511,6 +511,7 @@ mod tests {
         req.hotplug = Some(HotplugConfig {
             region_mib: 256,
             block_mib: 2,
+            memslots: Default::default(),
         });
         let vm = backend.create_vm(req).expect("create");
         let rt = tokio::runtime::Builder::new_multi_thread()

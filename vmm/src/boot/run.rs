@@ -159,6 +159,7 @@ pub fn run(config: &RunConfig, out: Box<dyn Write + Send>) -> Result<RunReport, 
             hotplug_size: 0,
         },
         platform: true,
+        hotplug_memslots: crate::kvm::HotplugMemslots::default(),
     })?;
     let mut vcpus = Vec::new();
     for id in 0..config.vcpus {

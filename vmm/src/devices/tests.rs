@@ -104,6 +104,7 @@ fn ioeventfd_notify_skips_the_exit_and_unmatched_notify_exits() {
         hotplug: Some(HotplugSpec {
             region_size: 128 * MIB,
             block_size: 2 * MIB,
+            memslots: Default::default(),
         }),
         balloon: Some(BalloonSpec::default()),
         policy: NumaPolicy::Local,

@@ -65,6 +65,24 @@ fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
     move |source| KvmError::Ioctl { what, source }
 }
 
+/// How the hot-plug region's KVM memslots are managed (see docs/memory-window.md, "Few
+/// memslots" and "Hot-plug costs").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HotplugMemslots {
+    /// Every 128 MiB slot of the region is registered once, at VM creation, over the window's
+    /// `PROT_NONE` reservation. Plug and unplug only change the window's protection (and
+    /// discard): no memslot ioctl on either path. Unplugged blocks stay inaccessible to the
+    /// guest: a touch makes `KVM_RUN` fail with `EFAULT` ([`VcpuError::GuestMemoryFault`]).
+    /// Costs KVM's per-slot arrays for the whole region from the start.
+    #[default]
+    Eager,
+    /// A slot is registered when the first block of its 128 MiB chunk is plugged and deleted
+    /// when the last one leaves. Fewer live slots, but a plug or unplug that opens or closes a
+    /// chunk pays a `KVM_SET_USER_MEMORY_REGION` (an SRCU grace period).
+    Lazy,
+}
+
 /// How to create a VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VmConfig {
@@ -73,6 +91,8 @@ pub struct VmConfig {
     /// Create the in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT, as a stock kernel needs.
     /// The tiny guest runs with or without.
     pub platform: bool,
+    /// Memslot strategy of the hot-plug region (ignored without one).
+    pub hotplug_memslots: HotplugMemslots,
 }
 
 /// A KVM VM with its private memory window.
@@ -84,6 +104,8 @@ pub struct Vm {
     supported_cpuid: CpuId,
     /// Hot-plug memslots currently registered: slot number to (spec, placed bytes in it).
     hotplug_slots: Mutex<BTreeMap<u32, (MemslotSpec, u64)>>,
+    /// How hot-plug memslots are managed.
+    hotplug_memslots: HotplugMemslots,
     created: Instant,
     timings: VmTimings,
 }
@@ -159,6 +181,7 @@ impl Vm {
             window,
             supported_cpuid,
             hotplug_slots: Mutex::new(BTreeMap::new()),
+            hotplug_memslots: config.hotplug_memslots,
             created,
             timings: VmTimings::default(),
         };
@@ -166,6 +189,9 @@ impl Vm {
         // 8 to 64 slots), which is one more reason for few, large slots.
         for slot in vm.window.layout().boot_memslots() {
             vm.set_memslot(slot, false)?;
+        }
+        if config.hotplug_memslots == HotplugMemslots::Eager {
+            vm.register_hotplug_slots()?;
         }
         let t_slots = Instant::now();
         if config.platform {
@@ -270,8 +296,29 @@ impl Vm {
             .ok_or(KvmError::VcpuId(id))
     }
 
-    /// Place `[gpa, gpa+len)` in the window and, for the hot-plug region, register the memslots
-    /// covering it (one per 128 MiB chunk, added when the chunk's first block is placed).
+    /// Eager strategy: register every slot of the hot-plug region now, over the `PROT_NONE`
+    /// window (KVM only records the host range; nothing is populated).
+    fn register_hotplug_slots(&self) -> Result<(), KvmError> {
+        let Some(region) = self.window.layout().hotplug() else {
+            return Ok(());
+        };
+        let mut slots = self.hotplug_slots.lock().unwrap_or_else(|e| e.into_inner());
+        for spec in crate::memory::layout::split_memslots(region) {
+            // No undo needed: a failure fails `Vm::new`, and dropping the VM fd drops its slots.
+            self.set_memslot(spec, false)?;
+            slots.insert(spec.slot, (spec, 0));
+        }
+        Ok(())
+    }
+
+    /// The memslot strategy of the hot-plug region.
+    pub fn hotplug_memslots(&self) -> HotplugMemslots {
+        self.hotplug_memslots
+    }
+
+    /// Place `[gpa, gpa+len)` in the window. For the hot-plug region under
+    /// [`HotplugMemslots::Lazy`], also register the memslots covering it (one per 128 MiB
+    /// chunk, added when the chunk's first block is placed); under `Eager` they exist already.
     pub fn place_block(&self, gpa: u64, len: u64) -> Result<(), KvmError> {
         let kind = self.window.layout().check_block(gpa, len)?;
         // One lock over the whole operation keeps slot counts and placement in step.
@@ -283,6 +330,7 @@ impl Vm {
         let region = self.window.layout().hotplug().unwrap_or(gpa..gpa + len);
         let pieces = crate::memory::layout::split_memslots(gpa..gpa + len);
         let mut added: Vec<MemslotSpec> = Vec::new();
+        // Under Eager every chunk is in the map since creation, so nothing is registered here.
         for piece in pieces.iter().filter(|p| !slots.contains_key(&p.slot)) {
             let chunk = u64::from(piece.slot) * MEMSLOT_SIZE;
             let start = chunk.max(region.start);
@@ -313,36 +361,66 @@ impl Vm {
         Ok(())
     }
 
-    /// Remove `[gpa, gpa+len)`: for the hot-plug region, first delete memslots whose last
-    /// placed block this is, then discard and protect the range in the window.
+    /// Remove `[gpa, gpa+len)`: discard and protect the range in the window. For the hot-plug
+    /// region under [`HotplugMemslots::Lazy`], first delete the memslots whose last placed
+    /// block this is. If a deletion or the window removal fails, the slots deleted by this call
+    /// are registered again and the slot map is left as it was, so no state is lost.
     pub fn remove_block(&self, gpa: u64, len: u64) -> Result<(), KvmError> {
         let kind = self.window.layout().check_block(gpa, len)?;
         let mut slots = self.hotplug_slots.lock().unwrap_or_else(|e| e.into_inner());
         if !self.window.is_range_placed(gpa, len) {
             return Err(MemoryError::NotPlaced { gpa, len }.into());
         }
-        if kind == RegionKind::Hotplug {
-            for piece in crate::memory::layout::split_memslots(gpa..gpa + len) {
-                let Some(entry) = slots.get_mut(&piece.slot) else {
-                    return Err(MemoryError::NotPlaced { gpa, len }.into());
-                };
-                if entry.1 < piece.size {
-                    return Err(MemoryError::NotPlaced { gpa, len }.into());
-                }
+        if kind != RegionKind::Hotplug {
+            self.window.remove_block(gpa, len)?;
+            return Ok(());
+        }
+        let pieces = crate::memory::layout::split_memslots(gpa..gpa + len);
+        let mut emptied: Vec<MemslotSpec> = Vec::new();
+        for piece in &pieces {
+            let Some(entry) = slots.get(&piece.slot) else {
+                return Err(MemoryError::NotPlaced { gpa, len }.into());
+            };
+            if entry.1 < piece.size {
+                return Err(MemoryError::NotPlaced { gpa, len }.into());
             }
-            for piece in crate::memory::layout::split_memslots(gpa..gpa + len) {
-                if let Some(entry) = slots.get_mut(&piece.slot) {
-                    entry.1 -= piece.size;
-                    if entry.1 == 0 {
-                        let spec = entry.0;
-                        slots.remove(&piece.slot);
-                        self.set_memslot(spec, true)?;
-                    }
-                }
+            if entry.1 == piece.size && self.hotplug_memslots == HotplugMemslots::Lazy {
+                emptied.push(entry.0);
             }
         }
-        self.window.remove_block(gpa, len)?;
+        // 1. KVM first (lazy only): the slot goes before the memory behind it.
+        for (i, spec) in emptied.iter().enumerate() {
+            if let Err(e) = self.set_memslot(*spec, true) {
+                self.restore_slots(&emptied[..i]);
+                return Err(e);
+            }
+        }
+        // 2. The window: PROT_NONE (which also zaps KVM's mappings through the MMU notifier),
+        //    then the discard.
+        if let Err(e) = self.window.remove_block(gpa, len) {
+            self.restore_slots(&emptied);
+            return Err(e.into());
+        }
+        // 3. Only now does the map change.
+        for piece in pieces {
+            if let Some(entry) = slots.get_mut(&piece.slot) {
+                entry.1 -= piece.size;
+            }
+        }
+        for spec in emptied {
+            slots.remove(&spec.slot);
+        }
         Ok(())
+    }
+
+    /// Register `specs` again after a failed removal (best effort: a failure is logged, and
+    /// the slot stays in the map, so a later removal retries the deletion harmlessly).
+    fn restore_slots(&self, specs: &[MemslotSpec]) {
+        for s in specs {
+            if let Err(e) = self.set_memslot(*s, false) {
+                tracing::error!(slot = s.slot, error = %e, "re-registering a hot-plug memslot failed");
+            }
+        }
     }
 
     /// Number of KVM memslots currently registered.

@@ -42,6 +42,18 @@ pub enum VcpuError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// The guest touched guest-physical memory that has no accessible host memory behind it,
+    /// such as a virtio-mem block unplugged under the eager memslot strategy (its slot stays
+    /// registered over `PROT_NONE`): `KVM_RUN` failed with `EFAULT`, or exited with
+    /// KVM_EXIT_MEMORY_FAULT. A guest failure, not a VMM one: the vCPU cannot go on.
+    #[error("vCPU {id}: guest touched inaccessible memory{}", .gpa.map(|g| format!(" at gpa {g:#x}")).unwrap_or_default())]
+    GuestMemoryFault {
+        /// vCPU id.
+        id: u8,
+        /// The faulting guest-physical address, when KVM reported it
+        /// (KVM_EXIT_MEMORY_FAULT); a plain `EFAULT` does not say.
+        gpa: Option<u64>,
+    },
     /// The guest triple-faulted or otherwise shut down (KVM_EXIT_SHUTDOWN).
     #[error("vCPU {id}: guest shut down (triple fault) at rip {rip:#x}")]
     Shutdown {
@@ -307,6 +319,9 @@ impl Vcpu {
                     dispatch(id, exit, handler)
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
+                Err(e) if e.errno() == libc::EFAULT => {
+                    Step::Fail(VcpuError::GuestMemoryFault { id, gpa: None })
+                }
                 Err(source) => Step::Fail(VcpuError::Run { id, source }),
             };
             match step {
@@ -361,6 +376,9 @@ fn dispatch<H: ExitHandler>(id: u8, exit: VcpuExit<'_>, handler: &mut H) -> Step
         VcpuExit::Shutdown => return Step::Shutdown,
         VcpuExit::InternalError => return Step::Internal,
         VcpuExit::Intr => return Step::Continue,
+        VcpuExit::MemoryFault { gpa, .. } => {
+            return Step::Fail(VcpuError::GuestMemoryFault { id, gpa: Some(gpa) })
+        }
         VcpuExit::FailEntry(reason, _cpu) => {
             return Step::Fail(VcpuError::FailEntry { id, reason })
         }
@@ -556,6 +574,22 @@ mod tests {
         assert!(matches!(
             s,
             Step::Fail(VcpuError::UnexpectedExit { id: 2, .. })
+        ));
+        let s = dispatch(
+            4,
+            VcpuExit::MemoryFault {
+                flags: 0,
+                gpa: 0x1_0020_0000,
+                size: 4096,
+            },
+            &mut h,
+        );
+        assert!(matches!(
+            s,
+            Step::Fail(VcpuError::GuestMemoryFault {
+                id: 4,
+                gpa: Some(0x1_0020_0000)
+            })
         ));
         let s = dispatch(0, VcpuExit::Debug(Default::default()), &mut h);
         assert!(matches!(s, Step::Fail(VcpuError::UnexpectedExit { .. })));

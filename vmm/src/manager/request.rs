@@ -151,6 +151,10 @@ pub fn config_from_request(
     let hotplug = req.hotplug.map(|h| HotplugSpec {
         region_size: h.region_mib.saturating_mul(MIB),
         block_size: h.block_mib.saturating_mul(MIB),
+        memslots: match h.memslots {
+            tidepool_api::types::MemslotStrategy::Eager => crate::kvm::HotplugMemslots::Eager,
+            tidepool_api::types::MemslotStrategy::Lazy => crate::kvm::HotplugMemslots::Lazy,
+        },
     });
     let balloon = req.balloon.map(|b| BalloonSpec {
         free_page_reporting: b.free_page_reporting,
@@ -213,10 +217,27 @@ mod tests {
         r.hotplug = Some(HotplugConfig {
             region_mib: 256,
             block_mib: 2,
+            memslots: Default::default(),
         });
         let c = config_from_request("vm1", &r, IrqMode::Irqfd).expect("config");
         assert_eq!(c.boot_ram, 64 * MIB);
         assert_eq!(c.hotplug.map(|h| h.region_size), Some(256 * MIB));
+        assert_eq!(
+            c.hotplug.map(|h| h.memslots),
+            Some(crate::kvm::HotplugMemslots::Eager),
+            "eager is the default"
+        );
+        let body = r#"{"region_mib": 256, "memslots": "lazy"}"#;
+        r.hotplug = Some(serde_json::from_str(body).expect("hotplug body"));
+        let lazy = config_from_request("vm1", &r, IrqMode::Irqfd).expect("config");
+        assert_eq!(
+            lazy.hotplug.map(|h| h.memslots),
+            Some(crate::kvm::HotplugMemslots::Lazy)
+        );
+        assert!(
+            serde_json::from_str::<HotplugConfig>(r#"{"region_mib": 256, "memslots": "x"}"#)
+                .is_err()
+        );
         assert!(matches!(
             c.image,
             BootImage::Raw {

@@ -60,6 +60,7 @@ fn tiny_guest_vm_memory_figures_and_delete_returns_every_frame() {
     req.hotplug = Some(HotplugConfig {
         region_mib: 128,
         block_mib: 2,
+        memslots: Default::default(),
     });
     req.balloon = Some(BalloonConfig::default());
     let info = m.create_vm(req).expect("create");
@@ -191,6 +192,7 @@ fn resize_through_the_api_is_served_by_the_guest_driver() {
     req.hotplug = Some(HotplugConfig {
         region_mib: 128,
         block_mib: 2,
+        memslots: Default::default(),
     });
     let v = m.create_vm(req).expect("create");
     let wait = |pred: &dyn Fn(&tidepool_api::types::MemoryInfo) -> bool, what: &str| {
@@ -250,6 +252,7 @@ fn linux_vm_is_created_started_and_deleted_whatever_the_guest_does() {
     req.hotplug = Some(HotplugConfig {
         region_mib: 128,
         block_mib: 2,
+        memslots: Default::default(),
     });
     req.balloon = Some(BalloonConfig::default());
     let v = m.create_vm(req).expect("create");

@@ -51,6 +51,7 @@ fn guest_driver_plugs_and_unplugs_through_the_pool() {
         hotplug: Some(HotplugSpec {
             region_size: 128 * MIB,
             block_size: 2 * MIB,
+            memslots: Default::default(),
         }),
         balloon: None,
         policy: NumaPolicy::Local,

@@ -50,6 +50,8 @@ pub struct HotplugSpec {
     pub region_size: u64,
     /// Block size (power of two, 2 MiB ..= 128 MiB).
     pub block_size: u64,
+    /// KVM memslot strategy of the region.
+    pub memslots: crate::kvm::HotplugMemslots,
 }
 
 /// The balloon device of a VM.
@@ -253,6 +255,7 @@ impl Microvm {
         let kvm_vm = Arc::new(Vm::new(VmConfig {
             layout: config.layout_config(),
             platform: config.irq == IrqMode::Irqfd,
+            hotplug_memslots: config.hotplug.map(|h| h.memslots).unwrap_or_default(),
         })?);
         vm.vm = Some(Arc::clone(&kvm_vm));
         let handle = VmMemoryHandle::new(Arc::clone(&kvm_vm))?;

@@ -42,6 +42,7 @@ fn config(id: &str, hotplug: bool, irq: IrqMode, steps: Vec<Step>) -> MicrovmCon
         hotplug: hotplug.then_some(HotplugSpec {
             region_size: 128 * MIB,
             block_size: 2 * MIB,
+            memslots: Default::default(),
         }),
         balloon: Some(BalloonSpec::default()),
         policy: NumaPolicy::Local,

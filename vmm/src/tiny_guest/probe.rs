@@ -115,6 +115,7 @@ pub fn cpl0_cpuid(leaves: &[(u32, u32)]) -> Result<Vec<[u32; 4]>, RunError> {
             hotplug_size: 0,
         },
         platform: false,
+        hotplug_memslots: crate::kvm::HotplugMemslots::default(),
     })?;
     let mut b = TinyGuestBuilder::new(vm.window().layout()).privilege(Privilege::Kernel);
     for (i, (leaf, subleaf)) in leaves.iter().enumerate() {
@@ -425,6 +426,7 @@ pub fn run_probe(probe: &Probe, timeout: Duration) -> Result<ProbeResult, RunErr
             hotplug_size: 0,
         },
         platform: false,
+        hotplug_memslots: crate::kvm::HotplugMemslots::default(),
     })?;
     let mut cpuid = vm.supported_cpuid().clone();
     let offered = probe

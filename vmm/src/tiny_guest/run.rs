@@ -232,6 +232,7 @@ pub fn measure_boot_phases() -> Result<BootPhases, RunError> {
             hotplug_size: 0,
         },
         platform: true,
+        hotplug_memslots: crate::kvm::HotplugMemslots::default(),
     })?;
     let image = TinyGuestBuilder::new(vm.window().layout())
         .step(super::Step::Done)

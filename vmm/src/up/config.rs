@@ -272,6 +272,7 @@ impl UpConfig {
             req.hotplug = Some(HotplugConfig {
                 region_mib: v.hotplug_region_mib,
                 block_mib: v.hotplug_block_mib,
+                memslots: Default::default(),
             });
         }
         if v.balloon {
