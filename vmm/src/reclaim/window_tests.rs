@@ -276,3 +276,60 @@ fn a_page_with_one_nonzero_byte_at_its_end_is_kept() {
     assert_eq!(unsafe { std::ptr::read_volatile(last as *const u8) }, 0x5a);
     assert_eq!(t.split_stats().madvise_calls, 1);
 }
+
+/// Cost of the zero-page split over 1 GiB in three layouts. Prints figures (for
+/// docs/reclaim.md); asserts only what was freed. Run with
+/// `cargo test --release -p tidepool-vmm --lib -- --ignored split_cost --nocapture`.
+#[test]
+#[ignore = "measurement; run by hand in release mode"]
+fn split_cost() {
+    const GIB: u64 = 1 << 30;
+    let layouts: [(&str, fn(u64) -> u64, u64); 4] = [
+        ("no zero pages (data in word 0)", |p| p | 1, 0),
+        ("no zero pages (data in the last word)", |p| p | 1, 0),
+        ("every other page zero", half, GIB / 2),
+        (
+            "upper half of each 2 MiB zero",
+            |p| {
+                if p % BLOCK_SIZE < BLOCK_SIZE / 2 {
+                    p | 1
+                } else {
+                    0
+                }
+            },
+            GIB / 2,
+        ),
+    ];
+    for (name, pattern, expect) in layouts {
+        let w = window(1024);
+        if name.contains("last word") {
+            // The zero test then reads the whole page before it finds data.
+            for p in (0..GIB).step_by(PAGE as usize) {
+                let addr = w.host_addr(p + PAGE - 8).expect("inside");
+                // SAFETY: the last word of a page of placed boot RAM; no vCPU runs.
+                unsafe { std::ptr::write_volatile(addr as *mut u64, pattern(p)) };
+            }
+        } else {
+            fill(&w, 0, GIB, pattern);
+        }
+        let t = WindowTarget::new("vm", &w).assume_quiesced();
+        t.sample(1).expect("sample");
+        let req = PhaseRequest {
+            max_bytes: u64::MAX,
+            cold_intervals: 1,
+            urgent: true,
+        };
+        let t0 = Instant::now();
+        let out = t.split_huge(&req).expect("split");
+        let took = t0.elapsed();
+        assert_eq!(out.reclaimed, expect, "{name}");
+        let s = t.split_stats();
+        println!(
+            "split_cost {name}: {:.1} ms/GiB scanned, {} madvise calls, freed {} MiB, {:.2} GiB/s freed",
+            took.as_secs_f64() * 1e3,
+            s.madvise_calls,
+            out.reclaimed >> 20,
+            out.reclaimed as f64 / (1u64 << 30) as f64 / took.as_secs_f64(),
+        );
+    }
+}
