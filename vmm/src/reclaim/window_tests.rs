@@ -284,7 +284,8 @@ fn a_page_with_one_nonzero_byte_at_its_end_is_kept() {
 #[ignore = "measurement; run by hand in release mode"]
 fn split_cost() {
     const GIB: u64 = 1 << 30;
-    let layouts: [(&str, fn(u64) -> u64, u64); 4] = [
+    type Case = (&'static str, fn(u64) -> u64, u64);
+    let layouts: [Case; 4] = [
         ("no zero pages (data in word 0)", |p| p | 1, 0),
         ("no zero pages (data in the last word)", |p| p | 1, 0),
         ("every other page zero", half, GIB / 2),
