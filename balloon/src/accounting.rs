@@ -43,6 +43,10 @@ pub struct Counters {
     pub stats_updates: u64,
     /// Residency samples taken.
     pub residency_samples: u64,
+    /// Ranges the VMM told the balloon left the VM (virtio-mem unplug), over the device's life.
+    pub unplugged_ranges: u64,
+    /// Ballooned or reported bytes forgotten because their range was unplugged.
+    pub unplug_cleared_bytes: u64,
 }
 
 /// Guest input that was ignored, counted per kind.
@@ -75,12 +79,16 @@ pub struct InputErrors {
     pub unknown_stat_tags: u64,
     /// A second statistics buffer while one was held (the older one is returned).
     pub extra_stats_buffers: u64,
+    /// A PFN or range in a part of RAM the VM does not hold now (an unplugged virtio-mem
+    /// block).
+    pub not_plugged: u64,
 }
 
 /// A point-in-time view of one VM's balloon accounting, in bytes (and MiB for reading).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct AccountingSnapshot {
-    /// Guest RAM the balloon covers.
+    /// Guest RAM the balloon covers and the VM holds now (unplugged virtio-mem blocks
+    /// excluded).
     pub assigned_bytes: u64,
     /// Bytes currently in the balloon (inflated, discarded on the host).
     pub ballooned_bytes: u64,
@@ -132,6 +140,8 @@ pub struct Ledger {
     pub(crate) ram: RamMap,
     pub(crate) ballooned: PageSet,
     pub(crate) reported: PageSet,
+    /// RAM of the map the VM does not hold now (unplugged virtio-mem blocks).
+    pub(crate) absent: PageSet,
     pub(crate) counters: Counters,
     pub(crate) errors: InputErrors,
     pub(crate) sampled_resident: Option<u64>,
@@ -146,6 +156,7 @@ impl Ledger {
         Ledger {
             ballooned: PageSet::new(&ram),
             reported: PageSet::new(&ram),
+            absent: PageSet::new(&ram),
             ram,
             counters: Counters::default(),
             errors: InputErrors::default(),
@@ -176,6 +187,80 @@ impl Ledger {
     /// Reported pages.
     pub fn reported(&self) -> &PageSet {
         &self.reported
+    }
+
+    /// Pages of the map the VM does not hold now.
+    pub fn absent(&self) -> &PageSet {
+        &self.absent
+    }
+
+    /// Whether `[gpa, gpa+len)` is RAM the VM holds now: inside the map and not unplugged.
+    /// Guest input outside the map counts as `out_of_ram`, input in an unplugged part as
+    /// `not_plugged` (both through [`Ledger::check_present`]).
+    pub fn is_present(&self, gpa: u64, len: u64) -> bool {
+        self.ram.contains(gpa, len) && self.absent.count_in(gpa, len) == 0
+    }
+
+    /// Like [`Ledger::is_present`], counting a miss in the input errors.
+    pub(crate) fn check_present(&mut self, gpa: u64, len: u64) -> bool {
+        if !self.ram.contains(gpa, len) {
+            self.errors.out_of_ram += 1;
+            false
+        } else if self.absent.count_in(gpa, len) != 0 {
+            self.errors.not_plugged += 1;
+            false
+        } else {
+            true
+        }
+    }
+
+    /// `[gpa, gpa+len)` left the VM (a virtio-mem unplug, or a region not plugged yet): its
+    /// pages are forgotten from the balloon and the reported set (their host memory is gone
+    /// with the block; a later plug brings fresh, unreported memory) and marked absent, so
+    /// guest input there is refused and residency sampling skips it. Parts outside the map are
+    /// ignored. Returns the ballooned and reported bytes forgotten.
+    pub fn forget_range(&mut self, gpa: u64, len: u64) -> (u64, u64) {
+        let ballooned = self.ballooned.remove(gpa, len) * PAGE_SIZE;
+        let reported = self.reported.remove(gpa, len) * PAGE_SIZE;
+        self.absent.insert(gpa, len);
+        self.counters.unplugged_ranges += 1;
+        self.counters.unplug_cleared_bytes += ballooned + reported;
+        (ballooned, reported)
+    }
+
+    /// `[gpa, gpa+len)` is the VM's again (a virtio-mem plug). Returns the bytes that were
+    /// absent.
+    pub fn restore_range(&mut self, gpa: u64, len: u64) -> u64 {
+        self.absent.remove(gpa, len) * PAGE_SIZE
+    }
+
+    /// The present parts of the map, as `(gpa, len)` runs.
+    pub fn present_runs(&self) -> Vec<(u64, u64)> {
+        let absent = self.absent.runs();
+        let mut out = Vec::new();
+        let mut a = absent.iter().peekable();
+        for &(start, len) in self.ram.ranges() {
+            let end = start + len;
+            let mut cur = start;
+            while let Some(&&(s, l)) = a.peek() {
+                if s >= end {
+                    break;
+                }
+                if s > cur {
+                    out.push((cur, s - cur));
+                }
+                cur = cur.max(s + l);
+                if s + l <= end {
+                    a.next();
+                } else {
+                    break;
+                }
+            }
+            if cur < end {
+                out.push((cur, end - cur));
+            }
+        }
+        out
     }
 
     pub(crate) fn count_stats_update(&mut self) {
@@ -228,7 +313,7 @@ impl Ledger {
                 off += pages as u64 * PAGE_SIZE;
             }
         }
-        for &(gpa, len) in self.ram.ranges() {
+        for (gpa, len) in self.present_runs() {
             sample.resident_bytes += resident_in(probe, gpa, len, &mut buf)?;
         }
         for (gpa, len) in self.ballooned.runs() {
@@ -242,7 +327,7 @@ impl Ledger {
 
     /// A snapshot, given the config-space target and actual (in pages).
     pub fn snapshot(&self, target_pages: u32, actual_pages: u32) -> AccountingSnapshot {
-        let assigned = self.ram.total();
+        let assigned = self.ram.total() - self.absent.bytes();
         let ballooned = self.ballooned.bytes();
         let reported = self.reported.bytes();
         let resident = assigned.saturating_sub(ballooned + reported);

@@ -275,6 +275,21 @@ impl Balloon {
         &self.ledger
     }
 
+    /// The VMM unplugged `[gpa, gpa+len)` (a virtio-mem block left the VM, after its host
+    /// memory was discarded), or the range is not plugged yet: the balloon forgets its pages
+    /// (ballooned and reported), stops counting them as assigned, refuses guest input there
+    /// (counted as `not_plugged`) and skips them in residency samples. Returns the ballooned
+    /// and reported bytes that were cleared.
+    pub fn ram_unplugged(&mut self, gpa: u64, len: u64) -> (u64, u64) {
+        self.ledger.forget_range(gpa, len)
+    }
+
+    /// The VMM plugged `[gpa, gpa+len)`: it is the VM's RAM again (fresh memory: nothing in it
+    /// is ballooned or reported).
+    pub fn ram_plugged(&mut self, gpa: u64, len: u64) {
+        self.ledger.restore_range(gpa, len);
+    }
+
     /// Estimate refaults of reported pages and measure resident guest RAM with `probe`
     /// (e.g. [`crate::MmapBackend`], which uses `mincore`).
     pub fn sample_residency(

@@ -26,10 +26,8 @@ fn valid_pages(pfns: &[u32], ledger: &mut Ledger) -> (Vec<u64>, u64) {
     let mut pages = Vec::with_capacity(pfns.len());
     for &pfn in pfns {
         let gpa = u64::from(pfn) * PAGE_SIZE;
-        if ledger.ram.contains(gpa, PAGE_SIZE) {
+        if ledger.check_present(gpa, PAGE_SIZE) {
             pages.push(gpa);
-        } else {
-            ledger.errors.out_of_ram += 1;
         }
     }
     pages.sort_unstable();

@@ -221,6 +221,33 @@ impl PageSet {
         removed
     }
 
+    /// How many pages of `[gpa, gpa+len)` are in the set.
+    pub fn count_in(&self, gpa: u64, len: u64) -> u64 {
+        let mut total = 0;
+        for (first, n) in self.pieces(gpa, len) {
+            let end = first + n;
+            let mut i = first;
+            while i < end {
+                let b = (i / BLOCK_PAGES) as usize;
+                let lo = i % BLOCK_PAGES;
+                let hi = (end - b as u64 * BLOCK_PAGES).min(BLOCK_PAGES);
+                total += match &self.blocks[b] {
+                    Block::Empty => 0,
+                    Block::Full => hi - lo,
+                    Block::Partial(w) => {
+                        let m = mask(lo, hi);
+                        w.iter()
+                            .zip(m)
+                            .map(|(x, m)| u64::from((x & m).count_ones()))
+                            .sum()
+                    }
+                };
+                i = (b as u64 + 1) * BLOCK_PAGES;
+            }
+        }
+        total
+    }
+
     /// Whether the page at `gpa` is in the set.
     pub fn contains(&self, gpa: u64) -> bool {
         self.pieces(gpa, 1)
@@ -291,6 +318,15 @@ mod tests {
         assert_eq!(s.runs(), vec![(0x100_0000, 0x1000), (0x110_1000, 0xff000)]);
         let mut t = PageSet::new(&ram());
         assert_eq!(t.insert_except(0x100_0000, 0x20_0000, Some(&s)), 256);
+        assert_eq!(s.count_in(0x100_0000, 0x20_0000), 256);
+        assert_eq!(s.count_in(0x100_0000, 0x2000), 1);
+        assert_eq!(s.count_in(0x0, 0x40_0000), 0);
+        assert_eq!(
+            s.count_in(0x40_0000, 0xc0_2000),
+            1,
+            "the hole counts nothing"
+        );
+        assert_eq!(t.count_in(0, u64::MAX), 256);
     }
 
     #[test]

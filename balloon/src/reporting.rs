@@ -38,9 +38,7 @@ impl Ledger {
                 self.errors.overflow += 1;
             } else if r.gpa % PAGE_SIZE != 0 || r.len % PAGE_SIZE != 0 {
                 self.errors.misaligned += 1;
-            } else if !self.ram.contains(r.gpa, r.len) {
-                self.errors.out_of_ram += 1;
-            } else {
+            } else if self.check_present(r.gpa, r.len) {
                 ok.push((r.gpa, r.len));
             }
         }

@@ -8,6 +8,7 @@ mod queues;
 mod real_memory;
 mod reporting;
 mod stats;
+mod unplug;
 
 use crate::backend::{ReclaimBackend, RecordingBackend};
 use crate::config::BalloonConfig;

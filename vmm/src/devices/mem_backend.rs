@@ -66,6 +66,43 @@ impl VmMemoryHandle {
     }
 }
 
+/// A change of the VM's RAM made by a [`PoolMemoryBackend`], given to its [`RamListener`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RamChange {
+    /// `[gpa, gpa+len)` was plugged (placed in the window and KVM).
+    Plugged {
+        /// Guest-physical start.
+        gpa: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// `[gpa, gpa+len)` was unplugged: it has left the window and KVM and its host memory is
+    /// discarded (its frames are back in the pool, or about to be).
+    Unplugged {
+        /// Guest-physical start.
+        gpa: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+}
+
+/// Told of every successful plug and unplug, after the fact (the VMM uses it to keep the
+/// balloon's accounting in step with virtio-mem).
+pub struct RamListener(Box<dyn FnMut(RamChange) + Send>);
+
+impl RamListener {
+    /// A listener calling `f`.
+    pub fn new(f: impl FnMut(RamChange) + Send + 'static) -> RamListener {
+        RamListener(Box::new(f))
+    }
+}
+
+impl std::fmt::Debug for RamListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RamListener")
+    }
+}
+
 /// [`MemoryBackend`] of a VM's virtio-mem device.
 #[derive(Debug)]
 pub struct PoolMemoryBackend {
@@ -76,6 +113,7 @@ pub struct PoolMemoryBackend {
     slab: TypedSlab<BlockRecord>,
     slab_nodes: u16,
     records: BTreeMap<u64, OwnedSlabBox<BlockRecord>>,
+    listener: Option<RamListener>,
 }
 
 fn pool_err(e: PoolError) -> BackendError {
@@ -109,6 +147,18 @@ impl PoolMemoryBackend {
             slab,
             slab_nodes: slab_nodes.max(1),
             records: BTreeMap::new(),
+            listener: None,
+        }
+    }
+
+    /// Tell `listener` of every plug and unplug from now on (replaces any earlier one).
+    pub fn set_listener(&mut self, listener: RamListener) {
+        self.listener = Some(listener);
+    }
+
+    fn notify(&mut self, change: RamChange) {
+        if let Some(l) = self.listener.as_mut() {
+            (l.0)(change);
         }
     }
 
@@ -218,6 +268,7 @@ impl MemoryBackend for PoolMemoryBackend {
                 }
             }
         }
+        self.notify(RamChange::Plugged { gpa, len });
         self.handle
             .refresh()
             .map_err(|e| BackendError::Failed(e.to_string()))
@@ -238,6 +289,9 @@ impl MemoryBackend for PoolMemoryBackend {
         }
         // 1. Out of KVM and the window: memslots deleted, PROT_NONE, MADV_DONTNEED.
         self.handle.vm.remove_block(gpa, len).map_err(kvm_err)?;
+        // The range is gone from the guest: whoever accounts for it (the balloon) forgets it
+        // before its frames can go to anyone else.
+        self.notify(RamChange::Unplugged { gpa, len });
         let refreshed = self.handle.refresh();
         // 2. Frames back to the pool; records freed into the slab.
         for b in blocks {

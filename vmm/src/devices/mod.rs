@@ -14,7 +14,7 @@ mod tests;
 
 pub use bus::{BusDevice, DeviceSlot, MmioBus, SharedTransport};
 pub use irq::{IrqMode, IrqfdTrigger, PolledIrq};
-pub use mem_backend::{BlockRecord, PoolMemoryBackend, VmMemoryHandle};
+pub use mem_backend::{BlockRecord, PoolMemoryBackend, RamChange, RamListener, VmMemoryHandle};
 pub use notifier::{NotifierStats, NotifyThread};
 pub use reclaim::WindowReclaim;
 

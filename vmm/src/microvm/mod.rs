@@ -8,6 +8,8 @@
 //! and returns every boot block to the pool.
 
 #[cfg(test)]
+mod balloon_tests;
+#[cfg(test)]
 mod driver_tests;
 pub mod exits;
 pub mod lifecycle;

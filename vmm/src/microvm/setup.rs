@@ -15,7 +15,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::{ExitCounters, Microvm, MicrovmError, VmLifecycle};
 use crate::devices::{
     lock, BlockRecord, DeviceSetupError, IrqMode, IrqfdTrigger, MmioBus, NotifyThread, PolledIrq,
-    PoolMemoryBackend, VmMemoryHandle, WindowReclaim,
+    PoolMemoryBackend, RamChange, RamListener, VmMemoryHandle, WindowReclaim,
 };
 use crate::hostpool::{FramePool, POOL_BLOCK_BYTES};
 use crate::kvm::{Vm, VmConfig};
@@ -326,6 +326,38 @@ impl Microvm {
                 WindowReclaim::new(Arc::clone(kvm_vm.window()))
                     .map_err(|e| MicrovmError::Config(format!("balloon probe: {e}")))?,
             );
+        }
+        if let (Some(mem), Some(balloon), Some(region)) =
+            (&vm.mem_dev, &vm.balloon_dev, layout.hotplug())
+        {
+            // The balloon covers the whole hot-plug region, but the VM holds only its plugged
+            // blocks: none yet. From now on every plug and unplug reaches the balloon, so that
+            // an unplugged block's ballooned or reported pages are forgotten with it.
+            lock(balloon)
+                .device_mut()
+                .ram_unplugged(region.start, region.end - region.start);
+            let balloon = Arc::clone(balloon);
+            lock(mem)
+                .device_mut()
+                .backend_mut()
+                .set_listener(RamListener::new(move |change| {
+                    let mut t = lock(&balloon);
+                    match change {
+                        RamChange::Plugged { gpa, len } => t.device_mut().ram_plugged(gpa, len),
+                        RamChange::Unplugged { gpa, len } => {
+                            let (ballooned, reported) = t.device_mut().ram_unplugged(gpa, len);
+                            if ballooned + reported > 0 {
+                                tracing::debug!(
+                                    gpa,
+                                    len,
+                                    ballooned,
+                                    reported,
+                                    "unplug cleared balloon pages"
+                                );
+                            }
+                        }
+                    }
+                }));
         }
         if !bus.slots().is_empty() {
             vm.notifier = Some(NotifyThread::start(kvm_vm.fd(), &bus, &config.id)?);

@@ -1,0 +1,143 @@
+//! Tier-2 test (real KVM) of virtio-mem and the balloon together: a block's ballooned and
+//! reported state leaves the balloon's accounting when virtio-mem unplugs the block, and guest
+//! input about it is refused until it is plugged again. Skips when /dev/kvm cannot be opened.
+
+use std::sync::Arc;
+
+use guest_mm::policy::NumaPolicy;
+use guest_mm::slab::TypedSlab;
+use tidepool_balloon::testing::{Buf, CountingInterrupts, DriverQueue};
+use tidepool_balloon::{VIRTIO_BALLOON_F_REPORTING, VIRTIO_F_VERSION_1};
+use tidepool_hotplug::MemoryBackend;
+use tidepool_virtio::VirtioDevice;
+use vm_memory::GuestMemoryAtomic;
+
+use super::*;
+use crate::devices::{lock, IrqMode, WindowReclaim};
+use crate::hostpool::BlockPool;
+use crate::memory::MIB;
+
+/// Queue index of reporting with VERSION_1 | REPORTING acked (inflate 0, deflate 1).
+const REPORTING: usize = 2;
+
+#[test]
+fn unplug_clears_the_balloons_state_for_the_block() {
+    if let Err(why) = crate::kvm::kvm_available() {
+        eprintln!("skipping unplug_clears_the_balloons_state_for_the_block: {why}");
+        return;
+    }
+    let pool = Arc::new(BlockPool::new(256 * MIB));
+    let config = MicrovmConfig {
+        id: "balloon-unplug".into(),
+        vcpus: 1,
+        boot_ram: 64 * MIB,
+        hotplug: Some(HotplugSpec {
+            region_size: 128 * MIB,
+            block_size: 2 * MIB,
+            memslots: Default::default(),
+        }),
+        balloon: Some(BalloonSpec {
+            free_page_reporting: true,
+            ..Default::default()
+        }),
+        policy: NumaPolicy::Local,
+        irq: IrqMode::Irqfd,
+        image: BootImage::Raw {
+            bytes: vec![0xf4],
+            load_addr: 0x1000,
+            entry: 0x1000,
+        },
+    };
+    let slab = TypedSlab::new("balloon-unplug").expect("slab");
+    let mut vm = Microvm::new(config, pool.clone(), slab, 1).expect("microvm");
+    let kvm_vm = Arc::clone(vm.vm().expect("vm"));
+    let hp = kvm_vm.window().layout().hotplug().expect("region").start;
+    let balloon = Arc::clone(vm.balloon_device().expect("balloon"));
+
+    // Nothing plugged yet: the balloon counts boot RAM only.
+    let a = lock(&balloon).device().accounting();
+    assert_eq!(a.assigned_bytes, 64 * MIB);
+
+    // Plug 4 MiB host-side; the balloon follows.
+    vm.with_memory_backend(|b| b.plug(hp, 4 * MIB))
+        .expect("backend")
+        .expect("plug");
+    assert_eq!(
+        lock(&balloon).device().accounting().assigned_bytes,
+        68 * MIB
+    );
+
+    // Play the guest's balloon driver (rings and buffers in boot RAM) and report the first
+    // plugged block as free.
+    let view = kvm_vm.window().guest_memory().expect("view");
+    let mem: vm_memory::GuestMemoryMmap = (*view).clone();
+    let acked = (1u64 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BALLOON_F_REPORTING);
+    let mut drivers: Vec<DriverQueue> = (0..3)
+        .map(|i| DriverQueue::new(0x10_0000 + 0x1_0000 * i, 256))
+        .collect();
+    {
+        let mut t = lock(&balloon);
+        let dev = t.device_mut();
+        dev.set_acked_features(acked);
+        let queues = drivers
+            .iter()
+            .map(|d| d.device_queue(&mem).expect("queue"))
+            .collect();
+        dev.activate(
+            GuestMemoryAtomic::new(mem.clone()),
+            queues,
+            Arc::new(CountingInterrupts::default()),
+        )
+        .expect("activate");
+    }
+    let report = |drivers: &mut Vec<DriverQueue>, gpa: u64| {
+        drivers[REPORTING]
+            .submit(&mem, &[Buf::inb(gpa, 2 * MIB as u32)])
+            .expect("submit");
+        lock(&balloon)
+            .device_mut()
+            .process_queue(REPORTING)
+            .expect("process");
+    };
+    report(&mut drivers, hp);
+    let a = lock(&balloon).device().accounting();
+    assert_eq!(a.reported_bytes, 2 * MIB, "{a:?}");
+    assert_eq!(a.counters.discard_failures, 0);
+
+    // virtio-mem unplugs both blocks: the reported block is forgotten with them.
+    vm.with_memory_backend(|b| b.unplug(hp, 4 * MIB))
+        .expect("backend")
+        .expect("unplug");
+    let a = lock(&balloon).device().accounting();
+    assert_eq!(a.reported_bytes, 0, "{a:?}");
+    assert_eq!(a.assigned_bytes, 64 * MIB);
+    assert_eq!(a.counters.unplug_cleared_bytes, 2 * MIB);
+    assert_eq!(a.resident_estimate_bytes, 64 * MIB);
+
+    // A report about the unplugged block is refused as not plugged (nothing discarded), and
+    // residency sampling skips the region.
+    report(&mut drivers, hp);
+    let a = lock(&balloon).device().accounting();
+    assert_eq!(a.input_errors.not_plugged, 1);
+    assert_eq!(a.reported_bytes, 0);
+    let probe = WindowReclaim::new(Arc::clone(kvm_vm.window())).expect("probe");
+    let s = lock(&balloon)
+        .device_mut()
+        .sample_residency(&probe)
+        .expect("residency sample over boot RAM only");
+    assert_eq!(s.refaulted_bytes, 0);
+    let figures = vm.memory().expect("memory figures");
+    assert_eq!(figures.reported, 0);
+
+    // Plugged again, the block is fresh memory: reports there are honoured again.
+    vm.with_memory_backend(|b| b.plug(hp, 2 * MIB))
+        .expect("backend")
+        .expect("plug again");
+    report(&mut drivers, hp);
+    let a = lock(&balloon).device().accounting();
+    assert_eq!(a.reported_bytes, 2 * MIB);
+    assert_eq!(a.assigned_bytes, 66 * MIB);
+    drop(view);
+    drop(vm);
+    assert!(pool.figures().expect("figures").is_whole());
+}
