@@ -164,6 +164,9 @@ pub struct ReclaimMetrics {
     pub runs: Vec<NamedCounter>,
     /// Urgent runs (below min).
     pub urgent_runs: u64,
+    /// Bytes given back to guests (balloon deflated) after pressure went away.
+    #[serde(default)]
+    pub released_bytes: u64,
     /// Per phase.
     pub phases: Vec<ReclaimPhaseMetrics>,
     /// Per domain.
@@ -428,6 +431,14 @@ fn render_reclaim(reg: &mut Registry, r: &ReclaimMetrics) {
         "Reclaim runs below the min watermark",
         urgent,
     );
+    let released: Counter = Counter::default();
+    released.inc_by(r.released_bytes);
+    reg.register_with_unit(
+        "reclaim_released",
+        "Memory given back to guests (balloons deflated) after pressure went away",
+        Unit::Bytes,
+        released,
+    );
 
     let bytes = Family::<Labels, Counter>::default();
     let calls = Family::<Labels, Counter>::default();
@@ -596,6 +607,7 @@ mod tests {
                     value: 3,
                 }],
                 urgent_runs: 1,
+                released_bytes: 4096,
                 phases: vec![ReclaimPhaseMetrics {
                     phase: "split_huge".into(),
                     calls: 4,
@@ -636,6 +648,7 @@ mod tests {
             "tidepool_monitor_actions_total{action=\"rebalance\",outcome=\"done\"} 1",
             "tidepool_reclaim_runs_total{trigger=\"watermark\"} 3",
             "tidepool_reclaim_urgent_runs_total 1",
+            "tidepool_reclaim_released_bytes_total 4096",
             "tidepool_reclaim_phase_bytes_total{phase=\"split_huge\",kind=\"reclaimed\"} 1048576",
             "tidepool_reclaim_phase_runs_total{phase=\"split_huge\"} 2",
             "tidepool_reclaim_phase_calls_total{phase=\"split_huge\",result=\"ok\"} 3",

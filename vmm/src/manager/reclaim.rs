@@ -218,6 +218,7 @@ impl VmManager {
                 })
                 .collect(),
             urgent_runs: s.urgent_runs,
+            released_bytes: s.released_bytes,
             phases: s
                 .phases
                 .iter()

@@ -14,6 +14,8 @@ pub struct DeviceBalloon {
     dev: BalloonTransport,
     /// `reported_bytes_total` at the last [`BalloonHook::take_reported`].
     seen_reported: Mutex<u64>,
+    /// MiB the engine added to the balloon target and has not given back.
+    engine_mib: Mutex<u64>,
 }
 
 impl DeviceBalloon {
@@ -27,7 +29,13 @@ impl DeviceBalloon {
         DeviceBalloon {
             dev,
             seen_reported: Mutex::new(seen),
+            engine_mib: Mutex::new(0),
         }
+    }
+
+    /// MiB of the balloon target the engine added and has not given back.
+    pub fn engine_inflated_mib(&self) -> u64 {
+        *lock(&self.engine_mib)
     }
 }
 
@@ -49,7 +57,23 @@ impl BalloonHook for DeviceBalloon {
         }
         b.set_target_mib(next)
             .map_err(|e| TargetError::Failed(e.to_string()))?;
+        *lock(&self.engine_mib) += next - cur;
         Ok((next - cur) * MIB)
+    }
+
+    fn deflate(&self, bytes: u64) -> Result<u64, TargetError> {
+        let mut t = lock(&self.dev);
+        let b = t.device_mut();
+        let mut mine = lock(&self.engine_mib);
+        // Whole MiB only, and never more than the engine added.
+        let back = (bytes / MIB).min(*mine).min(b.target_mib());
+        if back == 0 {
+            return Ok(0);
+        }
+        b.set_target_mib(b.target_mib() - back)
+            .map_err(|e| TargetError::Failed(e.to_string()))?;
+        *mine -= back;
+        Ok(back * MIB)
     }
 
     fn take_reported(&self) -> Result<u64, TargetError> {
@@ -109,5 +133,7 @@ mod tests {
             hook.start_hinting(),
             Err(TargetError::Unsupported(_))
         ));
+        assert_eq!(hook.deflate(4 * MIB), Ok(0), "nothing the engine added");
+        assert_eq!(hook.engine_inflated_mib(), 0);
     }
 }

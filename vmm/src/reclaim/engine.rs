@@ -56,6 +56,9 @@ pub struct EngineConfig {
     pub interval: Duration,
     /// Events kept in the log.
     pub event_log_len: usize,
+    /// When every domain is well above high (by more than `high - low`), give targets back
+    /// what the engine took through their balloons ([`ReclaimTarget::release`]).
+    pub release: bool,
 }
 
 impl Default for EngineConfig {
@@ -71,6 +74,7 @@ impl Default for EngineConfig {
             backoff_steps: 4,
             interval: Duration::from_millis(500),
             event_log_len: 256,
+            release: true,
         }
     }
 }
@@ -204,6 +208,8 @@ pub struct StepReport {
     pub satisfied: bool,
     /// The pressure reading (None when it could not be read).
     pub pressure: Option<PressureReading>,
+    /// Bytes given back to guests (no pressure; [`EngineConfig::release`]).
+    pub released_bytes: u64,
 }
 
 impl StepReport {
@@ -237,6 +243,8 @@ pub struct EngineSnapshot {
     pub domains: Vec<DomainState>,
     /// Last pressure reading.
     pub pressure: Option<PressureReading>,
+    /// Bytes given back to guests after pressure went away.
+    pub released_bytes: u64,
     /// Targets registered.
     pub targets: usize,
     /// The latest events, oldest first.
@@ -276,6 +284,7 @@ struct State {
     events: VecDeque<ReclaimEvent>,
     backoff: u32,
     psi_error_logged: bool,
+    released_bytes: u64,
 }
 
 /// The reclaim engine. Share it as `Arc<ReclaimEngine>`; every method takes `&self`.
@@ -325,6 +334,7 @@ impl ReclaimEngine {
                 events: VecDeque::new(),
                 backoff: 0,
                 psi_error_logged: false,
+                released_bytes: 0,
             }),
             stepping: Mutex::new(()),
             alloc_failed: AtomicBool::new(false),
@@ -502,6 +512,10 @@ impl ReclaimEngine {
         st.domains = domains.clone();
         let Some(trigger) = report.trigger else {
             st.backoff = 0;
+            drop(st);
+            if self.config.release {
+                report.released_bytes = self.release(step, &mut cands, &domains);
+            }
             return Ok(report);
         };
         let urgent = domains.iter().any(|d| d.urgent());
@@ -629,6 +643,52 @@ impl ReclaimEngine {
         Ok(report)
     }
 
+    /// No pressure: when every domain is above high by more than `high - low`, give the
+    /// busiest targets back up to that surplus. Returns the bytes given back.
+    fn release(
+        &self,
+        step: u64,
+        cands: &mut [(Arc<dyn ReclaimTarget>, Idleness)],
+        domains: &[DomainState],
+    ) -> u64 {
+        let surplus = domains
+            .iter()
+            .map(|d| {
+                let margin = d.marks.high.saturating_sub(d.marks.low);
+                d.reading
+                    .free_bytes
+                    .saturating_sub(d.marks.high.saturating_add(margin))
+            })
+            .min()
+            .unwrap_or(0);
+        if surplus == 0 {
+            return 0;
+        }
+        // Busiest first: they are the ones that need memory.
+        cands.sort_by(|a, b| {
+            a.1.idle_bytes()
+                .cmp(&b.1.idle_bytes())
+                .then_with(|| a.0.id().cmp(b.0.id()))
+        });
+        let mut given = 0u64;
+        for (t, _) in cands.iter() {
+            if given >= surplus {
+                break;
+            }
+            match t.release(surplus - given) {
+                Ok(0) => {}
+                Ok(n) => {
+                    given += n;
+                    tracing::info!(vm = t.id(), step, bytes = n, "reclaim: released to guest");
+                }
+                Err(TargetError::Unsupported(_)) => {}
+                Err(e) => tracing::warn!(vm = t.id(), error = %e, "release failed"),
+            }
+        }
+        lock(&self.state).released_bytes += given;
+        given
+    }
+
     /// Count one target call and log it; returns whether the phase really ran (not
     /// unsupported).
     fn record(
@@ -709,6 +769,7 @@ impl ReclaimEngine {
                 .collect(),
             domains: st.domains.clone(),
             pressure: st.pressure,
+            released_bytes: st.released_bytes,
             targets,
             events: st.events.iter().cloned().collect(),
         }

@@ -25,6 +25,8 @@ struct FakeState {
     pending_balloon: u64,
     calls: Vec<Phase>,
     reported: u64,
+    /// Balloon bytes the engine inflated (given back by `release`).
+    ballooned: u64,
 }
 
 impl FakeVm {
@@ -63,6 +65,7 @@ impl FakeVm {
         s.per_phase[phase.index()] = Some(avail - n);
         if phase == Phase::Balloon {
             s.pending_balloon += n;
+            s.ballooned += n;
             return Ok(PhaseOutcome::requested(n));
         }
         s.resident -= n;
@@ -102,6 +105,13 @@ impl ReclaimTarget for FakeVm {
     }
     fn split_huge(&self, req: &PhaseRequest) -> Result<PhaseOutcome, TargetError> {
         self.take(Phase::SplitHuge, req)
+    }
+    fn release(&self, max_bytes: u64) -> Result<u64, TargetError> {
+        let mut s = lock(&self.state);
+        let n = s.ballooned.min(max_bytes);
+        s.ballooned -= n;
+        s.resident += n;
+        Ok(n)
     }
 }
 
@@ -456,4 +466,39 @@ fn driver_thread_steps_and_wakes_on_alloc_failure() {
     let steps = e.snapshot().steps;
     std::thread::sleep(Duration::from_millis(20));
     assert_eq!(e.snapshot().steps, steps, "stopped");
+}
+
+#[test]
+fn balloon_is_given_back_when_pressure_is_gone() {
+    let e = engine(1000 * MIB, SyntheticPressure::new());
+    let vm = FakeVm::new(
+        "a",
+        980 * MIB,
+        0,
+        [Some(0), Some(200 * MIB), None, None, None],
+    );
+    e.add_target(vm.clone());
+    // Need 80: the balloon takes 80 (credited), lands at the next sample.
+    let r = e.step().expect("step");
+    assert!(r.satisfied);
+    assert_eq!(e.step().expect("step").trigger, None);
+    assert_eq!(vm.resident(), 900 * MIB);
+    // free 100 = high: no surplus (high + (high - low) = 150), nothing given back.
+    assert_eq!(e.step().expect("step").released_bytes, 0);
+    // The guest frees 200 MiB itself: free 300, surplus 150, but only 80 was the engine's.
+    lock(&vm.state).resident = 700 * MIB;
+    let r = e.step().expect("step");
+    assert_eq!(r.released_bytes, 80 * MIB);
+    assert_eq!(e.snapshot().released_bytes, 80 * MIB);
+    assert_eq!(e.step().expect("step").released_bytes, 0);
+    // With release off nothing is given back.
+    let cfg = EngineConfig {
+        release: false,
+        ..EngineConfig::with_budget(1000 * MIB)
+    };
+    let e2 = ReclaimEngine::new(cfg, SyntheticPressure::new()).expect("engine");
+    let vm2 = FakeVm::new("b", 100 * MIB, 0, [None; 5]);
+    lock(&vm2.state).ballooned = 50 * MIB;
+    e2.add_target(vm2);
+    assert_eq!(e2.step().expect("step").released_bytes, 0);
 }

@@ -185,4 +185,11 @@ pub trait ReclaimTarget: Send + Sync + fmt::Debug {
         let _ = req;
         Err(TargetError::Unsupported("huge page split".into()))
     }
+
+    /// Pressure is gone: give the guest back up to `max_bytes` of what the engine took from
+    /// it through the balloon (deflate). Returns the bytes given back (or asked back).
+    fn release(&self, max_bytes: u64) -> Result<u64, TargetError> {
+        let _ = max_bytes;
+        Err(TargetError::Unsupported("release".into()))
+    }
 }

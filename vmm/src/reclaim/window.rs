@@ -42,6 +42,12 @@ pub trait BalloonHook: Send + Sync + std::fmt::Debug {
     fn start_hinting(&self) -> Result<u64, TargetError> {
         Err(TargetError::Unsupported("free page hinting".into()))
     }
+    /// Lower the balloon target by up to `bytes`, never below what was there before the
+    /// engine inflated it; returns the bytes given back.
+    fn deflate(&self, bytes: u64) -> Result<u64, TargetError> {
+        let _ = bytes;
+        Err(TargetError::Unsupported("balloon deflate".into()))
+    }
 }
 
 /// The VMM swap, as phases 3 and 4 use it. Ranges are guest-physical, 2 MiB aligned, cold.
@@ -430,6 +436,15 @@ impl ReclaimTarget for WindowTarget {
         let cold = self.candidates(&w, req.cold_intervals, req.urgent);
         s.swap_out(&cold, req.max_bytes)
             .map(PhaseOutcome::reclaimed)
+    }
+
+    fn release(&self, max_bytes: u64) -> Result<u64, TargetError> {
+        let b = self
+            .balloon
+            .as_ref()
+            .ok_or_else(|| TargetError::Unsupported("no balloon".into()))?;
+        self.window()?;
+        b.deflate(max_bytes)
     }
 
     fn split_huge(&self, req: &PhaseRequest) -> Result<PhaseOutcome, TargetError> {
