@@ -2,8 +2,10 @@
 //! ([`guest_mm::monitor::Monitor::evaluate`]) and does it:
 //!
 //! - `Compact { node, order }`: compaction of the node's zone ([`PoolActions::compact`]);
-//! - `Reclaim { .. }`, and any new allocation failure: the reclaim engine runs
-//!   ([`ReclaimEngine::notify_alloc_failure`]);
+//! - `Reclaim { reason: AllocationMisses, .. }`, and any new allocation failure: the reclaim
+//!   engine runs ([`ReclaimEngine::notify_alloc_failure`]); `Reclaim { reason: LowWatermark }`
+//!   alone is counted and logged (outcome `pool_low_noted`): the engine's phases return host
+//!   memory, not pool blocks, and it watches host memory itself;
 //! - `Rebalance`: NUMA rebalancing through `migrate_misplaced` ([`PoolActions::rebalance`]).
 //!
 //! Every trigger is counted by action, every result by action and outcome
@@ -17,7 +19,7 @@ use std::time::Duration;
 
 use guest_mm::compaction::{compact_until, MoveError, Mover};
 use guest_mm::frame::{FrameId, NodeId};
-use guest_mm::monitor::{Action, Thresholds};
+use guest_mm::monitor::{Action, ReclaimReason, Thresholds};
 use guest_mm::policy::NumaPolicy;
 use guest_mm::pool::Pool;
 
@@ -322,9 +324,22 @@ impl MonitorTask {
                     reason,
                 } => {
                     tracing::info!(node = node.0, frames, urgent, reason = ?reason, "monitor: reclaim");
-                    if !reclaimed {
-                        self.reclaim("watermark");
-                        reclaimed = true;
+                    match reason {
+                        // Allocations missed the node: the engine runs.
+                        ReclaimReason::AllocationMisses => {
+                            if !reclaimed {
+                                self.reclaim("allocation_misses");
+                                reclaimed = true;
+                            }
+                        }
+                        // Only low on free pool blocks: counted and logged. The engine's
+                        // phases give back host memory, not pool blocks (a VM keeps its
+                        // blocks), so waking it every tick would inflate balloons for nothing;
+                        // it watches host memory itself (its budget and PSI).
+                        ReclaimReason::LowWatermark => {
+                            self.trigger("reclaim");
+                            self.count("reclaim", "pool_low_noted");
+                        }
                     }
                 }
                 Action::Rebalance { remote_share } => {

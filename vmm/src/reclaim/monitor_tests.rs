@@ -228,3 +228,37 @@ fn thread_driver_ticks_and_stops() {
     h.stop();
     assert!(t.counters().ticks >= 1);
 }
+
+#[test]
+fn a_low_pool_is_noted_without_waking_the_engine() {
+    // 16 MiB = 8 blocks; take 8: free 0 < low.
+    let p = pool(1, 16);
+    for _ in 0..8 {
+        p.alloc(9, MigrateType::Movable, &NumaPolicy::Local, NodeId(0))
+            .expect("alloc");
+    }
+    let engine = Arc::new(
+        ReclaimEngine::new(EngineConfig::default(), SyntheticPressure::new()).expect("engine"),
+    );
+    let t = task(&p, false, Vec::new(), Some(Arc::clone(&engine)));
+    let actions = t.tick().expect("tick");
+    assert!(
+        actions.iter().any(|a| matches!(
+            a,
+            Action::Reclaim {
+                reason: guest_mm::monitor::ReclaimReason::LowWatermark,
+                urgent: true,
+                ..
+            }
+        )),
+        "{actions:?}"
+    );
+    let c = t.counters();
+    assert_eq!(c.triggers("reclaim"), 1);
+    assert_eq!(c.outcome("reclaim", "pool_low_noted"), 1);
+    assert_eq!(
+        engine.step().expect("step").trigger,
+        None,
+        "engine not woken"
+    );
+}
