@@ -414,6 +414,7 @@ mod tests {
             free_page_reporting: true,
             deflate_on_oom: true,
             stats_interval_s: 5,
+            free_page_hinting: false,
         });
         assert!(create_vm(&r).is_ok());
         r.balloon = Some(BalloonConfig {

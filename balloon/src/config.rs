@@ -3,8 +3,8 @@
 use crate::error::BalloonError;
 use crate::{
     MIB, PAGE_SIZE, REPORTING_MIN_QUEUE_SIZE, VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
-    VIRTIO_BALLOON_F_PAGE_POISON, VIRTIO_BALLOON_F_REPORTING, VIRTIO_BALLOON_F_STATS_VQ,
-    VIRTIO_F_VERSION_1,
+    VIRTIO_BALLOON_F_FREE_PAGE_HINT, VIRTIO_BALLOON_F_PAGE_POISON, VIRTIO_BALLOON_F_REPORTING,
+    VIRTIO_BALLOON_F_STATS_VQ, VIRTIO_F_VERSION_1,
 };
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +27,10 @@ pub struct BalloonConfig {
     pub stats_interval_s: u32,
     /// Maximum size of every queue (a power of two; at least 32 for the reporting queue).
     pub queue_size: u16,
+    /// Offer free page hinting (FREE_PAGE_HINT): the host can start hinting passes. Report
+    /// only: hinted pages are counted, never discarded (`crate::hinting`).
+    #[serde(default)]
+    pub free_page_hinting: bool,
 }
 
 impl Default for BalloonConfig {
@@ -37,6 +41,7 @@ impl Default for BalloonConfig {
             page_poison: true,
             stats_interval_s: 1,
             queue_size: 256,
+            free_page_hinting: false,
         }
     }
 }
@@ -78,6 +83,9 @@ impl BalloonConfig {
         if self.deflate_on_oom {
             f |= 1 << VIRTIO_BALLOON_F_DEFLATE_ON_OOM;
         }
+        if self.free_page_hinting {
+            f |= 1 << VIRTIO_BALLOON_F_FREE_PAGE_HINT;
+        }
         if self.free_page_reporting {
             f |= 1 << VIRTIO_BALLOON_F_REPORTING;
             if self.page_poison {
@@ -94,7 +102,7 @@ pub const CONFIG_SPACE_SIZE: usize = 16;
 pub const OFF_NUM_PAGES: usize = 0;
 /// Offset of `actual` (driver-written current balloon size, in 4 KiB pages).
 pub const OFF_ACTUAL: usize = 4;
-/// Offset of `free_page_hint_cmd_id` (device-written; hinting is not offered).
+/// Offset of `free_page_hint_cmd_id` (device-written: the hinting pass, STOP or DONE).
 pub const OFF_CMD_ID: usize = 8;
 /// Offset of `poison_val` (driver-written).
 pub const OFF_POISON_VAL: usize = 12;
@@ -107,7 +115,8 @@ pub struct ConfigSpace {
     pub num_pages: u32,
     /// Current balloon size in 4 KiB pages (written by the driver).
     pub actual: u32,
-    /// Free page hint command id (always 0: hinting is not offered).
+    /// Free page hint command id: 0 (STOP) until a pass starts, then the pass's id, STOP or
+    /// DONE (1).
     pub free_page_hint_cmd_id: u32,
     /// The guest's page poison value (written by the driver when PAGE_POISON is negotiated).
     pub poison_val: u32,

@@ -5,12 +5,14 @@ use crate::accounting::{AccountingSnapshot, InputErrors, Ledger, ResidencySample
 use crate::backend::{RamMap, ReclaimBackend, ResidencyProbe};
 use crate::config::{mib_to_pages, BalloonConfig, ConfigSpace};
 use crate::error::{BackendError, BalloonError};
+use crate::hinting::{HintAction, HintState, HintStatus, Hinting};
 use crate::inflate::{parse_pfns, MAX_PFNS_PER_BUFFER};
 use crate::reporting::{ReportOutcome, ReportedRange};
 use crate::stats::{GuestStats, MAX_STATS_BYTES};
 use crate::{
-    MIB, PAGE_SIZE, VIRTIO_BALLOON_F_DEFLATE_ON_OOM, VIRTIO_BALLOON_F_PAGE_POISON,
-    VIRTIO_BALLOON_F_REPORTING, VIRTIO_BALLOON_F_STATS_VQ, VIRTIO_ID_BALLOON,
+    MIB, PAGE_SIZE, VIRTIO_BALLOON_F_DEFLATE_ON_OOM, VIRTIO_BALLOON_F_FREE_PAGE_HINT,
+    VIRTIO_BALLOON_F_PAGE_POISON, VIRTIO_BALLOON_F_REPORTING, VIRTIO_BALLOON_F_STATS_VQ,
+    VIRTIO_ID_BALLOON,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +21,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryMmap};
 
 /// What a queue is for. Linux numbers only the queues that exist: inflate 0, deflate 1, then
-/// stats if negotiated, then reporting if negotiated (free page hinting is never offered).
+/// stats if negotiated, then free page hinting if negotiated, then reporting if negotiated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QueueRole {
     /// PFNs to take from the guest.
@@ -28,6 +30,8 @@ pub enum QueueRole {
     Deflate,
     /// The statistics buffer.
     Stats,
+    /// Free page hints (command ids and hinted blocks).
+    FreePageHint,
     /// Free page reports.
     Reporting,
 }
@@ -37,6 +41,9 @@ pub fn queue_roles(features: u64) -> Vec<QueueRole> {
     let mut roles = vec![QueueRole::Inflate, QueueRole::Deflate];
     if features & (1 << VIRTIO_BALLOON_F_STATS_VQ) != 0 {
         roles.push(QueueRole::Stats);
+    }
+    if features & (1 << VIRTIO_BALLOON_F_FREE_PAGE_HINT) != 0 {
+        roles.push(QueueRole::FreePageHint);
     }
     if features & (1 << VIRTIO_BALLOON_F_REPORTING) != 0 {
         roles.push(QueueRole::Reporting);
@@ -65,6 +72,7 @@ pub struct Balloon {
     stats_held: Option<u16>,
     latest_stats: Option<GuestStats>,
     config_interrupts: u64,
+    hinting: Hinting,
 }
 
 impl std::fmt::Debug for Balloon {
@@ -138,6 +146,7 @@ impl Balloon {
             queue_sizes,
             config: ConfigSpace::default(),
             backend,
+            hinting: Hinting::new(&ram),
             ledger: Ledger::new(ram),
             active: None,
             stats_held: None,
@@ -290,6 +299,83 @@ impl Balloon {
         self.ledger.restore_range(gpa, len);
     }
 
+    /// Start a free page hinting pass: write a fresh command id into the config and raise a
+    /// config-change interrupt. The guest then hints free blocks on the hint queue, which are
+    /// recorded and counted but **never discarded** (see [`crate::hinting`] for why); when the
+    /// guest ends the pass the device writes DONE so it gets its blocks back. Returns the id.
+    ///
+    /// Refused when the guest did not negotiate FREE_PAGE_HINT, before activation, and while a
+    /// pass is requested, running or stopping.
+    pub fn start_hinting(&mut self) -> Result<u32, BalloonError> {
+        if !self.acked(VIRTIO_BALLOON_F_FREE_PAGE_HINT) {
+            return Err(BalloonError::HintingDisabled);
+        }
+        if self.active.is_none() {
+            return Err(BalloonError::NotActivated);
+        }
+        let state = self.hinting.state();
+        if matches!(
+            state,
+            HintState::Requested | HintState::Running | HintState::Stopping
+        ) {
+            return Err(BalloonError::HintingBusy {
+                cmd_id: self.hinting.status().pass_cmd_id,
+            });
+        }
+        let id = self.hinting.begin();
+        self.sync_cmd_id()?;
+        Ok(id)
+    }
+
+    /// Ask the guest to stop the current pass (the config gets STOP). Returns whether a pass
+    /// was requested or running. The guest's own STOP then ends the pass and gets a DONE.
+    pub fn stop_hinting(&mut self) -> Result<bool, BalloonError> {
+        if !self.acked(VIRTIO_BALLOON_F_FREE_PAGE_HINT) {
+            return Err(BalloonError::HintingDisabled);
+        }
+        let changed = self.hinting.stop();
+        if changed {
+            self.sync_cmd_id()?;
+        }
+        Ok(changed)
+    }
+
+    /// Write DONE whatever the state, so that the guest frees every block it holds for
+    /// hinting (a running pass is recorded as cut short).
+    pub fn finish_hinting(&mut self) -> Result<(), BalloonError> {
+        if !self.acked(VIRTIO_BALLOON_F_FREE_PAGE_HINT) {
+            return Err(BalloonError::HintingDisabled);
+        }
+        if self.hinting.finish() {
+            self.sync_cmd_id()?;
+        }
+        Ok(())
+    }
+
+    /// Free page hinting figures.
+    pub fn hinting(&self) -> HintStatus {
+        self.hinting.status()
+    }
+
+    /// Ranges hinted free in the current or last pass, as `(gpa, len)` runs. They were free
+    /// when hinted; the guest may have reused them since (see [`crate::hinting`]).
+    pub fn hinted_ranges(&self) -> Vec<(u64, u64)> {
+        self.hinting.ranges()
+    }
+
+    /// Copy the hinting command id into the config space and tell the guest.
+    fn sync_cmd_id(&mut self) -> Result<(), BalloonError> {
+        self.config.free_page_hint_cmd_id = self.hinting.status().config_cmd_id;
+        if let Some(active) = &self.active {
+            active
+                .interrupt
+                .signal(InterruptKind::ConfigChange)
+                .map_err(|e| BalloonError::Interrupt(e.to_string()))?;
+            self.config_interrupts += 1;
+        }
+        Ok(())
+    }
+
     /// Estimate refaults of reported pages and measure resident guest RAM with `probe`
     /// (e.g. [`crate::MmapBackend`], which uses `mincore`).
     pub fn sample_residency(
@@ -396,6 +482,52 @@ impl Balloon {
     }
 }
 
+impl Balloon {
+    fn process_hints(&mut self, idx: usize) -> Result<(), DeviceError> {
+        let active = self.active.as_mut().ok_or(DeviceError::NotActivated)?;
+        let mem = active.mem.memory();
+        let q = &mut active.queues[idx];
+        let mut used = false;
+        let mut done = false;
+        let mut ranges = Vec::new();
+        while let Some(chain) = q.pop_descriptor_chain(&*mem) {
+            let head = chain.head_index();
+            ranges.clear();
+            for desc in chain {
+                if desc.is_write_only() {
+                    ranges.push(ReportedRange {
+                        gpa: desc.addr().0,
+                        len: u64::from(desc.len()),
+                    });
+                    continue;
+                }
+                // A command id: the first four bytes, little-endian.
+                let mut b = [0u8; 4];
+                let id = (desc.len() >= 4 && mem.read_slice(&mut b, desc.addr()).is_ok())
+                    .then(|| u32::from_le_bytes(b));
+                // Hints before the id belong to the state before it.
+                self.hinting.on_hints(&mut self.ledger, &ranges);
+                ranges.clear();
+                if self.hinting.on_cmd(id) == HintAction::WriteDone {
+                    done = true;
+                }
+            }
+            self.hinting.on_hints(&mut self.ledger, &ranges);
+            q.add_used(&*mem, head, 0).map_err(queue_err)?;
+            used = true;
+        }
+        if used && q.needs_notification(&*mem).map_err(queue_err)? {
+            active.interrupt.signal(InterruptKind::UsedBuffer)?;
+        }
+        if done {
+            self.config.free_page_hint_cmd_id = self.hinting.status().config_cmd_id;
+            active.interrupt.signal(InterruptKind::ConfigChange)?;
+            self.config_interrupts += 1;
+        }
+        Ok(())
+    }
+}
+
 impl VirtioDevice for Balloon {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_BALLOON
@@ -471,6 +603,7 @@ impl VirtioDevice for Balloon {
             QueueRole::Inflate => self.process_pfns(index, true),
             QueueRole::Deflate => self.process_pfns(index, false),
             QueueRole::Stats => self.process_stats(index),
+            QueueRole::FreePageHint => self.process_hints(index),
             QueueRole::Reporting => self.process_reports(index),
         }
     }
@@ -485,6 +618,8 @@ impl VirtioDevice for Balloon {
         // (they stay discarded until touched). Reported pages stay discarded and tracked.
         self.ledger.reset_balloon();
         self.stats_held = None;
+        self.hinting.reset();
+        self.config.free_page_hint_cmd_id = self.hinting.status().config_cmd_id;
         self.config.actual = 0;
         self.config.poison_val = 0;
         self.acked_features = 0;

@@ -20,6 +20,15 @@ pub enum BalloonError {
     /// Statistics were not configured or the guest did not negotiate STATS_VQ.
     #[error("balloon statistics are not enabled or not negotiated by the guest")]
     StatsDisabled,
+    /// Free page hinting was not configured or the guest did not negotiate FREE_PAGE_HINT.
+    #[error("free page hinting is not enabled or not negotiated by the guest")]
+    HintingDisabled,
+    /// A hinting pass is already requested, running or stopping.
+    #[error("a free page hinting pass (command id {cmd_id}) is still in progress")]
+    HintingBusy {
+        /// The pass in progress.
+        cmd_id: u32,
+    },
     /// Raising an interrupt failed.
     #[error("failed to signal the guest: {0}")]
     Interrupt(String),

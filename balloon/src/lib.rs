@@ -2,8 +2,10 @@
 //!
 //! A [`Balloon`] implements [`tidepool_virtio::VirtioDevice`]. It offers VIRTIO_F_VERSION_1,
 //! STATS_VQ, DEFLATE_ON_OOM and REPORTING (free page reporting), plus PAGE_POISON with
-//! reporting so that guests with `init_on_free=1` keep reporting. MUST_TELL_HOST and
-//! FREE_PAGE_HINT are not offered (hinting is not implemented).
+//! reporting so that guests with `init_on_free=1` keep reporting, and FREE_PAGE_HINT when
+//! configured: host-started hinting passes ([`Balloon::start_hinting`]) whose hints are
+//! recorded and counted but never discarded ([`hinting`] says why). MUST_TELL_HOST is not
+//! offered.
 //!
 //! - Inflated pages and reported free blocks are discarded through a [`ReclaimBackend`]:
 //!   [`MmapBackend`] does `madvise(MADV_DONTNEED)` on private memory and `PUNCH_HOLE` on shared
@@ -15,8 +17,8 @@
 //! - Guest statistics (tags 0-15) arrive through the stats queue; the VMM's timer calls
 //!   [`Balloon::request_stats`] every [`Balloon::stats_interval`].
 //!
-//! Queue numbering follows Linux: inflate 0, deflate 1, then stats if negotiated, then
-//! reporting if negotiated ([`queue_roles`]).
+//! Queue numbering follows Linux: inflate 0, deflate 1, then stats if negotiated, then free page
+//! hinting if negotiated, then reporting if negotiated ([`queue_roles`]).
 
 pub mod accounting;
 pub mod backend;
@@ -25,6 +27,7 @@ pub mod bench;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod hinting;
 pub mod inflate;
 pub mod mmap_backend;
 pub mod pageset;
@@ -41,6 +44,9 @@ pub use backend::{RamMap, ReclaimBackend, RecordingBackend, ResidencyProbe};
 pub use config::{BalloonConfig, ConfigSpace};
 pub use device::{queue_roles, Balloon, QueueRole};
 pub use error::{BackendError, BalloonError};
+pub use hinting::{
+    HintState, HintStatus, PassSummary, VIRTIO_BALLOON_CMD_ID_DONE, VIRTIO_BALLOON_CMD_ID_STOP,
+};
 pub use mmap_backend::MmapBackend;
 pub use stats::{GuestStats, StatTag};
 
@@ -54,7 +60,7 @@ pub const VIRTIO_BALLOON_F_MUST_TELL_HOST: u32 = 0;
 pub const VIRTIO_BALLOON_F_STATS_VQ: u32 = 1;
 /// The guest may deflate on OOM without host permission.
 pub const VIRTIO_BALLOON_F_DEFLATE_ON_OOM: u32 = 2;
-/// Free page hinting (not offered).
+/// Free page hinting (offered when configured; report only, see [`hinting`]).
 pub const VIRTIO_BALLOON_F_FREE_PAGE_HINT: u32 = 3;
 /// The guest tells its page poison value.
 pub const VIRTIO_BALLOON_F_PAGE_POISON: u32 = 4;

@@ -333,6 +333,7 @@ impl CreateArgs {
                 free_page_reporting: self.free_page_reporting,
                 deflate_on_oom: self.deflate_on_oom,
                 stats_interval_s: self.stats_interval.unwrap_or(0),
+                free_page_hinting: false,
             });
         }
         req.numa = self.numa.as_deref().map(parse_numa).transpose()?;

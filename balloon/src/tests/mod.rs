@@ -2,6 +2,7 @@
 //! descriptors and buffers into a `GuestMemoryMmap`, the device pops them from real queues.
 
 mod fuzz;
+mod hinting;
 mod malformed;
 mod mmio;
 mod queues;

@@ -18,6 +18,7 @@ fn offered_features_and_queue_sizes() {
         page_poison: false,
         deflate_on_oom: false,
         queue_size: 64,
+        free_page_hinting: false,
     };
     let dev = Balloon::new(cfg, Box::new(RecordingBackend::new(&[(0, RAM)]).unwrap())).unwrap();
     assert_eq!(dev.avail_features(), bit(VIRTIO_F_VERSION_1));

@@ -160,6 +160,7 @@ pub fn config_from_request(
         free_page_reporting: b.free_page_reporting,
         deflate_on_oom: b.deflate_on_oom,
         stats_interval_s: b.stats_interval_s,
+        free_page_hinting: b.free_page_hinting,
     });
     Ok(MicrovmConfig {
         id: id.into(),

@@ -63,6 +63,8 @@ pub struct BalloonSpec {
     pub deflate_on_oom: bool,
     /// Statistics interval (0: no stats queue).
     pub stats_interval_s: u32,
+    /// Offer free page hinting (report only).
+    pub free_page_hinting: bool,
 }
 
 /// How to build a microVM.
@@ -308,6 +310,7 @@ impl Microvm {
                 free_page_reporting: b.free_page_reporting,
                 page_poison: b.free_page_reporting,
                 stats_interval_s: b.stats_interval_s,
+                free_page_hinting: b.free_page_hinting,
                 ..BalloonConfig::default()
             };
             let reclaim = WindowReclaim::new(Arc::clone(kvm_vm.window()))

@@ -280,6 +280,7 @@ impl UpConfig {
                 free_page_reporting: v.free_page_reporting,
                 deflate_on_oom: v.deflate_on_oom,
                 stats_interval_s: v.balloon_stats_interval_s,
+                free_page_hinting: false,
             });
         }
         req.backing = Some(BackingConfig {
