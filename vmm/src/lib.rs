@@ -11,5 +11,6 @@ pub mod manager;
 pub mod memory;
 pub mod microvm;
 pub mod reclaim;
+pub mod swap;
 pub mod tiny_guest;
 pub mod up;

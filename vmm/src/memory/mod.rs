@@ -12,7 +12,7 @@ pub use layout::{
     E820Entry, E820Kind, Layout, LayoutConfig, MemslotSpec, Region, RegionKind, BLOCK_SIZE, GIB,
     MEMSLOT_SIZE, MIB, MMIO_HOLE_END, MMIO_HOLE_START,
 };
-pub use window::{GuestWindow, WindowMemory};
+pub use window::{BlockObserver, GuestWindow, WindowMemory};
 
 /// Errors from the memory layout and the window.
 #[derive(Debug, thiserror::Error)]

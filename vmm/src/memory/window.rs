@@ -2,7 +2,7 @@
 //! residency queries and a vm-memory view for device models.
 
 use std::ops::Range;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
@@ -43,6 +43,15 @@ impl State {
     }
 }
 
+/// Told about block removals before they happen (the VMM swap uses this to free the slots of
+/// a removed range and unregister it from userfaultfd, so that a block placed again later
+/// starts resident and zero).
+pub trait BlockObserver: Send + Sync {
+    /// `[gpa, gpa+len)` is about to be removed. Called with the window's placement lock held:
+    /// the observer must not call back into the window.
+    fn before_remove(&self, gpa: u64, len: u64);
+}
+
 /// One VM's guest memory window.
 ///
 /// The window is a single anonymous, private, `MAP_NORESERVE` mapping of `layout.end()` bytes,
@@ -55,6 +64,7 @@ pub struct GuestWindow {
     base: usize,
     size: usize,
     state: Mutex<State>,
+    observers: Mutex<Vec<Weak<dyn BlockObserver>>>,
 }
 
 // SAFETY: the window only holds the address of a mapping it owns; all mutation of the mapping
@@ -111,6 +121,7 @@ impl GuestWindow {
                 placed_blocks: 0,
                 generation: 0,
             }),
+            observers: Mutex::new(Vec::new()),
         };
         // Ask for huge pages on the whole window once, so every VMA split off it later carries
         // the same flag and adjacent placed blocks merge back into one VMA. Keep guest memory out
@@ -214,6 +225,13 @@ impl GuestWindow {
         if !blocks.clone().all(|b| st.get(b)) {
             return Err(MemoryError::NotPlaced { gpa, len });
         }
+        {
+            let mut obs = self.observers.lock().unwrap_or_else(|e| e.into_inner());
+            obs.retain(|o| o.strong_count() > 0);
+            for o in obs.iter().filter_map(Weak::upgrade) {
+                o.before_remove(gpa, len);
+            }
+        }
         self.mprotect(gpa, len, libc::PROT_NONE)?;
         self.madvise(gpa, len, libc::MADV_DONTNEED, "madvise(MADV_DONTNEED)")?;
         for b in blocks {
@@ -222,6 +240,15 @@ impl GuestWindow {
         st.placed_blocks -= len / BLOCK_SIZE;
         st.generation += 1;
         Ok(())
+    }
+
+    /// Register an observer of block removals (held weakly: it stops being called once
+    /// dropped).
+    pub fn add_observer(&self, o: Weak<dyn BlockObserver>) {
+        self.observers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(o);
     }
 
     /// Whether the 2 MiB block holding `gpa` is placed.
