@@ -380,11 +380,12 @@ impl SwapFile {
         }
         let mut done = 0usize;
         while done < len {
-            // SAFETY: buf has room for `len` bytes; the descriptor is ours.
+            let dst = buf.as_mut_slice()[done..].as_mut_ptr();
+            // SAFETY: dst has room for `len - done` bytes; the descriptor is ours.
             let rc = unsafe {
                 libc::pread(
                     self.file.as_raw_fd(),
-                    buf.ptr.add(done) as *mut libc::c_void,
+                    dst as *mut libc::c_void,
                     len - done,
                     (off + done as u64) as i64,
                 )

@@ -40,6 +40,16 @@ fn ptr(w: &GuestWindow, gpa: u64) -> *mut u64 {
     w.host_addr(gpa).expect("in window") as *mut u64
 }
 
+fn wr(w: &GuestWindow, gpa: u64, v: u64) {
+    // SAFETY: tests only pass placed guest memory, accessed only through raw pointers.
+    unsafe { ptr(w, gpa).write_volatile(v) }
+}
+
+fn rd(w: &GuestWindow, gpa: u64) -> u64 {
+    // SAFETY: as in `wr`.
+    unsafe { ptr(w, gpa).read_volatile() }
+}
+
 /// Fill every word of `[range)` with `word(gpa, seed)`.
 fn fill(w: &GuestWindow, range: Range<u64>, seed: u64) {
     for gpa in range.step_by(8) {
@@ -72,9 +82,11 @@ fn remote_read(w: &GuestWindow, gpa: u64, buf: &mut [u8]) -> std::io::Result<usi
         iov_base: w.host_addr(gpa).expect("in window") as *mut libc::c_void,
         iov_len: buf.len(),
     };
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
     // SAFETY: local points at `buf`; the remote range is only read by the kernel, which
     // reports failures as errors.
-    let rc = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    let rc = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
     if rc < 0 {
         Err(std::io::Error::last_os_error())
     } else {
@@ -139,8 +151,7 @@ fn one_gib_round_trip_with_checksums_clusters_and_clean_drop() {
 
     // Dirty a few pages (the write faults drop their slots); only they are written next.
     for p in [0u64, 1, 700, 262_143] {
-        // SAFETY: placed guest memory.
-        unsafe { ptr(&w, p * PAGE).write_volatile(word(p * PAGE, seed)) };
+        wr(&w, p * PAGE, word(p * PAGE, seed));
     }
     let out = swap.swap_out(0..GIB, u64::MAX).expect("swap out 2");
     assert_eq!(out.written_pages, 4);
@@ -173,11 +184,8 @@ fn concurrent_writers_never_lose_data() {
                     // Thread t owns the pages with p % 2 == t.
                     let p = (x % (pages / 2)) * 2 + t;
                     let val = (p << 32) | v;
-                    // SAFETY: placed guest memory, this thread's own pages.
-                    unsafe {
-                        ptr(w, p * PAGE).write_volatile(val);
-                        ptr(w, p * PAGE + PAGE - 8).write_volatile(val);
-                    }
+                    wr(w, p * PAGE, val);
+                    wr(w, p * PAGE + PAGE - 8, val);
                     shadow[p as usize].store(val, Ordering::Relaxed);
                     v += 1;
                 }
@@ -195,13 +203,7 @@ fn concurrent_writers_never_lose_data() {
     let mut bad = 0;
     for p in 0..pages {
         let want = shadow[p as usize].load(Ordering::Relaxed);
-        // SAFETY: placed guest memory.
-        let (a, b) = unsafe {
-            (
-                ptr(&w, p * PAGE).read_volatile(),
-                ptr(&w, p * PAGE + PAGE - 8).read_volatile(),
-            )
-        };
+        let (a, b) = (rd(&w, p * PAGE), rd(&w, p * PAGE + PAGE - 8));
         if a != want || b != want {
             bad += 1;
         }
@@ -341,8 +343,7 @@ fn remove_block_frees_slots_and_place_starts_zero() {
     w.place_block(blk.start, 4 * MIB).expect("place again");
     // It reads as zero, without the handler.
     for gpa in blk.clone().step_by(4096) {
-        // SAFETY: placed guest memory.
-        assert_eq!(unsafe { ptr(&w, gpa).read_volatile() }, 0);
+        assert_eq!(rd(&w, gpa), 0);
     }
     // And the range swaps again normally.
     fill(&w, blk.clone(), 10);
@@ -393,15 +394,13 @@ fn random_operations_match_a_model() {
         let r = p * PAGE..(p + len).min(pages) * PAGE;
         match op {
             0..=3 => {
-                // SAFETY: placed guest memory.
-                unsafe { ptr(&w, p * PAGE + 8 * rnd(512)).write_volatile(step + 1) };
+                wr(&w, p * PAGE + 8 * rnd(512), step + 1);
                 // Only the first word is modelled: write it too.
-                unsafe { ptr(&w, p * PAGE).write_volatile(step + 1) };
+                wr(&w, p * PAGE, step + 1);
                 shadow[p as usize] = step + 1;
             }
             4..=5 => {
-                // SAFETY: placed guest memory.
-                let v = unsafe { ptr(&w, p * PAGE).read_volatile() };
+                let v = rd(&w, p * PAGE);
                 assert_eq!(v, shadow[p as usize], "page {p} at step {step}");
             }
             6..=7 => {
@@ -417,8 +416,7 @@ fn random_operations_match_a_model() {
         }
     }
     for p in 0..pages {
-        // SAFETY: placed guest memory.
-        let v = unsafe { ptr(&w, p * PAGE).read_volatile() };
+        let v = rd(&w, p * PAGE);
         assert_eq!(v, shadow[p as usize], "page {p} at the end");
     }
     let c = swap.counters();

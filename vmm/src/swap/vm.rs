@@ -46,6 +46,8 @@ pub struct VmSwapCounters {
     pub swapped_bytes: u64,
     /// Bytes resident with a current slot copy now (droppable without I/O).
     pub clean_bytes: u64,
+    /// Bytes being written out now.
+    pub writing_bytes: u64,
     /// Pages written to the swap file.
     pub written_pages: u64,
     /// Pages discarded after write-out.
@@ -570,15 +572,16 @@ impl VmSwap {
 
     /// Counters.
     pub fn counters(&self) -> VmSwapCounters {
-        let (swapped, clean) = {
+        let (swapped, clean, busy) = {
             let st = self.inner.lock();
-            (st.swapped(), st.clean())
+            (st.swapped(), st.clean(), st.busy())
         };
         let c = &self.inner.c;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         VmSwapCounters {
             swapped_bytes: swapped * PAGE,
             clean_bytes: clean * PAGE,
+            writing_bytes: busy * PAGE,
             written_pages: l(&c.written_pages),
             swapped_out_pages: l(&c.swapped_out_pages),
             dropped_clean_pages: l(&c.dropped_clean_pages),
