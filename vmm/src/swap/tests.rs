@@ -425,3 +425,47 @@ fn random_operations_match_a_model() {
         "{c:?}"
     );
 }
+
+fn cached_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Cached:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// Measurement for docs/swap.md (not a test of timing): swap 1 GiB out and in with each I/O
+/// mode and print throughput and page-cache growth. Run with
+/// `cargo test --release -p tidepool-vmm --lib swap::tests::measure_io_modes -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn measure_io_modes() {
+    for mode in [IoMode::Direct, IoMode::Buffered] {
+        let w = window(GIB, 0);
+        let mut cfg = SwapFileConfig::new(swap_path(), 2 * GIB);
+        cfg.io = Some(mode);
+        cfg.congestion.factor = f64::INFINITY;
+        let f = Arc::new(SwapFile::create(cfg).expect("swap file"));
+        let swap = VmSwap::new(Arc::clone(&w), Arc::clone(&f)).expect("swap");
+        fill(&w, 0..GIB, 1);
+        let c0 = cached_kib();
+        let t0 = std::time::Instant::now();
+        swap.swap_out(0..GIB, u64::MAX).expect("swap out");
+        let out = t0.elapsed();
+        let c1 = cached_kib();
+        let t0 = std::time::Instant::now();
+        let n = swap.swap_in_all().expect("swap in");
+        let inn = t0.elapsed();
+        assert_eq!(n, GIB / PAGE);
+        assert_eq!(mismatches(&w, 0..GIB, 1), 0);
+        println!(
+            "{mode:?}: swap-out 1 GiB {:.2} GiB/s, swap-in {:.2} GiB/s, page cache grew {} MiB",
+            1.0 / out.as_secs_f64(),
+            1.0 / inn.as_secs_f64(),
+            c1.saturating_sub(c0) / 1024
+        );
+    }
+}
