@@ -188,6 +188,12 @@ fn concurrent_writers_never_lose_data() {
                     wr(w, p * PAGE + PAGE - 8, val);
                     shadow[p as usize].store(val, Ordering::Relaxed);
                     v += 1;
+                    // Pace the writers (about a million writes a second) so that most pages
+                    // stay unwritten for the length of a write-out and really go out, while
+                    // many are still written during one.
+                    if v % 64 == 0 {
+                        std::thread::sleep(Duration::from_micros(50));
+                    }
                 }
             });
         }
@@ -212,8 +218,9 @@ fn concurrent_writers_never_lose_data() {
     println!("concurrent writers: {c:?}");
     assert_eq!(bad, 0);
     // The race was really exercised: writes hit protected pages during or after write-out.
-    assert!(c.wp_faults + c.missing_faults > 0);
+    assert!(c.wp_faults > 0);
     assert!(c.swapped_out_pages > 0);
+    assert!(c.redirtied_pages <= c.written_pages);
 }
 
 #[test]

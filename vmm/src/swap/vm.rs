@@ -285,6 +285,7 @@ impl Inner {
         }
         let mut discard = Vec::new();
         let mut free = Vec::new();
+        let mut redirtied = 0;
         for i in 0..u64::from(n) {
             let s = slot + i as u32;
             match st.get(p + i) {
@@ -295,7 +296,7 @@ impl Inner {
                 Some(Page::BusyDirty) => {
                     st.set(p + i, Page::Resident);
                     free.push(s);
-                    stats.redirtied_pages += 1;
+                    redirtied += 1;
                 }
                 _ => free.push(s),
             }
@@ -319,7 +320,8 @@ impl Inner {
             stats.swapped_pages += r.end - r.start;
             bump(&self.c.swapped_out_pages, r.end - r.start);
         }
-        bump(&self.c.redirtied_pages, stats.redirtied_pages);
+        stats.redirtied_pages += redirtied;
+        bump(&self.c.redirtied_pages, redirtied);
         result
     }
 
