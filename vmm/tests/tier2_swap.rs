@@ -69,6 +69,7 @@ fn setup(ram: u64) -> (Vm, Arc<SwapFile>, VmSwap) {
             hotplug_size: 0,
         },
         platform: false,
+        hotplug_memslots: tidepool_vmm::kvm::HotplugMemslots::default(),
     })
     .expect("create VM");
     let path = std::env::temp_dir().join(format!(
