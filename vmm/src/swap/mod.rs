@@ -24,6 +24,7 @@
 mod congestion;
 mod file;
 mod handler;
+mod hook;
 mod pages;
 mod slots;
 pub mod uffd;

@@ -230,10 +230,17 @@ impl Inner {
         Ok(st.add_block(b))
     }
 
-    /// Discard the clean pages of `pages` (under the state lock): they become swapped.
-    fn drop_clean_locked(&self, st: &mut PageTable, pages: Range<u64>) -> Result<u64, SwapError> {
+    /// Discard up to `max` clean pages of `pages` (under the state lock): they become
+    /// swapped.
+    fn drop_clean_locked(
+        &self,
+        st: &mut PageTable,
+        pages: Range<u64>,
+        max: u64,
+    ) -> Result<u64, SwapError> {
         let clean: Vec<u64> = pages
             .filter(|p| matches!(st.get(*p), Some(Page::Clean(_))))
+            .take(usize::try_from(max).unwrap_or(usize::MAX))
             .collect();
         for r in runs(&clean) {
             // Discard first: if it fails, nothing changed.
@@ -436,7 +443,10 @@ impl VmSwap {
             let (epoch, chosen) = {
                 let mut st = inner.lock();
                 let epoch = inner.ensure_block(&mut st, block)?;
-                stats.dropped_clean_pages += inner.drop_clean_locked(&mut st, sub.clone())?;
+                let left = max_bytes
+                    .saturating_sub(stats.reclaimed_bytes())
+                    .div_ceil(PAGE);
+                stats.dropped_clean_pages += inner.drop_clean_locked(&mut st, sub.clone(), left)?;
                 let left = max_bytes
                     .saturating_sub(stats.reclaimed_bytes())
                     .div_ceil(PAGE);
@@ -522,6 +532,11 @@ impl VmSwap {
     /// Discard the pages of `range` whose slot copy is current (swapped in and not written
     /// since), without I/O. Returns the bytes released.
     pub fn drop_clean(&self, range: Range<u64>) -> Result<u64, SwapError> {
+        self.drop_clean_max(range, u64::MAX)
+    }
+
+    /// [`VmSwap::drop_clean`], releasing at most `max_bytes` (rounded up to a page).
+    pub fn drop_clean_max(&self, range: Range<u64>, max_bytes: u64) -> Result<u64, SwapError> {
         let inner = &self.inner;
         inner.check_range(&range)?;
         let _ops = lock(&inner.ops);
@@ -535,7 +550,11 @@ impl VmSwap {
                 continue;
             }
             let sub = range.start.max(bstart) / PAGE..range.end.min(bstart + BLOCK) / PAGE;
-            total += inner.drop_clean_locked(&mut st, sub)?;
+            let left = max_bytes.div_ceil(PAGE).saturating_sub(total);
+            if left == 0 {
+                break;
+            }
+            total += inner.drop_clean_locked(&mut st, sub, left)?;
         }
         Ok(total * PAGE)
     }
