@@ -833,7 +833,11 @@ impl EngineHandle {
         *lock(m) = true;
         cv.notify_all();
         if let Some(j) = self.join.take() {
-            let _ = j.join();
+            // The last owner of what the thread works on may drop it on the thread itself
+            // (e.g. the monitor holding the manager for a moment): never join oneself.
+            if j.thread().id() != std::thread::current().id() {
+                let _ = j.join();
+            }
         }
     }
 }
