@@ -284,3 +284,54 @@ fn a_crashing_guest_stops_its_vm_only() {
     drop(vm);
     assert!(p.figures().expect("figures").is_whole());
 }
+
+#[test]
+fn a_guest_touching_an_unplugged_block_fails_typed() {
+    if !kvm_or_skip("a_guest_touching_an_unplugged_block_fails_typed") {
+        return;
+    }
+    let p = pool(256);
+    let layout = config("x", true, IrqMode::Polled, vec![])
+        .layout()
+        .expect("layout");
+    let hp = layout.hotplug().expect("hotplug region");
+    // The block was plugged and unplugged before the guest runs; its 128 MiB slot stays
+    // registered (eager), so the touch reaches KVM over PROT_NONE memory.
+    let steps = vec![
+        Step::Verify {
+            ranges: vec![hp.start + 2 * MIB..hp.start + 2 * MIB + 8],
+            seed: 1,
+            stride: Stride::Page,
+        },
+        Step::Done,
+    ];
+    let mut vm = Microvm::new(
+        config("unplugged", true, IrqMode::Polled, steps),
+        p.clone(),
+        slab(),
+        1,
+    )
+    .expect("microvm");
+    assert_eq!(
+        vm.vm().expect("vm").hotplug_memslots(),
+        crate::kvm::HotplugMemslots::Eager
+    );
+    vm.with_memory_backend(|b| b.plug(hp.start, 4 * MIB))
+        .expect("backend")
+        .expect("plug");
+    vm.with_memory_backend(|b| b.unplug(hp.start + 2 * MIB, 2 * MIB))
+        .expect("backend")
+        .expect("unplug");
+    vm.apply(LifecycleOp::Start).expect("start");
+    match wait_stopped(&mut vm, Duration::from_secs(30)) {
+        VmLifecycle::Stopped(StopCause::GuestFailed(why)) => {
+            assert!(why.contains("inaccessible memory"), "{why}")
+        }
+        other => panic!("expected a failed guest, got {other}"),
+    }
+    assert!(vm.reports().iter().all(|r| r.tag != TAG_CHECKED));
+    let figures = vm.memory().expect("figures still readable");
+    assert_eq!(figures.plugged, 64 * MIB + 2 * MIB);
+    drop(vm);
+    assert!(p.figures().expect("figures").is_whole());
+}
