@@ -183,7 +183,8 @@ impl Balloon {
     /// config-change interrupt if the driver is running. Before activation the driver reads
     /// the target when it probes.
     pub fn set_target_mib(&mut self, mib: u64) -> Result<(), BalloonError> {
-        let ram_mib = self.ledger.ram().total() / MIB;
+        // The RAM the VM holds now: unplugged virtio-mem blocks cannot be ballooned.
+        let ram_mib = (self.ledger.ram().total() - self.ledger.absent().bytes()) / MIB;
         let pages =
             mib_to_pages(mib)
                 .filter(|_| mib <= ram_mib)

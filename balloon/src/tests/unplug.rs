@@ -28,6 +28,17 @@ fn unplugged_ranges_are_forgotten_and_refused() {
     assert_eq!(a.resident_estimate_bytes, RAM - 5 * H);
     assert_eq!(a.counters.unplugged_ranges, 1);
     assert_eq!(a.counters.unplug_cleared_bytes, H + 2 * 4096);
+    // The balloon target is capped by what the VM holds now.
+    let present_mib = (RAM - 4 * H) >> 20;
+    assert!(vm.dev.set_target_mib(present_mib).is_ok());
+    assert_eq!(
+        vm.dev.set_target_mib(present_mib + 1),
+        Err(crate::BalloonError::TargetTooLarge {
+            target_mib: present_mib + 1,
+            ram_mib: present_mib
+        })
+    );
+    vm.dev.set_target_mib(0).unwrap();
     assert_eq!(
         vm.dev.ledger().present_runs(),
         vec![(0, 9 * H), (13 * H, RAM - 13 * H)]
