@@ -299,7 +299,7 @@ fn a_guest_touching_an_unplugged_block_fails_typed() {
     // registered (eager), so the touch reaches KVM over PROT_NONE memory.
     let steps = vec![
         Step::Verify {
-            ranges: vec![hp.start + 2 * MIB..hp.start + 2 * MIB + 8],
+            ranges: std::iter::once(hp.start + 2 * MIB..hp.start + 2 * MIB + 8).collect(),
             seed: 1,
             stride: Stride::Page,
         },
