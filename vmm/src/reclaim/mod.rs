@@ -17,7 +17,6 @@ pub mod balloon;
 pub mod engine;
 pub mod monitor;
 pub mod pressure;
-pub mod swap_hook;
 pub mod target;
 pub mod watermark;
 pub mod window;
@@ -36,7 +35,7 @@ pub use pressure::{
     parse_psi, PressureReading, PressureSource, ProcPressure, PsiLine, PsiTrigger,
     SyntheticPressure,
 };
-pub use swap_hook::VmSwapHook;
+
 pub use target::{Idleness, Phase, PhaseOutcome, PhaseRequest, ReclaimTarget, TargetError};
 pub use watermark::{
     Domain, DomainReading, DomainState, Level, WatermarkFractions, WatermarkTracker, Watermarks,
@@ -62,3 +61,6 @@ pub enum ReclaimError {
     #[error("guest memory: {0}")]
     Memory(String),
 }
+
+#[cfg(test)]
+mod swap_tests;
