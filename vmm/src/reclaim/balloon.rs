@@ -7,6 +7,7 @@ use super::window::BalloonHook;
 use crate::devices::lock;
 use crate::memory::MIB;
 use crate::microvm::BalloonTransport;
+use tidepool_balloon::BalloonError;
 
 /// A VM's balloon device as the engine uses it.
 #[derive(Debug)]
@@ -88,11 +89,26 @@ impl BalloonHook for DeviceBalloon {
         Ok(delta)
     }
 
+    /// Start a pass when the guest negotiated FREE_PAGE_HINT. Hinting is report only (the
+    /// device never discards hinted pages, see docs/balloon.md), so nothing is expected back:
+    /// the pass's figures are in the balloon's `HintStatus`.
     fn start_hinting(&self) -> Result<u64, TargetError> {
-        // The balloon device does not offer VIRTIO_BALLOON_F_FREE_PAGE_HINT yet.
-        Err(TargetError::Unsupported(
-            "free page hinting is not offered by the balloon device".into(),
-        ))
+        let mut t = lock(&self.dev);
+        match t.device_mut().start_hinting() {
+            Ok(id) => {
+                tracing::debug!(cmd_id = id, "free page hinting pass started");
+                Ok(0)
+            }
+            // A pass is still running: nothing new to start.
+            Err(BalloonError::HintingBusy { .. }) => Ok(0),
+            Err(BalloonError::HintingDisabled) => Err(TargetError::Unsupported(
+                "the guest did not negotiate free page hinting".into(),
+            )),
+            Err(BalloonError::NotActivated) => Err(TargetError::Unsupported(
+                "the guest's balloon driver is not up".into(),
+            )),
+            Err(e) => Err(TargetError::Failed(e.to_string())),
+        }
     }
 }
 
