@@ -49,6 +49,12 @@ impl BalloonHook for DeviceBalloon {
                 "the guest's balloon driver is not up".into(),
             ));
         }
+        // The guest has not met the last target yet (a slow driver, or one that never
+        // inflates): ask for nothing more, so the engine does not count on memory that may
+        // never come and goes on to the phases that free memory themselves.
+        if b.actual_mib() < b.target_mib() {
+            return Ok(0);
+        }
         let ram_mib = b.accounting().assigned_bytes / MIB;
         let cur = b.target_mib();
         let add = bytes.div_ceil(MIB);
