@@ -27,7 +27,7 @@ enum Command {
     /// missing, launch one microVM and print how to resize it; runs until Ctrl-C. Runs the
     /// daemon nested in an L1 VM (QEMU TCG) when this host's KVM cannot run a stock kernel.
     Up(tidepool_vmm::up::UpArgs),
-    /// Run a benchmark suite (alloc, boot, hotplug, reclaim, api, density).
+    /// Run a benchmark suite (alloc, boot, hotplug, backing, reclaim, api, density).
     Bench {
         /// The suite to run.
         suite: String,
@@ -41,6 +41,10 @@ enum Command {
         /// (directly, or inside the nested L1 when this host's KVM cannot run it).
         #[arg(long, conflicts_with = "quick")]
         linux: bool,
+        /// `backing` suite: as root, set `shmem_enabled` to `advise` and raise
+        /// `vm.nr_hugepages` for the run (host-wide settings; both are put back after).
+        #[arg(long)]
+        allow_host_tuning: bool,
     },
     /// Boot a Linux kernel once, serial console on stdout; exits when the guest powers off or
     /// resets (status 0), fails (1) or times out (124).
@@ -155,8 +159,14 @@ fn main() -> ExitCode {
             quick,
             json,
             linux,
+            allow_host_tuning,
         } => {
-            let opts = bench::BenchOptions { quick, json, linux };
+            let opts = bench::BenchOptions {
+                quick,
+                json,
+                linux,
+                allow_host_tuning,
+            };
             match bench::run(&suite, &opts) {
                 Ok(report) => {
                     if json {

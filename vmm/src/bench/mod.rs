@@ -6,6 +6,7 @@
 
 pub mod alloc;
 pub mod api;
+pub mod backing;
 pub mod boot;
 pub mod hotplug;
 pub mod latency;
@@ -44,6 +45,9 @@ pub struct BenchOptions {
     pub json: bool,
     /// `boot` suite: also measure the stock Debian guest booting to `/init` (not with `quick`).
     pub linux: bool,
+    /// `backing` suite: as root, temporarily set `shmem_enabled` to `advise` and raise
+    /// `vm.nr_hugepages` (both put back after) to measure memfd with THP and hugetlbfs.
+    pub allow_host_tuning: bool,
 }
 
 /// The figures a suite produced, by name, in insertion order for the table.
@@ -132,6 +136,11 @@ pub static SUITES: &[Suite] = &[
         name: "hotplug",
         about: "virtio-mem plug/unplug of 1 GiB, plug/unplug cycles",
         run: Some(hotplug::run),
+    },
+    Suite {
+        name: "backing",
+        about: "window backings: first touch, discard and remove for anonymous, memfd, hugetlbfs",
+        run: Some(backing::run),
     },
     Suite {
         name: "reclaim",

@@ -15,7 +15,7 @@ use vm_memory::GuestMemoryAtomic;
 
 use crate::hostpool::{FramePool, PoolError, POOL_BLOCK_BYTES};
 use crate::kvm::{KvmError, Vm};
-use crate::memory::MemoryError;
+use crate::memory::{MemoryError, PoolBlock};
 
 /// What the VMM keeps per plugged 2 MiB block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,8 +232,15 @@ impl MemoryBackend for PoolMemoryBackend {
             }
         }
         let frames: Vec<FrameId> = taken.iter().map(|t| t.0).collect();
-        // 2. Into the window and KVM.
-        if let Err(e) = self.handle.vm.place_block(gpa, len) {
+        let blocks: Vec<PoolBlock> = taken
+            .iter()
+            .map(|(frame, node)| PoolBlock {
+                frame: *frame,
+                node: *node,
+            })
+            .collect();
+        // 2. Into the window and KVM (a file backing maps the blocks' pool-file pages).
+        if let Err(e) = self.handle.vm.place_blocks(gpa, len, &blocks) {
             self.give_back(&frames);
             return Err(kvm_err(e));
         }
@@ -287,7 +294,10 @@ impl MemoryBackend for PoolMemoryBackend {
                 "unplug: block {missing:#x} is not plugged"
             )));
         }
-        // 1. Out of KVM and the window: memslots deleted, PROT_NONE, MADV_DONTNEED.
+        // 1. Out of KVM and the window: memslots deleted, then the range made inaccessible and
+        //    its content dropped (anonymous: PROT_NONE + MADV_DONTNEED; file backings:
+        //    PROT_NONE anonymous over the range, then punch-hole). Only then do the frames go
+        //    back; if this fails they stay out of the pool.
         self.handle.vm.remove_block(gpa, len).map_err(kvm_err)?;
         // The range is gone from the guest: whoever accounts for it (the balloon) forgets it
         // before its frames can go to anyone else.

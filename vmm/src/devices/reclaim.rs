@@ -1,6 +1,7 @@
-//! The balloon's host side over the VM window: discarding is `madvise(MADV_DONTNEED)` on the
-//! window's anonymous private backing (the next guest touch reads zeroes), and residency is
-//! `mincore` over the window. Reports may cover boot RAM and the plugged blocks of the
+//! The balloon's host side over the VM window: discarding goes through the window's backing
+//! (`madvise(MADV_DONTNEED)` on the anonymous backing, `fallocate(PUNCH_HOLE)` in the pool file
+//! for memfd, refused for hugetlbfs; the next guest touch reads zeroes), and residency is
+//! `mincore` over the window (page-cache residency of the mapped offsets for memfd). Reports may cover boot RAM and the plugged blocks of the
 //! virtio-mem region: both are the VM's RAM. A range of the region that is not plugged (not
 //! placed in the window) is refused, so nothing outside what the VM holds is ever discarded.
 
@@ -8,7 +9,7 @@ use std::sync::Arc;
 
 use tidepool_balloon::{BackendError, RamMap, ReclaimBackend, ResidencyProbe, HUGE_PAGE_SIZE};
 
-use crate::memory::GuestWindow;
+use crate::memory::{GuestWindow, MemoryError};
 
 const PAGE: u64 = 4096;
 
@@ -66,17 +67,29 @@ fn os_err(op: &'static str, gpa: u64, len: u64) -> BackendError {
 
 impl ReclaimBackend for WindowReclaim {
     fn discard(&mut self, gpa: u64, len: u64) -> Result<(), BackendError> {
-        let host = self.host_span(gpa, len)?;
-        let n = usize::try_from(len).map_err(|_| BackendError::NotGuestRam { gpa, len })?;
-        // SAFETY: `[host, host+n)` is placed guest RAM inside the window (checked above), a
-        // private anonymous mapping the window keeps alive while this backend holds its Arc.
+        self.host_span(gpa, len)?;
+        // The window checks placement again under its lock and picks the backing's primitive.
         // Guest memory is only accessed through volatile operations or by KVM, so dropping its
-        // pages under a running guest is not undefined behaviour: the guest reads zeroes.
-        let rc = unsafe { libc::madvise(host as *mut libc::c_void, n, libc::MADV_DONTNEED) };
-        if rc != 0 {
-            return Err(os_err("madvise(MADV_DONTNEED)", gpa, len));
-        }
-        Ok(())
+        // pages under a running guest is fine: the guest reads zeroes.
+        self.window.discard(gpa, len).map_err(|e| match e {
+            MemoryError::Unsupported(why) => BackendError::Unsupported(why),
+            MemoryError::NotPlaced { .. } | MemoryError::OutOfRange { .. } => {
+                BackendError::NotGuestRam { gpa, len }
+            }
+            MemoryError::Unaligned { .. } => BackendError::Misaligned { gpa, len },
+            MemoryError::Host { call, source } => BackendError::Os {
+                op: call,
+                gpa,
+                len,
+                errno: source.to_string(),
+            },
+            other => BackendError::Os {
+                op: "discard",
+                gpa,
+                len,
+                errno: other.to_string(),
+            },
+        })
     }
 
     fn guest_ram(&self) -> &[(u64, u64)] {
@@ -84,8 +97,11 @@ impl ReclaimBackend for WindowReclaim {
     }
 
     fn huge_page_size(&self) -> Option<u64> {
-        // The window asks for THP on all of its RAM.
-        Some(HUGE_PAGE_SIZE)
+        // Anonymous with THP, hugetlbfs, and memfd when the host gives shmem huge pages.
+        self.window
+            .backing()
+            .huge_page_size()
+            .map(|_| HUGE_PAGE_SIZE)
     }
 }
 

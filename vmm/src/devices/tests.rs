@@ -13,7 +13,7 @@ use tidepool_virtio::mmio::{MAGIC_VALUE, NOTIFY_OFFSET};
 
 use super::*;
 use crate::hostpool::{BlockPool, FramePool};
-use crate::memory::MIB;
+use crate::memory::{BackingSpec, MIB};
 use crate::microvm::{
     BalloonSpec, BootImage, HotplugSpec, LifecycleOp, Microvm, MicrovmConfig, StopCause,
     VmLifecycle,
@@ -114,6 +114,8 @@ fn ioeventfd_notify_skips_the_exit_and_unmatched_notify_exits() {
             load_addr: 0x1000,
             entry: 0x1000,
         },
+        backing: BackingSpec::default(),
+        pool_files: None,
     };
     let layout = config.layout().expect("layout");
     // virtio-mem has one queue: queue 0 has an ioeventfd, queue 7 has none.

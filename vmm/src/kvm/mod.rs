@@ -12,7 +12,10 @@ use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_C
 use kvm_ioctls::{Kvm, VmFd};
 
 use crate::memory::layout::{memslot_of, MemslotSpec, MEMSLOT_SIZE};
-use crate::memory::{GuestWindow, Layout, LayoutConfig, MemoryError, RegionKind};
+use crate::memory::{
+    AnonymousBacking, Backing, GuestWindow, Layout, LayoutConfig, MemoryError, PoolBlock,
+    RegionKind,
+};
 
 pub use vcpu::{
     Exit, ExitAction, ExitHandler, RunSummary, StopReason, Vcpu, VcpuError, VcpuHandle,
@@ -145,9 +148,19 @@ pub fn kvm_available() -> Result<(), String> {
 }
 
 impl Vm {
-    /// Open KVM, create the VM, its platform devices (if asked) and its memory window, and
-    /// register memslots over boot RAM.
+    /// Open KVM, create the VM, its platform devices (if asked) and its memory window (the
+    /// default anonymous THP backing), and register memslots over boot RAM.
     pub fn new(config: VmConfig) -> Result<Vm, KvmError> {
+        Vm::with_backing(config, Arc::new(AnonymousBacking::new(true)), &[])
+    }
+
+    /// [`Vm::new`] with the window over `backing`; a file backing needs the pool blocks of
+    /// boot RAM in `boot` (one per 2 MiB, in guest-physical order).
+    pub fn with_backing(
+        config: VmConfig,
+        backing: Arc<dyn Backing>,
+        boot: &[PoolBlock],
+    ) -> Result<Vm, KvmError> {
         let created = Instant::now();
         let layout = Layout::new(config.layout)?;
         let kvm = Kvm::new().map_err(KvmError::Open)?;
@@ -173,7 +186,7 @@ impl Vm {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
         let t_cpuid = Instant::now();
-        let window = Arc::new(GuestWindow::new(layout)?);
+        let window = Arc::new(GuestWindow::with_backing(layout, backing, boot)?);
         let t_window = Instant::now();
         let mut vm = Vm {
             kvm,
@@ -316,14 +329,20 @@ impl Vm {
         self.hotplug_memslots
     }
 
-    /// Place `[gpa, gpa+len)` in the window. For the hot-plug region under
+    /// Place `[gpa, gpa+len)` in the window (anonymous backing). For the hot-plug region under
     /// [`HotplugMemslots::Lazy`], also register the memslots covering it (one per 128 MiB
     /// chunk, added when the chunk's first block is placed); under `Eager` they exist already.
     pub fn place_block(&self, gpa: u64, len: u64) -> Result<(), KvmError> {
+        self.place_blocks(gpa, len, &[])
+    }
+
+    /// [`Vm::place_block`] with the pool blocks behind the range (one per 2 MiB, in order),
+    /// which a file-backed window needs.
+    pub fn place_blocks(&self, gpa: u64, len: u64, blocks: &[PoolBlock]) -> Result<(), KvmError> {
         let kind = self.window.layout().check_block(gpa, len)?;
         // One lock over the whole operation keeps slot counts and placement in step.
         let mut slots = self.hotplug_slots.lock().unwrap_or_else(|e| e.into_inner());
-        self.window.place_block(gpa, len)?;
+        self.window.place(gpa, len, blocks)?;
         if kind != RegionKind::Hotplug {
             return Ok(());
         }

@@ -25,6 +25,7 @@ use tidepool_api::types::VmInfo;
 
 use crate::devices::{lock, BlockRecord, IrqMode};
 use crate::hostpool::FramePool;
+use crate::memory::PoolFiles;
 use crate::microvm::{Microvm, MicrovmConfig, MicrovmError, NodeResidency, VmLifecycle};
 
 /// Default time the manager waits for a VM thread to answer.
@@ -95,6 +96,8 @@ struct Entry {
 #[derive(Debug)]
 pub struct VmManager {
     pool: Arc<dyn FramePool>,
+    /// The pool's files for memfd and hugetlbfs backings, shared by all VMs of the daemon.
+    files: Arc<PoolFiles>,
     slab: TypedSlab<BlockRecord>,
     slab_nodes: u16,
     vms: Mutex<BTreeMap<String, Entry>>,
@@ -116,6 +119,7 @@ impl VmManager {
     ) -> VmManager {
         VmManager {
             pool,
+            files: PoolFiles::new(),
             slab,
             slab_nodes,
             vms: Mutex::new(BTreeMap::new()),
@@ -143,6 +147,11 @@ impl VmManager {
         &self.pool
     }
 
+    /// The pool files behind memfd and hugetlbfs backings.
+    pub fn pool_files(&self) -> &Arc<PoolFiles> {
+        &self.files
+    }
+
     /// The slab of block records.
     pub fn slab(&self) -> &TypedSlab<BlockRecord> {
         &self.slab
@@ -162,6 +171,10 @@ impl VmManager {
         start: bool,
     ) -> Result<VmInfo, ManagerError> {
         let id = config.id.clone();
+        let mut config = config;
+        if config.pool_files.is_none() {
+            config.pool_files = Some(Arc::clone(&self.files));
+        }
         let (tx, rx) = channel::<Msg>();
         let (ready_tx, ready_rx) = sync_channel::<Result<Published, MicrovmError>>(1);
         let pool = Arc::clone(&self.pool);

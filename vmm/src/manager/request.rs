@@ -9,7 +9,7 @@ use guest_mm::frame::NodeId;
 use guest_mm::policy::NumaPolicy;
 
 use crate::devices::IrqMode;
-use crate::memory::MIB;
+use crate::memory::{BackingKind as MemKind, BackingSpec, MIB};
 use crate::microvm::linux::LinuxImage;
 use crate::microvm::{BalloonSpec, BootImage, HotplugSpec, MicrovmConfig};
 
@@ -128,18 +128,18 @@ pub fn config_from_request(
     req: &CreateVmRequest,
     irq: IrqMode,
 ) -> Result<MicrovmConfig, RequestError> {
-    let backing = req.backing.unwrap_or_default();
-    if backing.kind != BackingKind::Anonymous {
-        return Err(RequestError::Unsupported(format!(
-            "{:?} backing: guest RAM is anonymous memory in the VM window",
-            backing.kind
-        )));
-    }
-    if !backing.thp {
-        return Err(RequestError::Unsupported(
-            "backing without THP: the VM window always asks for transparent huge pages".into(),
-        ));
-    }
+    let b = req.backing.unwrap_or_default();
+    let backing = BackingSpec {
+        kind: match b.kind {
+            BackingKind::Anonymous => MemKind::Anonymous,
+            BackingKind::Memfd => MemKind::Memfd,
+            BackingKind::Hugetlbfs => MemKind::Hugetlbfs,
+        },
+        thp: b.thp,
+    };
+    backing
+        .validate()
+        .map_err(|e| RequestError::Unsupported(e.to_string()))?;
     let vcpus = u8::try_from(req.vcpus)
         .ok()
         .filter(|v| *v >= 1)
@@ -171,6 +171,8 @@ pub fn config_from_request(
         policy: policy(req.numa.as_ref())?,
         irq,
         image: image(req)?,
+        backing,
+        pool_files: None,
     })
 }
 
@@ -288,6 +290,25 @@ mod tests {
         let mut r = raw();
         r.backing = Some(BackingConfig {
             kind: BackingKind::Memfd,
+            thp: true,
+        });
+        let c = config_from_request("a", &r, IrqMode::Irqfd).expect("memfd");
+        assert_eq!(
+            c.backing,
+            BackingSpec {
+                kind: MemKind::Memfd,
+                thp: true
+            }
+        );
+        r.backing = Some(BackingConfig {
+            kind: BackingKind::Anonymous,
+            thp: false,
+        });
+        let c = config_from_request("a", &r, IrqMode::Irqfd).expect("anonymous 4 KiB");
+        assert!(!c.backing.thp);
+        // hugetlbfs pages are huge already: THP on top is refused with a clear error.
+        r.backing = Some(BackingConfig {
+            kind: BackingKind::Hugetlbfs,
             thp: true,
         });
         assert!(matches!(

@@ -5,9 +5,17 @@
 //! See `docs/memory-window.md` for the isolation argument, the few-memslots property and huge
 //! pages.
 
+pub mod backing;
+#[cfg(test)]
+mod backing_tests;
 pub mod layout;
+pub mod tuning;
 pub mod window;
 
+pub use backing::{
+    AnonymousBacking, Backing, BackingKind, BackingSpec, FileBacking, PoolBlock, PoolFile,
+    PoolFiles,
+};
 pub use layout::{
     E820Entry, E820Kind, Layout, LayoutConfig, MemslotSpec, Region, RegionKind, BLOCK_SIZE, GIB,
     MEMSLOT_SIZE, MIB, MMIO_HOLE_END, MMIO_HOLE_START,
@@ -82,6 +90,31 @@ pub enum MemoryError {
     /// vm-memory refused the regions built over the window.
     #[error("building the vm-memory view failed: {0}")]
     GuestMemory(String),
+    /// The backing cannot do this (or this combination is not offered).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// A file backing was given the wrong number of pool blocks for a range.
+    #[error("a file-backed range of {expected} block(s) was given {got} pool block(s)")]
+    PoolBlocks {
+        /// Blocks in the range.
+        expected: u64,
+        /// Pool blocks given.
+        got: u64,
+    },
+    /// A pool block's frame does not give a 2 MiB-aligned file offset.
+    #[error("pool block at frame {0} has no valid file offset")]
+    BadPoolBlock(guest_mm::frame::FrameId),
+    /// The host has no free hugetlbfs pages for a block (`vm.nr_hugepages` too small).
+    #[error(
+        "no hugetlbfs pages for {bytes:#x} bytes (reserve more with vm.nr_hugepages): {source}"
+    )]
+    HugePages {
+        /// Bytes asked for.
+        bytes: u64,
+        /// The OS error (ENOSPC or ENOMEM).
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl MemoryError {

@@ -1,11 +1,13 @@
 //! [`GuestWindow`]: the VM's private host virtual reservation, with block placement, removal,
 //! residency queries and a vm-memory view for device models.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
+use super::backing::{AnonymousBacking, Backing, PoolBlock};
 use super::layout::{Layout, BLOCK_SIZE};
 use super::MemoryError;
 
@@ -23,6 +25,8 @@ struct State {
     placed_blocks: u64,
     /// Bumped on every place/remove; a [`WindowMemory`] remembers the generation it was built at.
     generation: u64,
+    /// File backings only: the pool block behind each placed 2 MiB block (by block index).
+    blocks: BTreeMap<u64, PoolBlock>,
 }
 
 impl State {
@@ -54,15 +58,17 @@ pub trait BlockObserver: Send + Sync {
 
 /// One VM's guest memory window.
 ///
-/// The window is a single anonymous, private, `MAP_NORESERVE` mapping of `layout.end()` bytes,
-/// 2 MiB aligned, created `PROT_NONE`. Guest-physical address `gpa` lives at host address
-/// `base + gpa`. Placed blocks are read-write; everything else (the MMIO hole, unplugged
-/// hot-plug blocks) stays `PROT_NONE` and holds no host pages.
+/// The window is reserved as a single anonymous, private, `MAP_NORESERVE` mapping of
+/// `layout.end()` bytes, 2 MiB aligned, created `PROT_NONE`. Guest-physical address `gpa` lives
+/// at host address `base + gpa`. Placed blocks are read-write, backed as its [`Backing`] says
+/// (the window's own anonymous memory, or pool-file pages mapped over the range); everything
+/// else (the MMIO hole, unplugged hot-plug blocks) stays `PROT_NONE` and holds no host pages.
 #[derive(Debug)]
 pub struct GuestWindow {
     layout: Layout,
     base: usize,
     size: usize,
+    backing: Arc<dyn Backing>,
     state: Mutex<State>,
     observers: Mutex<Vec<Weak<dyn BlockObserver>>>,
 }
@@ -75,8 +81,20 @@ unsafe impl Send for GuestWindow {}
 unsafe impl Sync for GuestWindow {}
 
 impl GuestWindow {
-    /// Reserve the window for `layout` and place all boot RAM.
+    /// Reserve the window for `layout` with the default backing (anonymous, THP) and place all
+    /// boot RAM.
     pub fn new(layout: Layout) -> Result<GuestWindow, MemoryError> {
+        GuestWindow::with_backing(layout, Arc::new(AnonymousBacking::new(true)), &[])
+    }
+
+    /// Reserve the window for `layout` over `backing` and place all boot RAM. A file backing
+    /// needs one pool block per 2 MiB of boot RAM in `boot` (in guest-physical order); the
+    /// anonymous backing takes an empty slice.
+    pub fn with_backing(
+        layout: Layout,
+        backing: Arc<dyn Backing>,
+        boot: &[PoolBlock],
+    ) -> Result<GuestWindow, MemoryError> {
         let size64 = layout.end();
         let size = usize::try_from(size64).map_err(|_| MemoryError::HostAddressSpace(size64))?;
         let reserve = size
@@ -116,22 +134,46 @@ impl GuestWindow {
             layout,
             base,
             size,
+            backing,
             state: Mutex::new(State {
                 placed: vec![0; blocks.div_ceil(64) as usize],
                 placed_blocks: 0,
                 generation: 0,
+                blocks: BTreeMap::new(),
             }),
             observers: Mutex::new(Vec::new()),
         };
-        // Ask for huge pages on the whole window once, so every VMA split off it later carries
-        // the same flag and adjacent placed blocks merge back into one VMA. Keep guest memory out
-        // of core dumps.
-        window.madvise(0, size64, libc::MADV_HUGEPAGE, "madvise(MADV_HUGEPAGE)")?;
-        window.madvise(0, size64, libc::MADV_DONTDUMP, "madvise(MADV_DONTDUMP)")?;
+        // Ask for huge pages (or not) on the whole window once, so every VMA split off it later
+        // carries the same flag and adjacent placed blocks merge back into one VMA. Keep guest
+        // memory out of core dumps.
+        window.backing.prepare(base, size)?;
+        let boot_blocks: u64 = window
+            .layout
+            .boot_ram_ranges()
+            .iter()
+            .map(|r| (r.end - r.start) / BLOCK_SIZE)
+            .sum();
+        let file = window.backing.needs_pool_blocks();
+        if file && boot.len() as u64 != boot_blocks {
+            return Err(MemoryError::PoolBlocks {
+                expected: boot_blocks,
+                got: boot.len() as u64,
+            });
+        }
+        let mut next = 0usize;
         for r in window.layout.boot_ram_ranges() {
-            window.place_block(r.start, r.end - r.start)?;
+            let len = r.end - r.start;
+            let n = if file { (len / BLOCK_SIZE) as usize } else { 0 };
+            let these = boot.get(next..next + n).unwrap_or(&[]);
+            window.place(r.start, len, these)?;
+            next += n;
         }
         Ok(window)
+    }
+
+    /// The backing behind placed blocks.
+    pub fn backing(&self) -> &Arc<dyn Backing> {
+        &self.backing
     }
 
     /// The layout this window covers.
@@ -157,33 +199,6 @@ impl GuestWindow {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn madvise(
-        &self,
-        gpa: u64,
-        len: u64,
-        advice: i32,
-        call: &'static str,
-    ) -> Result<(), MemoryError> {
-        let (addr, len) = self.span(gpa, len)?;
-        // SAFETY: [addr, addr+len) lies inside the window mapping this object owns.
-        let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) };
-        if rc != 0 {
-            return Err(MemoryError::last_os(call));
-        }
-        Ok(())
-    }
-
-    fn mprotect(&self, gpa: u64, len: u64, prot: i32) -> Result<(), MemoryError> {
-        let (addr, len) = self.span(gpa, len)?;
-        // SAFETY: [addr, addr+len) lies inside the window mapping this object owns; no Rust
-        // reference points into guest memory.
-        let rc = unsafe { libc::mprotect(addr as *mut libc::c_void, len, prot) };
-        if rc != 0 {
-            return Err(MemoryError::last_os("mprotect"));
-        }
-        Ok(())
-    }
-
     fn span(&self, gpa: u64, len: u64) -> Result<(usize, usize), MemoryError> {
         let end = gpa
             .checked_add(len)
@@ -194,35 +209,58 @@ impl GuestWindow {
         Ok((self.base + gpa as usize, len as usize))
     }
 
-    /// Make `[gpa, gpa+len)` accessible (read-write, huge pages advised). The range must be
+    /// Make `[gpa, gpa+len)` accessible (read-write, huge pages advised) with the anonymous
+    /// backing. A file-backed window refuses this (use [`GuestWindow::place`] with the pool
+    /// blocks). See [`GuestWindow::place`] for the rules.
+    pub fn place_block(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
+        self.place(gpa, len, &[])
+    }
+
+    /// Make `[gpa, gpa+len)` accessible, backed by `blocks` (one pool block per 2 MiB, in
+    /// order; a file backing needs them, the anonymous backing ignores them). The range must be
     /// 2 MiB aligned, inside boot RAM or the hot-plug region, and wholly unplaced. Its content
     /// reads as zeros until written.
-    pub fn place_block(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
+    pub fn place(&self, gpa: u64, len: u64, blocks: &[PoolBlock]) -> Result<(), MemoryError> {
         self.layout.check_block(gpa, len)?;
+        let (addr, n) = self.span(gpa, len)?;
         let mut st = self.lock();
-        let blocks = gpa / BLOCK_SIZE..(gpa + len) / BLOCK_SIZE;
-        if blocks.clone().any(|b| st.get(b)) {
+        let range = gpa / BLOCK_SIZE..(gpa + len) / BLOCK_SIZE;
+        if range.clone().any(|b| st.get(b)) {
             return Err(MemoryError::AlreadyPlaced { gpa, len });
         }
-        self.mprotect(gpa, len, libc::PROT_READ | libc::PROT_WRITE)?;
-        self.madvise(gpa, len, libc::MADV_HUGEPAGE, "madvise(MADV_HUGEPAGE)")?;
-        for b in blocks {
+        let file = self.backing.needs_pool_blocks();
+        if file && blocks.len() as u64 != len / BLOCK_SIZE {
+            return Err(MemoryError::PoolBlocks {
+                expected: len / BLOCK_SIZE,
+                got: blocks.len() as u64,
+            });
+        }
+        self.backing.place(addr, n, blocks)?;
+        for (i, b) in range.enumerate() {
             st.set(b, true);
+            if file {
+                if let Some(pb) = blocks.get(i) {
+                    st.blocks.insert(b, *pb);
+                }
+            }
         }
         st.placed_blocks += len / BLOCK_SIZE;
         st.generation += 1;
         Ok(())
     }
 
-    /// Remove `[gpa, gpa+len)`: make it `PROT_NONE` (no new faults can populate it) and then
-    /// discard its host pages with `MADV_DONTNEED`, so that no page of this VM remains behind the
-    /// range. The range must be wholly placed. Callers that registered a KVM memslot over the
-    /// range should delete it first.
+    /// Remove `[gpa, gpa+len)`: make it inaccessible (no new faults can populate it) and drop
+    /// its content, so that no page of this VM remains behind the range and the pool blocks
+    /// behind it read as zeros to their next user. The anonymous backing does `PROT_NONE` then
+    /// `MADV_DONTNEED`; a file backing maps `PROT_NONE` anonymous memory over the range, then
+    /// punches holes in the pool file. The range must be wholly placed. Callers that
+    /// registered a KVM memslot over the range should delete it first.
     pub fn remove_block(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
         self.layout.check_block(gpa, len)?;
+        let (addr, n) = self.span(gpa, len)?;
         let mut st = self.lock();
-        let blocks = gpa / BLOCK_SIZE..(gpa + len) / BLOCK_SIZE;
-        if !blocks.clone().all(|b| st.get(b)) {
+        let range = gpa / BLOCK_SIZE..(gpa + len) / BLOCK_SIZE;
+        if !range.clone().all(|b| st.get(b)) {
             return Err(MemoryError::NotPlaced { gpa, len });
         }
         {
@@ -232,13 +270,58 @@ impl GuestWindow {
                 o.before_remove(gpa, len);
             }
         }
-        self.mprotect(gpa, len, libc::PROT_NONE)?;
-        self.madvise(gpa, len, libc::MADV_DONTNEED, "madvise(MADV_DONTNEED)")?;
-        for b in blocks {
-            st.set(b, false);
+        let blocks: Vec<PoolBlock> = range
+            .clone()
+            .filter_map(|b| st.blocks.get(&b).copied())
+            .collect();
+        let result = self.backing.remove(addr, n, &blocks);
+        // The backing's remove makes the range inaccessible before anything else; if only the
+        // content drop failed the range is still no longer placed.
+        let still_mapped = matches!(result, Err(MemoryError::Host { call, .. }) if call.starts_with("mprotect") || call.starts_with("mmap"));
+        if !still_mapped {
+            for b in range {
+                st.set(b, false);
+                st.blocks.remove(&b);
+            }
+            st.placed_blocks -= len / BLOCK_SIZE;
+            st.generation += 1;
         }
-        st.placed_blocks -= len / BLOCK_SIZE;
-        st.generation += 1;
+        result
+    }
+
+    /// Drop the host pages behind `[gpa, gpa+len)` while it stays placed (balloon, free page
+    /// reporting): the next touch reads zeros. 4 KiB aligned, wholly placed. Anonymous:
+    /// `MADV_DONTNEED`; memfd: punch-hole in the pool file; hugetlbfs: refused.
+    pub fn discard(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
+        if gpa % HOST_PAGE as u64 != 0 || len % HOST_PAGE as u64 != 0 || len == 0 {
+            return Err(MemoryError::Unaligned { gpa, len });
+        }
+        let (addr, _) = self.span(gpa, len)?;
+        let st = self.lock();
+        let end = gpa + len;
+        if !(gpa / BLOCK_SIZE..end.div_ceil(BLOCK_SIZE)).all(|b| st.get(b)) {
+            return Err(MemoryError::NotPlaced { gpa, len });
+        }
+        if !self.backing.needs_pool_blocks() {
+            return self.backing.discard(addr, len as usize, None);
+        }
+        // Piece by piece, never crossing a 2 MiB block (its pool block gives the file offset).
+        let mut at = gpa;
+        while at < end {
+            let block = at / BLOCK_SIZE;
+            let piece_end = ((block + 1) * BLOCK_SIZE).min(end);
+            let pb = st
+                .blocks
+                .get(&block)
+                .copied()
+                .ok_or(MemoryError::NotPlaced { gpa, len })?;
+            self.backing.discard(
+                self.base + at as usize,
+                (piece_end - at) as usize,
+                Some((pb, at - block * BLOCK_SIZE)),
+            )?;
+            at = piece_end;
+        }
         Ok(())
     }
 
@@ -249,6 +332,11 @@ impl GuestWindow {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(o);
+    }
+
+    /// The pool block behind the placed 2 MiB block holding `gpa` (file backings only).
+    pub fn pool_block(&self, gpa: u64) -> Option<PoolBlock> {
+        self.lock().blocks.get(&(gpa / BLOCK_SIZE)).copied()
     }
 
     /// Whether the 2 MiB block holding `gpa` is placed.
@@ -292,7 +380,10 @@ impl GuestWindow {
     }
 
     /// Host memory resident behind `[gpa, gpa+len)`, in bytes (from `mincore`). `gpa` and
-    /// `len` must be 4 KiB aligned and inside the window.
+    /// `len` must be 4 KiB aligned and inside the window. For a memfd backing, `mincore` on the
+    /// shared mapping reports the pool file's page-cache residency at the mapped offsets; each
+    /// offset is mapped by one window only, so that is this VM's memory. For hugetlbfs it
+    /// reports present huge-page table entries (blocks are populated when placed).
     pub fn resident_bytes(&self, gpa: u64, len: u64) -> Result<u64, MemoryError> {
         if gpa % HOST_PAGE as u64 != 0 || len % HOST_PAGE as u64 != 0 {
             return Err(MemoryError::Unaligned { gpa, len });
@@ -359,6 +450,20 @@ impl GuestWindow {
 
 impl Drop for GuestWindow {
     fn drop(&mut self) {
+        // A file backing's pages outlive the mapping (they belong to the shared pool file):
+        // punch every placed block's hole before the window goes, so the offsets read zeros to
+        // their next user even if the caller never removed them.
+        if self.backing.needs_pool_blocks() {
+            let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+            let blocks: Vec<(u64, PoolBlock)> =
+                std::mem::take(&mut st.blocks).into_iter().collect();
+            for (b, pb) in blocks {
+                let addr = self.base + (b * BLOCK_SIZE) as usize;
+                if let Err(e) = self.backing.remove(addr, BLOCK_SIZE as usize, &[pb]) {
+                    tracing::error!(error = %e, "dropping a file-backed window block failed");
+                }
+            }
+        }
         // SAFETY: the window owns [base, base+size); every view of it (WindowMemory) holds an
         // Arc, so none is left when this runs; KVM memslots are deleted by the VM before it drops
         // its Arc.

@@ -47,6 +47,8 @@ fn unplug_clears_the_balloons_state_for_the_block() {
             load_addr: 0x1000,
             entry: 0x1000,
         },
+        backing: Default::default(),
+        pool_files: None,
     };
     let slab = TypedSlab::new("balloon-unplug").expect("slab");
     let mut vm = Microvm::new(config, pool.clone(), slab, 1).expect("microvm");

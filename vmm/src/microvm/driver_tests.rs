@@ -12,7 +12,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::*;
 use crate::devices::{IrqMode, DEVICE_MMIO_BASE};
 use crate::hostpool::BlockPool;
-use crate::memory::MIB;
+use crate::memory::{BackingSpec, MIB};
 use crate::tiny_guest::virtio_mem_driver::{
     virtio_mem_program, VirtioMemDriver, MAILBOX_STOP, TAG_VMEM_ERROR, TAG_VMEM_MISMATCHES,
     TAG_VMEM_SETTLED,
@@ -61,6 +61,8 @@ fn guest_driver_plugs_and_unplugs_through_the_pool() {
             load_addr: 0x1000,
             entry: 0x1000,
         },
+        backing: BackingSpec::default(),
+        pool_files: None,
     };
     let layout = config.layout().expect("layout");
     let mut driver = VirtioMemDriver::new(DEVICE_MMIO_BASE, DEFAULT_SCRATCH);

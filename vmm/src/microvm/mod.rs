@@ -8,6 +8,8 @@
 //! and returns every boot block to the pool.
 
 #[cfg(test)]
+mod backing_tests;
+#[cfg(test)]
 mod balloon_tests;
 #[cfg(test)]
 mod driver_tests;
@@ -474,11 +476,30 @@ impl Drop for Microvm {
         self.probe = None;
         self.bus = Arc::new(MmioBus::new());
         self.handle = None;
+        let mut boot_left = true;
         if let Some(vm) = self.vm.take() {
             if Arc::strong_count(&vm) > 1 {
                 tracing::warn!(vm = %self.id, "VM still referenced at delete; its window stays mapped until released");
             }
+            let window = Arc::clone(vm.window());
             drop(vm);
+            // Boot RAM leaves the window before its blocks go back to the pool, whenever the
+            // window would outlive this call or its pages live in a shared pool file.
+            if Arc::strong_count(&window) > 1 || window.backing().needs_pool_blocks() {
+                for r in window.layout().boot_ram_ranges() {
+                    let len = r.end - r.start;
+                    if !window.is_range_placed(r.start, len) {
+                        continue;
+                    }
+                    if let Err(e) = window.remove_block(r.start, len) {
+                        tracing::error!(vm = %self.id, error = %e, "boot RAM could not leave the window; its pool blocks are kept out of the pool");
+                        boot_left = false;
+                    }
+                }
+            }
+        }
+        if !boot_left {
+            self.boot_blocks.clear();
         }
         for (f, _) in self.boot_blocks.drain(..) {
             if let Err(e) = self.pool.free_block(f) {

@@ -19,7 +19,7 @@ use crate::devices::{
 };
 use crate::hostpool::{FramePool, POOL_BLOCK_BYTES};
 use crate::kvm::{Vm, VmConfig};
-use crate::memory::{Layout, LayoutConfig};
+use crate::memory::{BackingSpec, Layout, LayoutConfig, PoolBlock, PoolFiles};
 use crate::tiny_guest::boot::{CR4_PAE, RFLAGS_FIXED, RFLAGS_IOPL3};
 use crate::tiny_guest::{BootState, GuestImage, Privilege};
 
@@ -86,6 +86,11 @@ pub struct MicrovmConfig {
     pub irq: IrqMode,
     /// What to boot.
     pub image: BootImage,
+    /// What backs guest RAM (default: anonymous with THP).
+    pub backing: BackingSpec,
+    /// The pool files of the VM's pool, shared by the daemon's VMs (memfd and hugetlbfs
+    /// backings). None: a file backing gets files of its own for this VM.
+    pub pool_files: Option<Arc<PoolFiles>>,
 }
 
 impl MicrovmConfig {
@@ -222,6 +227,7 @@ impl Microvm {
             .validate()
             .map_err(|e| MicrovmError::Config(format!("virtio-mem: {e}")))?;
         }
+        config.backing.validate()?;
         let boot_blocks = take_blocks(
             &*pool,
             config.boot_ram / POOL_BLOCK_BYTES,
@@ -254,11 +260,28 @@ impl Microvm {
             boot_blocks,
             pool: Arc::clone(&pool),
         };
-        let kvm_vm = Arc::new(Vm::new(VmConfig {
-            layout: config.layout_config(),
-            platform: config.irq == IrqMode::Irqfd,
-            hotplug_memslots: config.hotplug.map(|h| h.memslots).unwrap_or_default(),
-        })?);
+        let files = config.pool_files.clone().unwrap_or_default();
+        let backing = files.backing(config.backing)?;
+        let boot: Vec<PoolBlock> = if backing.needs_pool_blocks() {
+            vm.boot_blocks
+                .iter()
+                .map(|(frame, node)| PoolBlock {
+                    frame: *frame,
+                    node: *node,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let kvm_vm = Arc::new(Vm::with_backing(
+            VmConfig {
+                layout: config.layout_config(),
+                platform: config.irq == IrqMode::Irqfd,
+                hotplug_memslots: config.hotplug.map(|h| h.memslots).unwrap_or_default(),
+            },
+            backing,
+            &boot,
+        )?);
         vm.vm = Some(Arc::clone(&kvm_vm));
         let handle = VmMemoryHandle::new(Arc::clone(&kvm_vm))?;
         vm.handle = Some(handle.clone());

@@ -12,7 +12,7 @@ use tidepool_hotplug::MemoryBackend;
 use super::*;
 use crate::devices::IrqMode;
 use crate::hostpool::BlockPool;
-use crate::memory::MIB;
+use crate::memory::{BackingSpec, MIB};
 use crate::tiny_guest::program::{TAG_CHECKED, TAG_MISMATCHES};
 use crate::tiny_guest::{Step, Stride, TinyGuestBuilder};
 
@@ -52,6 +52,8 @@ fn config(id: &str, hotplug: bool, irq: IrqMode, steps: Vec<Step>) -> MicrovmCon
             load_addr: 0x1000,
             entry: 0x1000,
         },
+        backing: BackingSpec::default(),
+        pool_files: None,
     };
     let layout = c.layout().expect("layout");
     let b = steps

@@ -378,8 +378,17 @@ pub struct VmSwap {
 
 impl VmSwap {
     /// Swap for the VM whose RAM is `window`, writing to `file`. Starts the fault handler
-    /// thread and subscribes to block removals of the window.
+    /// thread and subscribes to block removals of the window. Needs the anonymous backing
+    /// (`MADV_DONTNEED` frees pages and the next touch is a missing-page fault); a memfd or
+    /// hugetlbfs window is refused with [`SwapError::Config`].
     pub fn new(window: Arc<GuestWindow>, file: Arc<SwapFile>) -> Result<VmSwap, SwapError> {
+        let kind = window.backing().spec().kind;
+        if kind != crate::memory::BackingKind::Anonymous {
+            return Err(SwapError::Config(format!(
+                "VMM swap needs the anonymous backing, this VM's RAM is {}",
+                kind.name()
+            )));
+        }
         let uffd = Uffd::new().map_err(|e| SwapError::host("userfaultfd", e))?;
         let stop_evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
             .map_err(|e| SwapError::host("eventfd", e))?;

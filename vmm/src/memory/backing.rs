@@ -1,0 +1,594 @@
+//! What is behind a VM window's placed blocks: the [`Backing`] trait and its three kinds.
+//!
+//! - [`AnonymousBacking`] (the default): the window's own private anonymous memory, with
+//!   `MADV_HUGEPAGE` when THP is asked for. Pool blocks are accounting only; the pages appear
+//!   on first touch and go with `MADV_DONTNEED`.
+//! - [`FileBacking`] with [`BackingKind::Memfd`]: one memfd per host NUMA node is the pool
+//!   file, shared by every VM of the daemon ([`PoolFiles`]). A pool block's file offset is its
+//!   first frame number times 4 KiB ([`PoolBlock::file_offset`]). Placing a block maps the file
+//!   at that offset into the window (`mmap(MAP_SHARED | MAP_FIXED)`); discarding punches a hole
+//!   (`fallocate(PUNCH_HOLE)`: `MADV_DONTNEED` frees nothing on a shared mapping); removing
+//!   maps `PROT_NONE` anonymous memory over the range and *then* punches the hole, before the
+//!   caller returns the block to the pool.
+//! - [`FileBacking`] with [`BackingKind::Hugetlbfs`]: the same over a `MFD_HUGETLB` memfd
+//!   (2 MiB hugetlbfs pages). Each block's huge page is allocated up front with `fallocate`
+//!   when it is placed, so a host without free huge pages gives a typed
+//!   [`MemoryError::HugePages`] instead of a `SIGBUS` on first touch.
+//!
+//! See `docs/memory-window.md` for the isolation argument and the measured costs.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+
+use guest_mm::frame::{FrameId, NodeId};
+
+use super::layout::BLOCK_SIZE;
+use super::MemoryError;
+
+/// The kinds of backing a VM's RAM can have.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum BackingKind {
+    /// The window's private anonymous memory (default).
+    #[default]
+    Anonymous,
+    /// Per-node memfd pool files, blocks mapped shared into the window.
+    Memfd,
+    /// Per-node `MFD_HUGETLB` memfd pool files (2 MiB hugetlbfs pages, reserved per block).
+    Hugetlbfs,
+}
+
+impl BackingKind {
+    /// Lower-case name, as the API spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackingKind::Anonymous => "anonymous",
+            BackingKind::Memfd => "memfd",
+            BackingKind::Hugetlbfs => "hugetlbfs",
+        }
+    }
+}
+
+/// A backing kind with its THP wish.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BackingSpec {
+    /// The kind.
+    pub kind: BackingKind,
+    /// Ask for transparent huge pages (`MADV_HUGEPAGE`). For memfd this only has an effect when
+    /// the host's `shmem_enabled` is `advise` (or `always`/`within_size`); it is `never` here by
+    /// default. Not allowed with hugetlbfs, whose pages are huge already.
+    pub thp: bool,
+}
+
+impl Default for BackingSpec {
+    fn default() -> Self {
+        BackingSpec {
+            kind: BackingKind::Anonymous,
+            thp: true,
+        }
+    }
+}
+
+impl BackingSpec {
+    /// Refuse combinations that make no sense.
+    pub fn validate(&self) -> Result<(), MemoryError> {
+        if self.kind == BackingKind::Hugetlbfs && self.thp {
+            return Err(MemoryError::Unsupported(
+                "hugetlbfs backing with THP: hugetlbfs pages are huge pages already".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A 2 MiB pool block behind a window block: the pool frame and the node it came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolBlock {
+    /// First frame of the block (2 MiB aligned).
+    pub frame: FrameId,
+    /// Node of the pool the block belongs to (selects the node's pool file).
+    pub node: NodeId,
+}
+
+impl PoolBlock {
+    /// Offset of the block in its node's pool file: frame number times 4 KiB. Frame numbers are
+    /// unique in a pool, so no two blocks share an offset.
+    pub fn file_offset(&self) -> Result<u64, MemoryError> {
+        let off = self
+            .frame
+            .0
+            .checked_mul(guest_mm::FRAME_SIZE)
+            .ok_or(MemoryError::BadPoolBlock(self.frame))?;
+        if off % BLOCK_SIZE != 0 || off > i64::MAX as u64 - BLOCK_SIZE {
+            return Err(MemoryError::BadPoolBlock(self.frame));
+        }
+        Ok(off)
+    }
+}
+
+/// How a window's blocks are backed. The window calls these with host ranges inside its own
+/// mapping, 2 MiB aligned for `place`/`remove` (4 KiB for `discard`), under its lock.
+pub trait Backing: Send + Sync + std::fmt::Debug {
+    /// Kind and THP wish.
+    fn spec(&self) -> BackingSpec;
+
+    /// Whether placing needs the pool blocks (file offsets) behind each 2 MiB block.
+    fn needs_pool_blocks(&self) -> bool {
+        self.spec().kind != BackingKind::Anonymous
+    }
+
+    /// Called once on the fresh `PROT_NONE` reservation of the whole window.
+    fn prepare(&self, addr: usize, len: usize) -> Result<(), MemoryError> {
+        let advice = if self.spec().thp {
+            libc::MADV_HUGEPAGE
+        } else {
+            libc::MADV_NOHUGEPAGE
+        };
+        madvise(addr, len, advice, "madvise(MADV_(NO)HUGEPAGE)")?;
+        madvise(addr, len, libc::MADV_DONTDUMP, "madvise(MADV_DONTDUMP)")
+    }
+
+    /// Make `[addr, addr+len)` read-write, backed by `blocks` (one per 2 MiB, in order; empty
+    /// for the anonymous backing). It reads as zeros until written. On error nothing stays
+    /// placed.
+    fn place(&self, addr: usize, len: usize, blocks: &[PoolBlock]) -> Result<(), MemoryError>;
+
+    /// Make `[addr, addr+len)` inaccessible and drop its content, so the pool blocks behind it
+    /// can go to another VM: after this returns `Ok`, no page of the range is reachable through
+    /// this window and the blocks' content reads as zeros to their next user.
+    fn remove(&self, addr: usize, len: usize, blocks: &[PoolBlock]) -> Result<(), MemoryError>;
+
+    /// Drop the host pages behind `[addr, addr+len)` while it stays placed (balloon and free
+    /// page reporting): the next touch reads zeros. `at` is the pool block holding the range
+    /// and the range's offset in it (None for the anonymous backing); the range never crosses
+    /// a 2 MiB block.
+    fn discard(
+        &self,
+        addr: usize,
+        len: usize,
+        at: Option<(PoolBlock, u64)>,
+    ) -> Result<(), MemoryError>;
+
+    /// The host page size discards should be aligned to for whole pages to go back (None: no
+    /// huge pages expected).
+    fn huge_page_size(&self) -> Option<u64>;
+}
+
+pub(crate) fn madvise(
+    addr: usize,
+    len: usize,
+    advice: i32,
+    call: &'static str,
+) -> Result<(), MemoryError> {
+    // SAFETY: callers pass a range inside a window mapping they own; madvise changes no Rust
+    // object (guest memory is only reached through volatile accessors or KVM).
+    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) };
+    if rc != 0 {
+        return Err(MemoryError::last_os(call));
+    }
+    Ok(())
+}
+
+pub(crate) fn mprotect(addr: usize, len: usize, prot: i32) -> Result<(), MemoryError> {
+    // SAFETY: callers pass a range inside a window mapping they own; no Rust reference points
+    // into guest memory.
+    let rc = unsafe { libc::mprotect(addr as *mut libc::c_void, len, prot) };
+    if rc != 0 {
+        return Err(MemoryError::last_os("mprotect"));
+    }
+    Ok(())
+}
+
+/// The anonymous backing: the window's own private memory.
+#[derive(Debug, Clone, Copy)]
+pub struct AnonymousBacking {
+    thp: bool,
+}
+
+impl AnonymousBacking {
+    /// An anonymous backing, with `MADV_HUGEPAGE` when `thp` (else `MADV_NOHUGEPAGE`).
+    pub fn new(thp: bool) -> AnonymousBacking {
+        AnonymousBacking { thp }
+    }
+}
+
+impl Backing for AnonymousBacking {
+    fn spec(&self) -> BackingSpec {
+        BackingSpec {
+            kind: BackingKind::Anonymous,
+            thp: self.thp,
+        }
+    }
+
+    fn place(&self, addr: usize, len: usize, _blocks: &[PoolBlock]) -> Result<(), MemoryError> {
+        mprotect(addr, len, libc::PROT_READ | libc::PROT_WRITE)?;
+        if self.thp {
+            if let Err(e) = madvise(addr, len, libc::MADV_HUGEPAGE, "madvise(MADV_HUGEPAGE)") {
+                let _ = mprotect(addr, len, libc::PROT_NONE);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn remove(&self, addr: usize, len: usize, _blocks: &[PoolBlock]) -> Result<(), MemoryError> {
+        // PROT_NONE first: nothing can fault pages back in (KVM's mappings go through the MMU
+        // notifier); then the private pages are freed at once.
+        mprotect(addr, len, libc::PROT_NONE)?;
+        madvise(addr, len, libc::MADV_DONTNEED, "madvise(MADV_DONTNEED)")
+    }
+
+    fn discard(
+        &self,
+        addr: usize,
+        len: usize,
+        _at: Option<(PoolBlock, u64)>,
+    ) -> Result<(), MemoryError> {
+        madvise(addr, len, libc::MADV_DONTNEED, "madvise(MADV_DONTNEED)")
+    }
+
+    fn huge_page_size(&self) -> Option<u64> {
+        self.thp.then_some(BLOCK_SIZE)
+    }
+}
+
+/// One node's pool file.
+#[derive(Debug)]
+pub struct PoolFile {
+    fd: OwnedFd,
+    kind: BackingKind,
+    node: NodeId,
+    /// Current file size; grown (never shrunk) to cover the blocks mapped so far.
+    size: Mutex<u64>,
+}
+
+impl PoolFile {
+    fn create(kind: BackingKind, node: NodeId) -> Result<PoolFile, MemoryError> {
+        let name = CString::new(format!("tidepool-{}-node{}", kind.name(), node.0))
+            .map_err(|_| MemoryError::Unsupported("pool file name".into()))?;
+        let flags = match kind {
+            BackingKind::Memfd => libc::MFD_CLOEXEC,
+            BackingKind::Hugetlbfs => libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
+            BackingKind::Anonymous => {
+                return Err(MemoryError::Unsupported(
+                    "the anonymous backing has no pool file".into(),
+                ))
+            }
+        };
+        // SAFETY: `name` is a valid NUL-terminated string; memfd_create only reads it.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+        if fd < 0 {
+            return Err(MemoryError::last_os("memfd_create"));
+        }
+        // SAFETY: memfd_create just returned this descriptor and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(PoolFile {
+            fd,
+            kind,
+            node,
+            size: Mutex::new(0),
+        })
+    }
+
+    /// The backing kind of this file.
+    pub fn kind(&self) -> BackingKind {
+        self.kind
+    }
+
+    /// The node this file serves.
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// Make the file at least `end` bytes long (sparse: no memory is used).
+    fn ensure_size(&self, end: u64) -> Result<(), MemoryError> {
+        let mut size = self.size.lock().unwrap_or_else(|e| e.into_inner());
+        if end <= *size {
+            return Ok(());
+        }
+        let len = i64::try_from(end).map_err(|_| MemoryError::HostAddressSpace(end))?;
+        // SAFETY: ftruncate on a descriptor this object owns; growing a memfd only changes its
+        // size, existing pages and mappings are untouched.
+        let rc = unsafe { libc::ftruncate(self.fd.as_raw_fd(), len) };
+        if rc != 0 {
+            return Err(MemoryError::last_os("ftruncate"));
+        }
+        *size = end;
+        Ok(())
+    }
+
+    /// `fallocate(mode)` on `[off, off+len)`.
+    fn fallocate(
+        &self,
+        mode: i32,
+        off: u64,
+        len: u64,
+        call: &'static str,
+    ) -> Result<(), MemoryError> {
+        let off = i64::try_from(off).map_err(|_| MemoryError::HostAddressSpace(off))?;
+        let len = i64::try_from(len).map_err(|_| MemoryError::HostAddressSpace(len))?;
+        // SAFETY: fallocate on a descriptor this object owns, with a range checked to fit i64;
+        // it changes file content only, which no Rust reference points into.
+        let rc = unsafe { libc::fallocate(self.fd.as_raw_fd(), mode, off, len) };
+        if rc != 0 {
+            return Err(MemoryError::last_os(call));
+        }
+        Ok(())
+    }
+
+    /// Punch a hole: free the file's pages in `[off, off+len)`; they read as zeros after.
+    pub fn punch_hole(&self, off: u64, len: u64) -> Result<(), MemoryError> {
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+            "fallocate(PUNCH_HOLE)",
+        )
+    }
+
+    /// Bytes of the file that hold pages (memfd: page cache and swap; for tests and figures).
+    pub fn allocated_bytes(&self) -> Result<u64, MemoryError> {
+        // SAFETY: fstat on a descriptor this object owns into a zeroed stat buffer.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `st` is a valid, writable stat buffer for the duration of the call.
+        let rc = unsafe { libc::fstat(self.fd.as_raw_fd(), &mut st) };
+        if rc != 0 {
+            return Err(MemoryError::last_os("fstat"));
+        }
+        Ok(st.st_blocks as u64 * 512)
+    }
+}
+
+/// The pool files of a daemon: one per (backing kind, node), made on first use and shared by
+/// every VM whose blocks come from the same pool. Use one `PoolFiles` per pool: offsets are
+/// frame numbers, unique only within one pool.
+#[derive(Debug, Default)]
+pub struct PoolFiles {
+    files: Mutex<HashMap<(BackingKind, NodeId), Arc<PoolFile>>>,
+}
+
+impl PoolFiles {
+    /// An empty set of pool files.
+    pub fn new() -> Arc<PoolFiles> {
+        Arc::new(PoolFiles::default())
+    }
+
+    /// The file of `kind` for `node`, made on first use.
+    pub fn file(&self, kind: BackingKind, node: NodeId) -> Result<Arc<PoolFile>, MemoryError> {
+        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = files.get(&(kind, node)) {
+            return Ok(Arc::clone(f));
+        }
+        let f = Arc::new(PoolFile::create(kind, node)?);
+        files.insert((kind, node), Arc::clone(&f));
+        Ok(f)
+    }
+
+    /// The backing `spec` asks for, over these files (the anonymous backing needs none).
+    pub fn backing(self: &Arc<Self>, spec: BackingSpec) -> Result<Arc<dyn Backing>, MemoryError> {
+        spec.validate()?;
+        Ok(match spec.kind {
+            BackingKind::Anonymous => Arc::new(AnonymousBacking::new(spec.thp)),
+            BackingKind::Memfd | BackingKind::Hugetlbfs => Arc::new(FileBacking {
+                spec,
+                files: Arc::clone(self),
+            }),
+        })
+    }
+}
+
+/// The memfd and hugetlbfs backings: pool blocks are pieces of per-node pool files.
+#[derive(Debug)]
+pub struct FileBacking {
+    spec: BackingSpec,
+    files: Arc<PoolFiles>,
+}
+
+/// Map fresh `PROT_NONE` anonymous memory over `[addr, addr+len)` (replacing whatever was
+/// mapped there), with the window's flags, so the range holds no page of any file.
+fn unmap_to_reservation(addr: usize, len: usize, thp: bool) -> Result<(), MemoryError> {
+    // SAFETY: [addr, addr+len) lies inside a window mapping the caller owns; MAP_FIXED replaces
+    // exactly that range with a fresh inaccessible reservation, and no Rust reference points
+    // into it.
+    let p = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(MemoryError::last_os("mmap(PROT_NONE, MAP_FIXED)"));
+    }
+    let advice = if thp {
+        libc::MADV_HUGEPAGE
+    } else {
+        libc::MADV_NOHUGEPAGE
+    };
+    // Same flags as the rest of the reservation, so the VMAs merge again.
+    madvise(addr, len, advice, "madvise(MADV_(NO)HUGEPAGE)")?;
+    madvise(addr, len, libc::MADV_DONTDUMP, "madvise(MADV_DONTDUMP)")
+}
+
+impl FileBacking {
+    fn hugetlb(&self) -> bool {
+        self.spec.kind == BackingKind::Hugetlbfs
+    }
+
+    /// Runs of blocks that are contiguous in the same file: (index of first block, count).
+    fn runs(blocks: &[PoolBlock]) -> Result<Vec<(usize, usize)>, MemoryError> {
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for (i, b) in blocks.iter().enumerate() {
+            let off = b.file_offset()?;
+            if let Some((first, n)) = runs.last_mut() {
+                let f = blocks[*first];
+                if f.node == b.node && f.file_offset()? + *n as u64 * BLOCK_SIZE == off {
+                    *n += 1;
+                    continue;
+                }
+            }
+            runs.push((i, 1));
+        }
+        Ok(runs)
+    }
+
+    fn place_run(&self, addr: usize, blocks: &[PoolBlock]) -> Result<(), MemoryError> {
+        let Some(first) = blocks.first() else {
+            return Ok(());
+        };
+        let file = self.files.file(self.spec.kind, first.node)?;
+        let off = first.file_offset()?;
+        let len = blocks.len() as u64 * BLOCK_SIZE;
+        file.ensure_size(off + len)?;
+        if self.hugetlb() {
+            // Allocate the huge pages now: a host without them answers ENOSPC here, not with a
+            // SIGBUS at the guest's first touch.
+            if let Err(e) = file.fallocate(0, off, len, "fallocate(hugetlbfs)") {
+                let _ = file.punch_hole(off, len);
+                return Err(match e {
+                    MemoryError::Host { source, .. } => {
+                        MemoryError::HugePages { bytes: len, source }
+                    }
+                    other => other,
+                });
+            }
+        }
+        let mut flags = libc::MAP_SHARED | libc::MAP_FIXED;
+        if self.hugetlb() {
+            // The pages exist already; fill the page tables so mincore sees them (it reports
+            // present huge PTEs for hugetlbfs mappings).
+            flags |= libc::MAP_POPULATE;
+        }
+        // SAFETY: [addr, addr+len) lies inside the caller's window (2 MiB aligned); MAP_FIXED
+        // replaces exactly that range with the pool file's pages at `off`, which belong to
+        // blocks the pool gave this VM alone. No Rust reference points into the range.
+        let p = unsafe {
+            libc::mmap(
+                addr as *mut libc::c_void,
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                file.fd.as_raw_fd(),
+                off as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            let e = MemoryError::last_os("mmap(MAP_SHARED, MAP_FIXED)");
+            if self.hugetlb() {
+                let _ = file.punch_hole(off, len);
+            }
+            return Err(e);
+        }
+        let advise = if self.spec.thp {
+            madvise(
+                addr,
+                len as usize,
+                libc::MADV_HUGEPAGE,
+                "madvise(MADV_HUGEPAGE)",
+            )
+        } else {
+            Ok(())
+        };
+        advise.and_then(|()| {
+            madvise(
+                addr,
+                len as usize,
+                libc::MADV_DONTDUMP,
+                "madvise(MADV_DONTDUMP)",
+            )
+        })
+    }
+
+    fn punch_blocks(&self, blocks: &[PoolBlock]) -> Result<(), MemoryError> {
+        let mut first_err = None;
+        for (i, n) in Self::runs(blocks)? {
+            let b = blocks[i];
+            let r = self
+                .files
+                .file(self.spec.kind, b.node)
+                .and_then(|f| f.punch_hole(b.file_offset()?, n as u64 * BLOCK_SIZE));
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Backing for FileBacking {
+    fn spec(&self) -> BackingSpec {
+        self.spec
+    }
+
+    fn place(&self, addr: usize, len: usize, blocks: &[PoolBlock]) -> Result<(), MemoryError> {
+        if blocks.len() as u64 * BLOCK_SIZE != len as u64 {
+            return Err(MemoryError::PoolBlocks {
+                expected: len as u64 / BLOCK_SIZE,
+                got: blocks.len() as u64,
+            });
+        }
+        let step = BLOCK_SIZE as usize;
+        for (i, n) in Self::runs(blocks)? {
+            if let Err(e) = self.place_run(addr + i * step, &blocks[i..i + n]) {
+                // Undo the runs placed so far (and this one): nothing stays mapped.
+                let _ = self.remove(addr, (i + n) * step, &blocks[..i + n]);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn remove(&self, addr: usize, len: usize, blocks: &[PoolBlock]) -> Result<(), MemoryError> {
+        // First the range leaves this window (and, through the MMU notifier, KVM): then no VM
+        // maps the file pages, and punching the hole frees them, so the next VM that gets these
+        // offsets reads zeros.
+        unmap_to_reservation(addr, len, self.spec.thp)?;
+        self.punch_blocks(blocks)
+    }
+
+    fn discard(
+        &self,
+        addr: usize,
+        len: usize,
+        at: Option<(PoolBlock, u64)>,
+    ) -> Result<(), MemoryError> {
+        let _ = addr;
+        if self.hugetlb() {
+            return Err(MemoryError::Unsupported(
+                "discard on hugetlbfs backing: its huge pages stay reserved for the VM (a refault \
+                 could find the host's huge page pool empty); shrink it through virtio-mem"
+                    .into(),
+            ));
+        }
+        let (block, within) = at.ok_or(MemoryError::Unsupported(
+            "discard on a file backing needs the pool block".into(),
+        ))?;
+        let file = self.files.file(self.spec.kind, block.node)?;
+        file.punch_hole(block.file_offset()? + within, len as u64)
+    }
+
+    fn huge_page_size(&self) -> Option<u64> {
+        match self.spec.kind {
+            BackingKind::Hugetlbfs => Some(BLOCK_SIZE),
+            _ if self.spec.thp && shmem_thp_enabled() => Some(BLOCK_SIZE),
+            _ => None,
+        }
+    }
+}
+
+/// Whether the host gives shared memory (memfd) huge pages to a `MADV_HUGEPAGE` mapping:
+/// `shmem_enabled` is `always`, `within_size` or `advise`.
+pub fn shmem_thp_enabled() -> bool {
+    std::fs::read_to_string(SHMEM_ENABLED).is_ok_and(|s| {
+        ["[always]", "[within_size]", "[advise]", "[force]"]
+            .iter()
+            .any(|m| s.contains(m))
+    })
+}
+
+/// The host's shmem THP setting.
+pub const SHMEM_ENABLED: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
