@@ -10,8 +10,8 @@
 //! - **Phases 3 and 4** go through a [`SwapHook`] (the VMM swap), when given, with the cold
 //!   blocks as candidates.
 //! - **Phase 5** reads every resident 4 KiB page of the cold resident blocks (all resident
-//!   blocks when urgent) and discards the pages that are entirely zero with
-//!   `madvise(MADV_DONTNEED)`. Private anonymous memory reads back as zeros after a discard,
+//!   blocks when urgent) and discards the pages that are entirely zero through the window's
+//!   backing (`madvise(MADV_DONTNEED)`, or punch-hole for memfd). They read back as zeros,
 //!   so the guest sees no change; a THP backing the block is split by the kernel. The scan
 //!   reads guest memory, so nothing may write the window meanwhile: give a quiesce hook that
 //!   pauses the vCPUs around the scan ([`WindowTarget::with_quiesce`]), or state that the
@@ -267,11 +267,11 @@ impl WindowTarget {
                         continue;
                     }
                     if let Some((s, e)) = run.take() {
-                        freed += discard(base, s, e, &mut st);
+                        freed += discard(w, gpa, s, e, &mut st);
                     }
                 }
                 if let Some((s, e)) = run.take() {
-                    freed += discard(base, s, e, &mut st);
+                    freed += discard(w, gpa, s, e, &mut st);
                 }
             }
         }
@@ -307,20 +307,20 @@ fn page_is_zero(addr: usize) -> bool {
     })
 }
 
-/// Discard pages `[s, e)` of the block at host address `base`; returns bytes freed.
-fn discard(base: usize, s: usize, e: usize, st: &mut ZeroSplitStats) -> u64 {
-    let addr = base + s * PAGE as usize;
-    let len = (e - s) * PAGE as usize;
-    // SAFETY: the range lies inside a placed block of a live window; every page in it was just
-    // read as zero and nothing writes the window meanwhile, so discarding it (anonymous private
-    // memory reads back as zeros) changes no guest-visible byte.
-    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
-    if rc != 0 {
+/// Discard pages `[s, e)` of the block at `gpa`; returns bytes freed. The window's backing picks
+/// the primitive (`MADV_DONTNEED` on anonymous memory, punch-hole in a memfd pool file; a
+/// hugetlbfs window refuses, and nothing is freed). Every page in the range was just read as
+/// zero and nothing writes the window meanwhile, and a discarded page reads back as zeros, so
+/// no guest-visible byte changes.
+fn discard(w: &GuestWindow, gpa: u64, s: usize, e: usize, st: &mut ZeroSplitStats) -> u64 {
+    let start = gpa + s as u64 * PAGE;
+    let len = (e - s) as u64 * PAGE;
+    if w.discard(start, len).is_err() {
         return 0;
     }
     st.madvise_calls += 1;
     st.zero_pages += (e - s) as u64;
-    len as u64
+    len
 }
 
 impl ReclaimTarget for WindowTarget {
