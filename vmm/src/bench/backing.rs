@@ -43,16 +43,31 @@ struct Round {
     huge_share: f64,
 }
 
-fn meminfo_kib(key: &str) -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+/// Bytes of `[addr, addr+len)` mapped by huge PMDs in this process (`AnonHugePages` plus
+/// `ShmemPmdMapped` of the VMAs inside the range, from /proc/self/smaps).
+fn pmd_mapped_bytes(addr: usize, len: usize) -> u64 {
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+        return 0;
+    };
+    let mut inside = false;
+    let mut kib = 0u64;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
+                inside = a >= addr && b <= addr + len;
+                continue;
+            }
+        }
+        if inside && (line.starts_with("AnonHugePages:") || line.starts_with("ShmemPmdMapped:")) {
+            kib += line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    kib * 1024
 }
 
 /// Write one byte in every 4 KiB page of `[addr, addr+len)`.
@@ -94,23 +109,18 @@ fn round(files: &Arc<PoolFiles>, spec: BackingSpec, size: u64) -> Result<Round, 
         .host_addr(hp.start)
         .ok_or_else(|| failed("no address"))?;
     let len = size as usize;
-    let huge_key = match spec.kind {
-        BackingKind::Anonymous => "AnonHugePages:",
-        BackingKind::Memfd => "ShmemHugePages:",
-        BackingKind::Hugetlbfs => "",
-    };
 
     let t = Instant::now();
     window.place(hp.start, size, &blocks).map_err(failed)?;
     let place = t.elapsed();
-    let huge_before = meminfo_kib(huge_key);
     let t = Instant::now();
     touch(addr, len);
     let touch_time = t.elapsed();
     let huge_share = if spec.kind == BackingKind::Hugetlbfs {
+        // hugetlbfs pages are 2 MiB by construction.
         1.0
     } else {
-        (meminfo_kib(huge_key).saturating_sub(huge_before) as f64 * 1024.0 / size as f64).min(1.0)
+        (pmd_mapped_bytes(addr, len) as f64 / size as f64).min(1.0)
     };
     let t = Instant::now();
     let discard = match window.discard(hp.start, size) {
@@ -124,6 +134,7 @@ fn round(files: &Arc<PoolFiles>, spec: BackingSpec, size: u64) -> Result<Round, 
             "{spec:?}: {resident} bytes still resident after discard"
         )));
     }
+    // Touch again after the discard (only meaningful when something was discarded).
     let t = Instant::now();
     touch(addr, len);
     let retouch = t.elapsed();
@@ -173,12 +184,16 @@ fn measure(
             rate(&|x| x.discard.unwrap_or_default()),
             "GiB/s, discard while placed (balloon / reporting)",
         );
+        r.add(
+            &format!("{name}_retouch_gib_s"),
+            rate(&|x| x.retouch),
+            "GiB/s, touch after the discard",
+        );
+    } else {
+        progress(&format!(
+            "{name}: the backing refuses discards (none measured)"
+        ));
     }
-    r.add(
-        &format!("{name}_retouch_gib_s"),
-        rate(&|x| x.retouch),
-        "GiB/s, touch after the discard",
-    );
     r.add(
         &format!("{name}_remove_gib_s"),
         rate(&|x| x.remove),
@@ -187,7 +202,7 @@ fn measure(
     r.add(
         &format!("{name}_huge_share"),
         median(rs.iter().map(|x| x.huge_share).collect()),
-        "share of the range on huge pages after the first touch",
+        "share of the range mapped by 2 MiB pages after the first touch (smaps)",
     );
     Ok(())
 }
