@@ -197,4 +197,48 @@ mod tests {
         ));
         assert_eq!(r.huge_page_size(), Some(HUGE_PAGE_SIZE));
     }
+
+    #[test]
+    fn memfd_backed_discard_punches_the_pool_file() {
+        use crate::memory::{BackingKind, BackingSpec, PoolBlock, PoolFiles};
+        use guest_mm::frame::{FrameId, NodeId};
+        let files = PoolFiles::new();
+        let spec = BackingSpec {
+            kind: BackingKind::Memfd,
+            thp: true,
+        };
+        let backing = files.backing(spec).expect("backing");
+        let layout = Layout::new(LayoutConfig {
+            boot_ram: 4 * MIB,
+            hotplug_size: 0,
+        })
+        .expect("layout");
+        let blocks = [0u64, 1].map(|i| PoolBlock {
+            frame: FrameId(i * 512),
+            node: NodeId(0),
+        });
+        let window = Arc::new(GuestWindow::with_backing(layout, backing, &blocks).expect("window"));
+        let mut r = WindowReclaim::new(Arc::clone(&window)).expect("backend");
+        let file = files.file(BackingKind::Memfd, NodeId(0)).expect("file");
+        let mem = window.guest_memory().expect("view");
+        // Pages on both sides of the 2 MiB block boundary.
+        for p in 508..516u64 {
+            mem.write_obj(p, GuestAddress(p * PAGE)).expect("write");
+        }
+        assert_eq!(file.allocated_bytes().ok(), Some(8 * PAGE));
+        // A report across the boundary is split per pool block and punched at the right offsets.
+        r.discard(510 * PAGE, 4 * PAGE).expect("discard");
+        let mut res = vec![false; 8];
+        r.residency(508 * PAGE, &mut res).expect("mincore");
+        assert_eq!(res, [true, true, false, false, false, false, true, true]);
+        assert_eq!(file.allocated_bytes().ok(), Some(4 * PAGE));
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(511 * PAGE)).ok(), Some(0));
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(514 * PAGE)).ok(),
+            Some(514)
+        );
+        // THP on memfd only counts when the host's shmem_enabled gives shared huge pages.
+        let huge = crate::memory::backing::shmem_thp_enabled();
+        assert_eq!(r.huge_page_size(), huge.then_some(HUGE_PAGE_SIZE));
+    }
 }
