@@ -17,6 +17,8 @@ pub enum ErrorKind {
     NotFound,
     /// The HTTP method is not allowed on this route (405).
     MethodNotAllowed,
+    /// The client did not send its whole request body in time (408).
+    RequestTimeout,
     /// The request conflicts with the current state: forbidden state transition, resize refused
     /// ("driver not ready", "below boot RAM", ...) (409).
     Conflict,
@@ -42,6 +44,7 @@ impl ErrorKind {
             ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::Conflict => StatusCode::CONFLICT,
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -59,6 +62,7 @@ impl ErrorKind {
             ErrorKind::Unauthorized => "unauthorized",
             ErrorKind::NotFound => "not_found",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
+            ErrorKind::RequestTimeout => "request_timeout",
             ErrorKind::Conflict => "conflict",
             ErrorKind::PayloadTooLarge => "payload_too_large",
             ErrorKind::UnsupportedMediaType => "unsupported_media_type",
@@ -70,11 +74,12 @@ impl ErrorKind {
     }
 
     /// Every kind, in declaration order.
-    pub const ALL: [ErrorKind; 11] = [
+    pub const ALL: [ErrorKind; 12] = [
         ErrorKind::BadRequest,
         ErrorKind::Unauthorized,
         ErrorKind::NotFound,
         ErrorKind::MethodNotAllowed,
+        ErrorKind::RequestTimeout,
         ErrorKind::Conflict,
         ErrorKind::PayloadTooLarge,
         ErrorKind::UnsupportedMediaType,
@@ -158,6 +163,11 @@ impl IntoResponse for ApiError {
         if self.kind == ErrorKind::Unauthorized {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if self.kind == ErrorKind::RequestTimeout {
+            // The rest of the body may still come; the connection cannot be reused.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
     }

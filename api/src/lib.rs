@@ -13,6 +13,7 @@
 pub mod backend;
 pub mod cli;
 pub mod client;
+pub mod conn;
 pub mod error;
 pub mod metrics;
 pub mod openapi;
@@ -27,4 +28,4 @@ pub use backend::ApiBackend;
 pub use client::{Client, ClientError};
 pub use error::{ApiError, ErrorBody, ErrorKind};
 pub use metrics::MetricsSnapshot;
-pub use server::{serve, ServeConfig, ServeError, Server, TcpConfig};
+pub use server::{serve, ClientTimeouts, ServeConfig, ServeError, Server, TcpConfig};

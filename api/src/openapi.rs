@@ -98,6 +98,7 @@ impl Modify for BackendBusyOrLate {
     ),
     components(schemas(
         ErrorBody, ErrorKind, HostInfo, NodeInfo, ResidentByType, CreateVmRequest, RawImage,
+        ImagePrivilege,
         HotplugConfig, BalloonConfig, NumaConfig, NumaPolicy, BackingConfig, BackingKind,
         VmInfo, VmState, BootSource, StateAction, StateRequest, ResizeRequest, ResizePhase,
         ResizeStatus, MemoryInfo, BalloonRequest, BalloonInfo, BalloonStats,

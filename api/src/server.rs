@@ -1,7 +1,18 @@
 //! Listeners and the serve loop: a Unix socket created with mode 0600 (no token), and an
 //! optional loopback-only TCP listener that requires `Authorization: Bearer <token>`.
+//!
+//! The token file is watched: every TCP request stats it (one `stat`, no read) and re-reads
+//! it when its identity, size or times changed, so a rotated token takes effect with the next
+//! request and the old one stops working. A file that becomes unreadable or invalid fails
+//! closed (every TCP request gets 401) until it is fixed. Write a new token atomically
+//! (a temporary file renamed over the old one), or a request that races the write may see
+//! a half-written file and get 401.
+//!
+//! Both listeners enforce [`ClientTimeouts`] (see [`crate::conn`]).
 
 use crate::backend::ApiBackend;
+use crate::conn::{read_body_in_time, serve_listener, BodyRules};
+pub use crate::conn::{ClientTimeouts, DEFAULT_BODY_READ_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT};
 use crate::error::{ApiError, ErrorKind};
 use crate::routes::{router, ApiState, InFlight};
 use axum::extract::{Request, State};
@@ -14,7 +25,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Default path of the daemon's Unix socket.
@@ -48,6 +59,8 @@ pub struct ServeConfig {
     pub backend_timeout: Duration,
     /// Backend calls per VM that may be in flight; more get 503 at once.
     pub max_inflight_per_vm: usize,
+    /// How long clients get to send request headers and bodies.
+    pub client_timeouts: ClientTimeouts,
 }
 
 impl ServeConfig {
@@ -59,6 +72,7 @@ impl ServeConfig {
             body_limit: DEFAULT_BODY_LIMIT,
             backend_timeout: DEFAULT_BACKEND_TIMEOUT,
             max_inflight_per_vm: DEFAULT_MAX_INFLIGHT_PER_VM,
+            client_timeouts: ClientTimeouts::default(),
         }
     }
 }
@@ -215,6 +229,90 @@ pub fn read_token(path: &Path) -> Result<String, ServeError> {
     Ok(token.to_string())
 }
 
+/// What identifies one version of the token file: a change in any field means it was
+/// rewritten, replaced or moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(m: &std::fs::Metadata) -> FileStamp {
+        FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct CachedToken {
+    stamp: Option<FileStamp>,
+    /// The token, or why the file is unusable (then every request is refused).
+    token: Result<Arc<str>, String>,
+}
+
+/// The bearer token of the TCP listener, re-read whenever its file changes (checked with one
+/// `stat` per request).
+#[derive(Debug)]
+pub struct TokenFile {
+    path: PathBuf,
+    cached: Mutex<CachedToken>,
+}
+
+impl TokenFile {
+    /// Reads the token file; an unusable file is an error at start.
+    pub fn open(path: &Path) -> Result<TokenFile, ServeError> {
+        let stamp = std::fs::metadata(path).ok().map(|m| FileStamp::of(&m));
+        let token = read_token(path)?;
+        Ok(TokenFile {
+            path: path.to_path_buf(),
+            cached: Mutex::new(CachedToken {
+                stamp,
+                token: Ok(token.into()),
+            }),
+        })
+    }
+
+    /// The current token, re-read if the file changed since the last call; `Err` says why
+    /// the file is unusable now.
+    pub fn current(&self) -> Result<Arc<str>, String> {
+        let stamp = std::fs::metadata(&self.path).ok().map(|m| FileStamp::of(&m));
+        let mut c = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        if stamp.is_none() || c.stamp != stamp {
+            let token = read_token(&self.path)
+                .map(Arc::from)
+                .map_err(|e| e.to_string());
+            match &token {
+                Ok(_) if c.stamp.is_some() => {
+                    tracing::info!(path = %self.path.display(), "token file changed; token reloaded")
+                }
+                Ok(_) => {}
+                Err(e) if c.token.is_ok() || c.stamp != stamp => {
+                    tracing::warn!(error = %e, "token file unusable; refusing TCP requests until it is fixed")
+                }
+                Err(_) => {}
+            }
+            c.stamp = stamp;
+            c.token = token;
+        }
+        c.token.clone()
+    }
+
+    /// Whether `presented` is the current token (false while the file is unusable).
+    pub fn accepts(&self, presented: &str) -> bool {
+        self.current()
+            .is_ok_and(|t| constant_time_eq(presented.as_bytes(), t.as_bytes()))
+    }
+}
+
 /// Compares in time independent of where the first difference is.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
@@ -232,13 +330,13 @@ fn bearer_token(value: &str) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-async fn require_token(State(token): State<Arc<String>>, req: Request, next: Next) -> Response {
+async fn require_token(State(token): State<Arc<TokenFile>>, req: Request, next: Next) -> Response {
     let ok = req
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(bearer_token)
-        .is_some_and(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
+        .is_some_and(|t| token.accepts(t));
     if !ok {
         tracing::warn!(path = %req.uri().path(), "rejected TCP request without a valid token");
         return ApiError::new(ErrorKind::Unauthorized, "missing or wrong bearer token")
@@ -253,9 +351,10 @@ async fn require_token(State(token): State<Arc<String>>, req: Request, next: Nex
 pub struct Server {
     unix: tokio::net::UnixListener,
     guard: SocketGuard,
-    tcp: Option<(tokio::net::TcpListener, Arc<String>)>,
+    tcp: Option<(tokio::net::TcpListener, Arc<TokenFile>)>,
     state: ApiState,
     body_limit: usize,
+    timeouts: ClientTimeouts,
 }
 
 impl Server {
@@ -267,7 +366,7 @@ impl Server {
                 if !t.addr.ip().is_loopback() {
                     return Err(ServeError::NonLoopback(t.addr));
                 }
-                let token = read_token(&t.token_file)?;
+                let token = TokenFile::open(&t.token_file)?;
                 let l = std::net::TcpListener::bind(t.addr)
                     .map_err(io_err(format!("binding {}", t.addr)))?;
                 l.set_nonblocking(true)
@@ -292,6 +391,7 @@ impl Server {
                 inflight: Arc::new(InFlight::new(cfg.max_inflight_per_vm)),
             },
             body_limit: cfg.body_limit,
+            timeouts: cfg.client_timeouts,
         })
     }
 
@@ -317,32 +417,35 @@ impl Server {
             tcp,
             state,
             body_limit,
+            timeouts,
         } = self;
-        let app = router(state, body_limit);
+        let rules = BodyRules {
+            max_bytes: body_limit,
+            timeout: timeouts.body_read,
+        };
+        let app =
+            router(state, body_limit).layer(middleware::from_fn_with_state(rules, read_body_in_time));
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             shutdown.await;
             let _ = tx.send(true);
         });
-        let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        };
         tracing::info!(socket = %guard.path.display(), "API listening on Unix socket");
-        let unix_srv = axum::serve(unix, app.clone()).with_graceful_shutdown(wait(rx.clone()));
-        let result = match tcp {
+        let unix_srv = serve_listener(unix, app.clone(), timeouts, rx.clone());
+        match tcp {
             None => unix_srv.await,
             Some((listener, token)) => {
                 if let Ok(a) = listener.local_addr() {
                     tracing::info!(addr = %a, "API listening on TCP (bearer token required)");
                 }
+                // The token is checked before anything else, the body included.
                 let tcp_app = app.layer(middleware::from_fn_with_state(token, require_token));
-                let tcp_srv =
-                    axum::serve(listener, tcp_app).with_graceful_shutdown(wait(rx.clone()));
-                tokio::try_join!(unix_srv, tcp_srv).map(|_| ())
+                let tcp_srv = serve_listener(listener, tcp_app, timeouts, rx.clone());
+                tokio::join!(unix_srv, tcp_srv);
             }
-        };
+        }
         drop(guard);
-        result.map_err(io_err("serving"))
+        Ok(())
     }
 }
 

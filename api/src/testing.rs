@@ -405,7 +405,30 @@ impl ApiBackend for MemBackend {
             }
             let mut s = BalloonStats::sizes_only(vm.balloon_target_mib, vm.balloon_actual_mib);
             if vm.info.balloon.is_some_and(|b| b.stats_interval_s > 0) && vm.started {
-                s.total_mib = Some(vm.plugged_mib.saturating_sub(vm.balloon_actual_mib));
+                // An idle guest that never swapped or reclaimed, as a 6.12 kernel reports it.
+                let total = vm.plugged_mib.saturating_sub(vm.balloon_actual_mib);
+                s.updated_unix_ms = Some(1);
+                s.total_mib = Some(total);
+                s.free_mib = Some(total);
+                s.available_mib = Some(total);
+                s.disk_caches_mib = Some(0);
+                for v in [
+                    &mut s.swap_in_bytes,
+                    &mut s.swap_out_bytes,
+                    &mut s.major_faults,
+                    &mut s.minor_faults,
+                    &mut s.hugetlb_allocations,
+                    &mut s.hugetlb_failures,
+                    &mut s.oom_kills,
+                    &mut s.alloc_stalls,
+                    &mut s.async_scan_bytes,
+                    &mut s.direct_scan_bytes,
+                    &mut s.async_reclaim_bytes,
+                    &mut s.direct_reclaim_bytes,
+                    &mut s.unknown_tags,
+                ] {
+                    *v = Some(0);
+                }
             }
             Ok(s)
         })

@@ -84,6 +84,22 @@ pub struct RawImage {
     pub load_addr: u64,
     /// Guest physical address of the first instruction.
     pub entry: u64,
+    /// Privilege level the image is entered at. Default `kernel` (CPL0), which every image
+    /// can run at; `user` (CPL3) suits images built for it (`tidepool tiny-image` says which)
+    /// and runs natively on hosts whose nested KVM emulates CPL0 code.
+    #[serde(default)]
+    pub privilege: ImagePrivilege,
+}
+
+/// Privilege level a raw image starts at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ImagePrivilege {
+    /// CPL0: the image may use privileged instructions (`hlt`, control registers).
+    #[default]
+    Kernel,
+    /// CPL3: no privileged instructions (one faults the VM); port I/O is allowed (IOPL 3).
+    User,
 }
 
 /// virtio-mem hotplug region.
@@ -446,8 +462,11 @@ pub struct BalloonInfo {
     pub actual_mib: u64,
 }
 
-/// `GET /v1/vms/{id}/balloon/stats`: balloon size and the guest's last statistics.
-/// Statistics the guest has not sent are absent.
+/// `GET /v1/vms/{id}/balloon/stats`: balloon size and the guest's last statistics (the
+/// virtio-balloon stats queue). Statistics are absent until the guest sends them, and each
+/// is absent when the guest did not send its tag (older kernels send fewer). Units follow
+/// what Linux sends: swap, scan and reclaim amounts are bytes (cumulative since the guest
+/// booted), memory sizes are converted to MiB (rounded down), counts are plain counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BalloonStats {
@@ -455,36 +474,60 @@ pub struct BalloonStats {
     pub target_mib: u64,
     /// Size the guest has inflated to.
     pub actual_mib: u64,
-    /// Pages swapped in.
+    /// When the guest's last statistics arrived, in milliseconds since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub swap_in_pages: Option<u64>,
-    /// Pages swapped out.
+    pub updated_unix_ms: Option<u64>,
+    /// Memory swapped in, in bytes (tag 0, SWAP_IN).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub swap_out_pages: Option<u64>,
-    /// Major page faults.
+    pub swap_in_bytes: Option<u64>,
+    /// Memory swapped out, in bytes (tag 1, SWAP_OUT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_out_bytes: Option<u64>,
+    /// Major page faults (tag 2, MAJFLT).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub major_faults: Option<u64>,
-    /// Minor page faults.
+    /// Minor page faults (tag 3, MINFLT).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub minor_faults: Option<u64>,
-    /// Free memory in the guest.
+    /// Free memory in the guest (tag 4, MEMFREE).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub free_mib: Option<u64>,
-    /// Total memory the guest sees.
+    /// Total memory the guest sees (tag 5, MEMTOT).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_mib: Option<u64>,
-    /// Available memory in the guest.
+    /// Available memory in the guest (tag 6, AVAIL).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub available_mib: Option<u64>,
-    /// Page cache.
+    /// Page cache (tag 7, CACHES).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_caches_mib: Option<u64>,
-    /// Successful hugetlb allocations.
+    /// Successful hugetlb allocations (tag 8, HTLB_PGALLOC).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hugetlb_allocations: Option<u64>,
-    /// Failed hugetlb allocations.
+    /// Failed hugetlb allocations (tag 9, HTLB_PGFAIL).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hugetlb_failures: Option<u64>,
+    /// OOM killer invocations (tag 10, OOM_KILL; Linux 6.10+).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oom_kills: Option<u64>,
+    /// Allocation stalls (tag 11, ALLOC_STALL; Linux 6.10+).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alloc_stalls: Option<u64>,
+    /// Memory scanned by background reclaim (kswapd), in bytes (tag 12, ASYNC_SCAN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub async_scan_bytes: Option<u64>,
+    /// Memory scanned by direct reclaim, in bytes (tag 13, DIRECT_SCAN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_scan_bytes: Option<u64>,
+    /// Memory reclaimed by background reclaim, in bytes (tag 14, ASYNC_RECLAIM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub async_reclaim_bytes: Option<u64>,
+    /// Memory reclaimed by direct reclaim, in bytes (tag 15, DIRECT_RECLAIM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_reclaim_bytes: Option<u64>,
+    /// Entries with tags this daemon does not know in the last update (ignored, counted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unknown_tags: Option<u64>,
 }
 
 impl BalloonStats {
@@ -493,8 +536,9 @@ impl BalloonStats {
         BalloonStats {
             target_mib,
             actual_mib,
-            swap_in_pages: None,
-            swap_out_pages: None,
+            updated_unix_ms: None,
+            swap_in_bytes: None,
+            swap_out_bytes: None,
             major_faults: None,
             minor_faults: None,
             free_mib: None,
@@ -503,6 +547,13 @@ impl BalloonStats {
             disk_caches_mib: None,
             hugetlb_allocations: None,
             hugetlb_failures: None,
+            oom_kills: None,
+            alloc_stalls: None,
+            async_scan_bytes: None,
+            direct_scan_bytes: None,
+            async_reclaim_bytes: None,
+            direct_reclaim_bytes: None,
+            unknown_tags: None,
         }
     }
 }

@@ -268,7 +268,7 @@ pub fn balloon(r: &BalloonRequest) -> Result<(), ValidationError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::{BackingConfig, BalloonConfig};
+    use crate::types::{BackingConfig, BalloonConfig, ImagePrivilege};
 
     fn base() -> CreateVmRequest {
         CreateVmRequest::with_memory(256)
@@ -336,6 +336,7 @@ mod tests {
             inline,
             load_addr: load,
             entry,
+            privilege: ImagePrivilege::User,
         };
         let mut r = base();
         r.image = Some(img(None, Some(vec![0xf4; 16]), 0x10000, 0x10000));

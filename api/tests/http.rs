@@ -244,6 +244,12 @@ async fn balloon_set_and_stats() {
     let s: BalloonStats = r.json().unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((s.target_mib, s.actual_mib), (100, 100));
     assert_eq!(s.total_mib, Some(412));
+    // Every tag Linux 6.12 sends has a field (validated against the spec by `raw`).
+    assert_eq!(s.swap_in_bytes, Some(0));
+    assert_eq!(s.direct_reclaim_bytes, Some(0));
+    assert_eq!(s.oom_kills, Some(0));
+    let json: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+    assert!(json.get("swap_in_pages").is_none(), "{json}");
     // Above guest RAM: 409. No balloon device: 409.
     let before = h.snapshot().await;
     let r = h

@@ -70,9 +70,10 @@ enum Command {
         #[command(flatten)]
         connect: ConnectArgs,
     },
-    /// Write a tiny-guest image for `vm create --image` and print its load address and entry
-    /// point: the idle guest (reports once, then halts in KVM), or with --virtio-mem-region-mib
-    /// a guest whose polled virtio-mem driver follows every resize.
+    /// Write a tiny-guest image for `vm create --image` and print the options that start it
+    /// (load address, entry point, privilege): the idle guest (reports once, then halts in
+    /// KVM; CPL0), or with --virtio-mem-region-mib a guest whose polled virtio-mem driver
+    /// follows every resize (CPL3, idling in guest wait requests).
     TinyImage {
         /// Boot RAM of the VM it is for, in MiB (sets how much the page tables map).
         #[arg(long, default_value_t = 64)]
@@ -145,7 +146,14 @@ fn tiny_image(
     .map_err(|e| e.to_string())?;
     let bytes = img.inline.unwrap_or_default();
     std::fs::write(out, &bytes).map_err(|e| format!("writing {}: {e}", out.display()))?;
-    println!("--load-addr {:#x} --entry {:#x}", img.load_addr, img.entry);
+    let privilege = match img.privilege {
+        tidepool_api::types::ImagePrivilege::Kernel => "kernel",
+        tidepool_api::types::ImagePrivilege::User => "user",
+    };
+    println!(
+        "--load-addr {:#x} --entry {:#x} --privilege {privilege}",
+        img.load_addr, img.entry
+    );
     Ok(())
 }
 

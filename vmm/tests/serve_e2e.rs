@@ -156,7 +156,8 @@ fn serve_create_read_delete_pool_whole() {
         );
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         let args: Vec<&str> = text.split_whitespace().collect();
-        assert_eq!(args.len(), 4, "{text}");
+        assert_eq!(args.len(), 6, "{text}");
+        assert_eq!(args[4..], ["--privilege", "kernel"], "{text}");
         let out = Command::new(BIN)
             .args(["vm", "create", "--json", "--memory", "32M", "--image"])
             .arg(&image)

@@ -3,8 +3,9 @@
 use super::CliError;
 use crate::client::Client;
 use crate::server::{
-    ServeConfig, TcpConfig, DEFAULT_BACKEND_TIMEOUT, DEFAULT_BODY_LIMIT,
-    DEFAULT_MAX_INFLIGHT_PER_VM, DEFAULT_SOCKET_PATH,
+    ClientTimeouts, ServeConfig, TcpConfig, DEFAULT_BACKEND_TIMEOUT, DEFAULT_BODY_LIMIT,
+    DEFAULT_BODY_READ_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_INFLIGHT_PER_VM,
+    DEFAULT_SOCKET_PATH,
 };
 use crate::types::*;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -140,6 +141,24 @@ pub enum BalloonCommand {
     },
 }
 
+/// Raw image privilege levels on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PrivilegeArg {
+    /// CPL0.
+    Kernel,
+    /// CPL3.
+    User,
+}
+
+impl From<PrivilegeArg> for ImagePrivilege {
+    fn from(p: PrivilegeArg) -> Self {
+        match p {
+            PrivilegeArg::Kernel => ImagePrivilege::Kernel,
+            PrivilegeArg::User => ImagePrivilege::User,
+        }
+    }
+}
+
 /// Backing kinds on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BackingArg {
@@ -181,6 +200,9 @@ pub struct CreateArgs {
     /// Entry point of --image (decimal or 0x hex).
     #[arg(long, requires = "image")]
     pub entry: Option<String>,
+    /// Privilege --image starts at (`tidepool tiny-image` prints the one its image needs).
+    #[arg(long, value_enum, default_value_t = PrivilegeArg::Kernel, requires = "image")]
+    pub privilege: PrivilegeArg,
     /// virtio-mem hotplug region size (multiple of 128M).
     #[arg(long)]
     pub hotplug: Option<String>,
@@ -315,6 +337,7 @@ impl CreateArgs {
                 inline: None,
                 load_addr: field(&self.load_addr, "load-addr")?,
                 entry: field(&self.entry, "entry")?,
+                privilege: self.privilege.into(),
             });
         }
         if let Some(region) = &self.hotplug {
@@ -374,6 +397,13 @@ pub struct ServeArgs {
     /// Requests per VM that may wait for it at once; more get 503.
     #[arg(long, default_value_t = DEFAULT_MAX_INFLIGHT_PER_VM)]
     pub max_inflight_per_vm: usize,
+    /// Seconds a client gets to send a request's headers (also the idle keep-alive limit);
+    /// the connection is closed after it.
+    #[arg(long, default_value_t = DEFAULT_HEADER_READ_TIMEOUT.as_secs())]
+    pub header_timeout: u64,
+    /// Seconds a client gets to send a request's body after its headers; 408 after it.
+    #[arg(long, default_value_t = DEFAULT_BODY_READ_TIMEOUT.as_secs())]
+    pub body_timeout: u64,
 }
 
 impl ServeArgs {
@@ -393,6 +423,10 @@ impl ServeArgs {
             body_limit: self.body_limit,
             backend_timeout: Duration::from_secs(self.backend_timeout.max(1)),
             max_inflight_per_vm: self.max_inflight_per_vm,
+            client_timeouts: ClientTimeouts {
+                header_read: Duration::from_secs(self.header_timeout.max(1)),
+                body_read: Duration::from_secs(self.body_timeout.max(1)),
+            },
         })
     }
 }

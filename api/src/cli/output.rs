@@ -150,24 +150,59 @@ pub fn balloon(b: &BalloonInfo) -> String {
     kv(&[("target", mib(b.target_mib)), ("actual", mib(b.actual_mib))])
 }
 
+/// How a balloon statistic is shown.
+#[derive(Clone, Copy)]
+enum Unit {
+    Mib,
+    Bytes,
+    Count,
+}
+
+/// Bytes with a binary unit (`512 B`, `3.5 MiB`).
+fn bytes(v: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if v < 1024 {
+        return format!("{v} B");
+    }
+    let mut x = v as f64 / 1024.0;
+    let mut i = 0;
+    while x >= 1024.0 && i + 1 < UNITS.len() {
+        x /= 1024.0;
+        i += 1;
+    }
+    format!("{x:.1} {}", UNITS[i])
+}
+
 /// `balloon stats`.
 pub fn balloon_stats(s: &BalloonStats) -> String {
     let mut pairs = vec![("target", mib(s.target_mib)), ("actual", mib(s.actual_mib))];
     let opt = [
-        ("swap in (pages)", s.swap_in_pages, false),
-        ("swap out (pages)", s.swap_out_pages, false),
-        ("major faults", s.major_faults, false),
-        ("minor faults", s.minor_faults, false),
-        ("free", s.free_mib, true),
-        ("total", s.total_mib, true),
-        ("available", s.available_mib, true),
-        ("disk caches", s.disk_caches_mib, true),
-        ("hugetlb allocations", s.hugetlb_allocations, false),
-        ("hugetlb failures", s.hugetlb_failures, false),
+        ("swap in", s.swap_in_bytes, Unit::Bytes),
+        ("swap out", s.swap_out_bytes, Unit::Bytes),
+        ("major faults", s.major_faults, Unit::Count),
+        ("minor faults", s.minor_faults, Unit::Count),
+        ("free", s.free_mib, Unit::Mib),
+        ("total", s.total_mib, Unit::Mib),
+        ("available", s.available_mib, Unit::Mib),
+        ("disk caches", s.disk_caches_mib, Unit::Mib),
+        ("hugetlb allocations", s.hugetlb_allocations, Unit::Count),
+        ("hugetlb failures", s.hugetlb_failures, Unit::Count),
+        ("oom kills", s.oom_kills, Unit::Count),
+        ("allocation stalls", s.alloc_stalls, Unit::Count),
+        ("scanned (kswapd)", s.async_scan_bytes, Unit::Bytes),
+        ("scanned (direct)", s.direct_scan_bytes, Unit::Bytes),
+        ("reclaimed (kswapd)", s.async_reclaim_bytes, Unit::Bytes),
+        ("reclaimed (direct)", s.direct_reclaim_bytes, Unit::Bytes),
+        ("unknown tags", s.unknown_tags.filter(|n| *n > 0), Unit::Count),
     ];
-    for (k, v, is_mib) in opt {
+    for (k, v, unit) in opt {
         if let Some(v) = v {
-            pairs.push((k, if is_mib { mib(v) } else { v.to_string() }));
+            let text = match unit {
+                Unit::Mib => mib(v),
+                Unit::Bytes => bytes(v),
+                Unit::Count => v.to_string(),
+            };
+            pairs.push((k, text));
         }
     }
     kv(&pairs)

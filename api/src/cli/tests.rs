@@ -3,7 +3,7 @@
 
 use super::args::{parse_addr, parse_numa};
 use super::*;
-use crate::types::{BackingKind, NumaPolicy};
+use crate::types::{BackingKind, ImagePrivilege, NumaPolicy};
 use clap::Parser;
 
 #[test]
@@ -151,6 +151,26 @@ fn create_options_become_a_request() {
         .path
         .is_some_and(|p| p.starts_with('/') && p.ends_with("img.bin")));
     assert_eq!((img.load_addr, img.entry), (0x10000, 0x10010));
+    assert_eq!(img.privilege, ImagePrivilege::Kernel);
+    let r = create_args(&[
+        "--memory",
+        "256",
+        "--image",
+        "img.bin",
+        "--load-addr",
+        "0x10000",
+        "--entry",
+        "0x10010",
+        "--privilege",
+        "user",
+    ])
+    .to_request()
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        r.image.map(|i| i.privilege),
+        Some(ImagePrivilege::User)
+    );
+    assert!(parse(&["vm", "create", "--memory", "1G", "--privilege", "user"]).is_err());
 
     let r = create_args(&["--memory", "256", "--backing", "hugetlbfs"]).to_request();
     assert_eq!(r.ok().and_then(|r| r.backing).map(|b| b.thp), Some(false));
@@ -193,4 +213,24 @@ fn serve_args_build_a_config() {
     let cfg = cfg.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(cfg.tcp.map(|t| t.addr.port()), Some(7000));
     assert!(P::try_parse_from(["serve", "--tcp", "127.0.0.1:7000"]).is_err());
+}
+
+#[test]
+fn balloon_stats_show_units_and_skip_what_the_guest_did_not_send() {
+    let mut s = crate::types::BalloonStats::sizes_only(64, 32);
+    s.swap_in_bytes = Some(3 << 20);
+    s.swap_out_bytes = Some(512);
+    s.free_mib = Some(100);
+    s.oom_kills = Some(2);
+    s.direct_reclaim_bytes = Some(5 << 30);
+    s.unknown_tags = Some(0);
+    let text = output::balloon_stats(&s);
+    assert!(text.contains("3.0 MiB"), "{text}");
+    assert!(text.contains("512 B"), "{text}");
+    assert!(text.contains("5.0 GiB"), "{text}");
+    assert!(text.contains("oom kills"), "{text}");
+    assert!(!text.contains("pages"), "{text}");
+    assert!(!text.contains("major faults"), "{text}");
+    // No unknown tags: not worth a line.
+    assert!(!text.contains("unknown"), "{text}");
 }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tidepool_api::client::RawResponse;
-use tidepool_api::server::{ServeConfig, Server, TcpConfig};
+use tidepool_api::server::{ClientTimeouts, ServeConfig, Server, TcpConfig};
 use tidepool_api::testing::MemBackend;
 use tidepool_api::types::VmInfo;
 use tidepool_api::{ApiBackend, Client};
@@ -62,6 +62,14 @@ impl Harness {
     }
 
     pub async fn start_with(backend: MemBackend, backend_timeout: Duration) -> Harness {
+        Self::start_full(backend, backend_timeout, ClientTimeouts::default()).await
+    }
+
+    pub async fn start_full(
+        backend: MemBackend,
+        backend_timeout: Duration,
+        client_timeouts: ClientTimeouts,
+    ) -> Harness {
         let dir = TempDir::new("srv");
         let socket = dir.0.join("api.sock");
         let token_file = dir.0.join("token");
@@ -75,6 +83,7 @@ impl Harness {
             body_limit: 64 * 1024,
             backend_timeout,
             max_inflight_per_vm: MAX_INFLIGHT,
+            client_timeouts,
         };
         let server =
             Server::bind(Arc::new(backend.clone()), cfg).unwrap_or_else(|e| panic!("bind: {e}"));

@@ -113,6 +113,7 @@ fn ioeventfd_notify_skips_the_exit_and_unmatched_notify_exits() {
             bytes: vec![0],
             load_addr: 0x1000,
             entry: 0x1000,
+            privilege: crate::tiny_guest::Privilege::Kernel,
         },
         backing: BackingSpec::default(),
         pool_files: None,

@@ -77,17 +77,27 @@ fn memory_info(m: &MemoryFigures) -> MemoryInfo {
 fn balloon_stats(b: &BalloonFigures) -> BalloonStats {
     let mut s = BalloonStats::sizes_only(b.target_mib, b.actual_mib);
     if let Some(g) = &b.stats {
-        let bytes_to_pages = |v: u64| v / 4096;
-        s.swap_in_pages = g.get(StatTag::SwapIn).map(bytes_to_pages);
-        s.swap_out_pages = g.get(StatTag::SwapOut).map(bytes_to_pages);
+        // Linux sends swap, scan and reclaim amounts in bytes (pages_to_bytes), memory sizes
+        // in bytes, and the rest as counts.
+        let mib = |t: StatTag| g.get(t).map(|v| v / MIB);
+        s.updated_unix_ms = Some(g.unix_ms);
+        s.swap_in_bytes = g.get(StatTag::SwapIn);
+        s.swap_out_bytes = g.get(StatTag::SwapOut);
         s.major_faults = g.get(StatTag::MajorFaults);
         s.minor_faults = g.get(StatTag::MinorFaults);
-        s.free_mib = g.get(StatTag::FreeMemory).map(|v| v / MIB);
-        s.total_mib = g.get(StatTag::TotalMemory).map(|v| v / MIB);
-        s.available_mib = g.get(StatTag::AvailableMemory).map(|v| v / MIB);
-        s.disk_caches_mib = g.get(StatTag::DiskCaches).map(|v| v / MIB);
+        s.free_mib = mib(StatTag::FreeMemory);
+        s.total_mib = mib(StatTag::TotalMemory);
+        s.available_mib = mib(StatTag::AvailableMemory);
+        s.disk_caches_mib = mib(StatTag::DiskCaches);
         s.hugetlb_allocations = g.get(StatTag::HugetlbAllocations);
         s.hugetlb_failures = g.get(StatTag::HugetlbFailures);
+        s.oom_kills = g.get(StatTag::OomKills);
+        s.alloc_stalls = g.get(StatTag::AllocStalls);
+        s.async_scan_bytes = g.get(StatTag::AsyncScans);
+        s.direct_scan_bytes = g.get(StatTag::DirectScans);
+        s.async_reclaim_bytes = g.get(StatTag::AsyncReclaims);
+        s.direct_reclaim_bytes = g.get(StatTag::DirectReclaims);
+        s.unknown_tags = Some(g.unknown_tags);
     }
     s
 }
@@ -295,5 +305,72 @@ impl ApiBackend for VmManager {
             monitor_actions,
             reclaim,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidepool_balloon::stats::encode;
+    use tidepool_balloon::GuestStats;
+
+    #[test]
+    fn every_stat_tag_maps_to_its_field_with_linux_units() {
+        // Tags 0..=15 with distinct values (bytes where Linux sends bytes), plus two tags
+        // this daemon does not know.
+        let mut entries: Vec<(u16, u64)> = (0..16u16)
+            .map(|t| (t, (u64::from(t) + 1) * MIB + u64::from(t)))
+            .collect();
+        entries.push((16, 1));
+        entries.push((999, 2));
+        let b = BalloonFigures {
+            target_mib: 8,
+            actual_mib: 4,
+            stats: Some(GuestStats::parse(&encode(&entries))),
+        };
+        let s = balloon_stats(&b);
+        let raw = |t: u64| (t + 1) * MIB + t;
+        assert_eq!((s.target_mib, s.actual_mib), (8, 4));
+        assert!(s.updated_unix_ms.is_some_and(|ms| ms > 0));
+        // Swap amounts are bytes, passed through (no guess at the guest's page size).
+        assert_eq!(s.swap_in_bytes, Some(raw(0)));
+        assert_eq!(s.swap_out_bytes, Some(raw(1)));
+        assert_eq!(s.major_faults, Some(raw(2)));
+        assert_eq!(s.minor_faults, Some(raw(3)));
+        // Memory sizes in MiB, rounded down.
+        assert_eq!(s.free_mib, Some(5));
+        assert_eq!(s.total_mib, Some(6));
+        assert_eq!(s.available_mib, Some(7));
+        assert_eq!(s.disk_caches_mib, Some(8));
+        assert_eq!(s.hugetlb_allocations, Some(raw(8)));
+        assert_eq!(s.hugetlb_failures, Some(raw(9)));
+        assert_eq!(s.oom_kills, Some(raw(10)));
+        assert_eq!(s.alloc_stalls, Some(raw(11)));
+        assert_eq!(s.async_scan_bytes, Some(raw(12)));
+        assert_eq!(s.direct_scan_bytes, Some(raw(13)));
+        assert_eq!(s.async_reclaim_bytes, Some(raw(14)));
+        assert_eq!(s.direct_reclaim_bytes, Some(raw(15)));
+        assert_eq!(s.unknown_tags, Some(2));
+    }
+
+    #[test]
+    fn an_older_guest_leaves_newer_fields_absent() {
+        let b = BalloonFigures {
+            target_mib: 0,
+            actual_mib: 0,
+            stats: Some(GuestStats::parse(&encode(&[(0, 4096), (4, 64 * MIB)]))),
+        };
+        let s = balloon_stats(&b);
+        assert_eq!(s.swap_in_bytes, Some(4096));
+        assert_eq!(s.free_mib, Some(64));
+        assert_eq!(s.oom_kills, None);
+        assert_eq!(s.direct_reclaim_bytes, None);
+        assert_eq!(s.unknown_tags, Some(0));
+        let none = balloon_stats(&BalloonFigures {
+            target_mib: 1,
+            actual_mib: 1,
+            stats: None,
+        });
+        assert_eq!(none, BalloonStats::sizes_only(1, 1));
     }
 }

@@ -2,7 +2,7 @@
 //! each refusal a typed [`RequestError`] (unsupported features say so).
 
 use tidepool_api::types::{
-    BackingKind, BootSource, CreateVmRequest, NumaConfig, NumaPolicy as ApiPolicy, VmInfo, VmState,
+    BackingKind, BootSource, CreateVmRequest, ImagePrivilege, NumaConfig, NumaPolicy as ApiPolicy, VmInfo, VmState,
 };
 
 use guest_mm::frame::NodeId;
@@ -12,6 +12,7 @@ use crate::devices::IrqMode;
 use crate::memory::{BackingKind as MemKind, BackingSpec, MIB};
 use crate::microvm::linux::LinuxImage;
 use crate::microvm::{BalloonSpec, BootImage, HotplugSpec, MicrovmConfig};
+use crate::tiny_guest::Privilege;
 
 /// Largest raw image accepted from a file.
 pub const MAX_IMAGE_BYTES: u64 = 64 << 20;
@@ -119,6 +120,10 @@ fn image(req: &CreateVmRequest) -> Result<BootImage, RequestError> {
         bytes,
         load_addr: img.load_addr,
         entry: img.entry,
+        privilege: match img.privilege {
+            ImagePrivilege::Kernel => Privilege::Kernel,
+            ImagePrivilege::User => Privilege::User,
+        },
     })
 }
 
@@ -210,6 +215,7 @@ mod tests {
             inline: Some(vec![0xf4]),
             load_addr: 0x1000,
             entry: 0x1000,
+            privilege: ImagePrivilege::User,
         });
         r
     }
@@ -245,6 +251,7 @@ mod tests {
             c.image,
             BootImage::Raw {
                 load_addr: 0x1000,
+                privilege: Privilege::User,
                 ..
             }
         ));

@@ -60,6 +60,7 @@ fn guest_driver_plugs_and_unplugs_through_the_pool() {
             bytes: vec![0],
             load_addr: 0x1000,
             entry: 0x1000,
+            privilege: crate::tiny_guest::Privilege::Kernel,
         },
         backing: BackingSpec::default(),
         pool_files: None,

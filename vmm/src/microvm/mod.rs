@@ -21,7 +21,7 @@ mod setup;
 mod tests;
 pub mod vcpus;
 
-pub use exits::{ExitCounters, ReportLog, VmExitHandler};
+pub use exits::{ExitCounters, GuestWake, ReportLog, VmExitHandler, MAX_GUEST_WAIT};
 pub use lifecycle::{LifecycleOp, StopCause, TransitionError, VmLifecycle};
 pub use setup::{BalloonSpec, BootImage, HotplugSpec, MicrovmConfig};
 pub use vcpus::{VcpuEvent, VcpuStuck, VcpuThread};
@@ -148,6 +148,8 @@ pub struct Microvm {
     bus: Arc<MmioBus>,
     reports: ReportLog,
     exit_counters: Arc<ExitCounters>,
+    /// Wakes vCPUs blocked in a guest wait request when the host has news for the guest.
+    wake: Arc<GuestWake>,
     resize_from: u64,
     handle: Option<VmMemoryHandle>,
     legacy: Option<Arc<Mutex<crate::legacy::LegacyDevices>>>,
@@ -325,9 +327,10 @@ impl Microvm {
                         Arc::clone(&self.bus),
                         Arc::clone(&self.reports),
                         Arc::clone(&self.exit_counters),
+                        Arc::clone(&self.wake),
                     );
                     let tx = self.events_tx.clone();
-                    let t = match &self.legacy {
+                    let mut t = match &self.legacy {
                         Some(dev) => VcpuThread::spawn(
                             vcpu,
                             crate::legacy::LegacyExitHandler::new(Arc::clone(dev), handler),
@@ -336,6 +339,7 @@ impl Microvm {
                         )?,
                         None => VcpuThread::spawn(vcpu, handler, tx, &self.id)?,
                     };
+                    t.set_guest_wake(Arc::clone(&self.wake));
                     self.threads.push(t);
                 }
             }
@@ -368,7 +372,9 @@ impl Microvm {
         let mut t = lock(dev);
         let before = t.device().status();
         t.device_mut().set_requested_total(total)?;
+        drop(t);
         self.resize_from = before.boot_ram + before.plugged_size;
+        self.wake.wake();
         Ok(())
     }
 
@@ -442,6 +448,7 @@ impl Microvm {
     pub fn set_balloon(&mut self, target_mib: u64) -> Result<BalloonFigures, MicrovmError> {
         let dev = self.balloon_dev.as_ref().ok_or(MicrovmError::NoBalloon)?;
         lock(dev).device_mut().set_target_mib(target_mib)?;
+        self.wake.wake();
         self.balloon()
     }
 

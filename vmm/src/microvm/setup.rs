@@ -29,8 +29,9 @@ pub enum BootImage {
     /// A tiny guest built with [`crate::tiny_guest::TinyGuestBuilder`] (one program per vCPU).
     Tiny(GuestImage),
     /// A raw image (the API's `image`): `bytes` loaded at `load_addr`, entered at `entry` in
-    /// 64-bit mode at CPL0, with the stack at the image's end. The image brings its own GDT
-    /// and page tables at the tiny guest's addresses (it is what `TinyGuestBuilder` emits).
+    /// 64-bit mode at `privilege` (IOPL 3 either way), with the stack at the image's end.
+    /// The image brings its own GDT and page tables at the tiny guest's addresses (it is
+    /// what `TinyGuestBuilder` emits; its GDT has both the CPL0 and the CPL3 segments).
     Raw {
         /// The bytes.
         bytes: Vec<u8>,
@@ -38,6 +39,8 @@ pub enum BootImage {
         load_addr: u64,
         /// Entry point.
         entry: u64,
+        /// CPL0 ([`Privilege::Kernel`]) or CPL3 ([`Privilege::User`]).
+        privilege: Privilege,
     },
     /// A Linux kernel (needs [`IrqMode::Irqfd`]: the in-kernel irqchip).
     Linux(super::linux::LinuxImage),
@@ -118,6 +121,7 @@ impl MicrovmConfig {
                 bytes,
                 load_addr,
                 entry,
+                privilege,
             } => {
                 let end = load_addr.saturating_add(bytes.len() as u64);
                 if bytes.is_empty() || !(*load_addr..end).contains(entry) {
@@ -129,7 +133,7 @@ impl MicrovmConfig {
                     rip: *entry,
                     rsp: end & !0xf,
                     rflags: RFLAGS_FIXED | RFLAGS_IOPL3,
-                    privilege: Privilege::Kernel,
+                    privilege: *privilege,
                     cr4: CR4_PAE,
                 };
                 (*load_addr, bytes.clone(), vec![state])
@@ -251,6 +255,7 @@ impl Microvm {
             bus: Arc::new(MmioBus::new()),
             reports: Arc::new(Mutex::new(Vec::new())),
             exit_counters: Arc::new(ExitCounters::default()),
+            wake: Arc::new(super::exits::GuestWake::default()),
             resize_from: 0,
             handle: None,
             legacy: None,

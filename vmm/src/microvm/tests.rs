@@ -51,6 +51,7 @@ fn config(id: &str, hotplug: bool, irq: IrqMode, steps: Vec<Step>) -> MicrovmCon
             bytes: vec![0],
             load_addr: 0x1000,
             entry: 0x1000,
+            privilege: crate::tiny_guest::Privilege::Kernel,
         },
         backing: BackingSpec::default(),
         pool_files: None,

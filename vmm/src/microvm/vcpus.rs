@@ -9,6 +9,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::exits::GuestWake;
 use crate::devices::lock;
 use crate::kvm::vcpu::{install_kick_handler, kick_thread};
 use crate::kvm::{ExitHandler, StopReason, Vcpu, VcpuError};
@@ -54,6 +55,9 @@ pub struct VcpuThread {
     id: u8,
     shared: Arc<Shared>,
     join: Option<JoinHandle<()>>,
+    /// Woken with every kick: a vCPU asleep in a guest wait request is out of KVM_RUN,
+    /// where the kick signal does not reach it.
+    wake: Option<Arc<GuestWake>>,
 }
 
 /// A vCPU that did not park or end in time.
@@ -97,7 +101,14 @@ impl VcpuThread {
             id,
             shared,
             join: Some(join),
+            wake: None,
         })
+    }
+
+    /// Wake `wake` whenever this thread is kicked (its exit handler sleeps there on guest
+    /// wait requests).
+    pub fn set_guest_wake(&mut self, wake: Arc<GuestWake>) {
+        self.wake = Some(wake);
     }
 
     /// vCPU id.
@@ -135,6 +146,9 @@ impl VcpuThread {
             // SAFETY: the thread has not been joined (we hold its JoinHandle), so its pthread_t
             // is valid.
             unsafe { kick_thread(j.as_pthread_t()) };
+            if let Some(w) = &self.wake {
+                w.wake();
+            }
             g = self
                 .shared
                 .cv

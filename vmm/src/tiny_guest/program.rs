@@ -19,6 +19,14 @@ pub const TAG_DONE: u64 = 0;
 pub const TAG_MISMATCHES: u64 = 1;
 /// Report tag: number of words a verify step checked.
 pub const TAG_CHECKED: u64 = 2;
+/// Report tag: a request to wait, not a report. The value is the longest wait in
+/// microseconds. A VMM that knows the tag (the microVM's exit handler) blocks the vCPU until
+/// the host has news for the guest (a resize, a balloon target, a pause) or the time has
+/// passed, and does not log it; one that does not know it logs a report and lets the guest
+/// go on at once. Either way the guest must re-check its devices afterwards, so a wait is
+/// only ever a cheaper poll: the way a CPL3 guest, which cannot `hlt`, idles without
+/// holding a host CPU.
+pub const TAG_WAIT: u64 = 8;
 /// First tag free for [`Step::Report`] users.
 pub const TAG_USER: u64 = 16;
 /// Tags fit in one 4 KiB page of report addresses.
@@ -91,6 +99,11 @@ pub enum Step {
     Halt,
     /// Spin forever (for kick tests).
     Spin,
+    /// Ask the VMM to block this vCPU for at most `us` microseconds ([`TAG_WAIT`]).
+    Wait {
+        /// Longest wait in microseconds.
+        us: u32,
+    },
     /// Raw instruction bytes (for probing the emulator).
     Raw(Vec<u8>),
     /// Report [`TAG_DONE`], then halt in case the VMM resumes the vCPU anyway.
@@ -198,6 +211,10 @@ pub fn assemble(steps: &[Step], ip: u64, image: Range<u64>) -> Result<Vec<u8>, I
                 a.set_label(&mut l)?;
                 a.pause()?;
                 a.jmp(l)?;
+            }
+            Step::Wait { us } => {
+                a.mov(eax, *us)?;
+                report(&mut a, TAG_WAIT, rax)?;
             }
             Step::Raw(bytes) => a.db(bytes)?,
             Step::Done => {

@@ -27,7 +27,7 @@ use std::ops::Range;
 
 use iced_x86::code_asm::*;
 
-use super::program::{Step, Stride};
+use super::program::{Step, Stride, TAG_WAIT};
 use super::virtq::{
     check_common, emit_desc_static, emit_probe, emit_submit_and_wait, reg, report, spin, Virtq,
     DESC_F_NEXT, DESC_F_WRITE, FEATURE_VERSION_1, MAILBOX_OFFSET, TAG_DRIVER_FAILED,
@@ -103,8 +103,13 @@ pub struct VirtioMemDriver {
     pub seed: u64,
     /// Which words of newly plugged memory to write and check.
     pub stride: Stride,
-    /// `pause` iterations between polls of an idle device and after NACK/BUSY.
+    /// `pause` iterations between polls of an idle device and after NACK/BUSY (when
+    /// `idle_wait_us` is 0).
     pub poll_spins: u32,
+    /// If non-zero, idle (and back off after NACK/BUSY) with a [`TAG_WAIT`] request of this
+    /// many microseconds instead of spinning: the VMM blocks the vCPU until a resize or
+    /// the time is up, so an idle driver holds no host CPU.
+    pub idle_wait_us: u32,
 }
 
 impl VirtioMemDriver {
@@ -120,6 +125,7 @@ impl VirtioMemDriver {
             seed: 0x5eed_0000_0000_0000,
             stride: Stride::Page,
             poll_spins: 20_000,
+            idle_wait_us: 0,
         }
     }
 
@@ -257,7 +263,7 @@ impl VirtioMemDriver {
         a.mov(rbx, rdx)?;
         report(a, TAG_VMEM_SETTLED, rdx)?;
         a.set_label(&mut poll)?;
-        spin(a, self.poll_spins)?;
+        self.emit_idle(a)?;
         a.jmp(top)?;
 
         // Below target: plug n = min(blocks_per_request, (requested - plugged) / block) blocks
@@ -280,6 +286,17 @@ impl VirtioMemDriver {
         a.lea(rdi, qword_ptr(r12 + rdx))?;
         a.sub(rdi, rsi)?;
         self.emit_op(a, q, REQ_UNPLUG, [top, exit, fail], false)
+    }
+
+    /// Wait before the next poll: a [`TAG_WAIT`] request, or `poll_spins` pauses. Clobbers
+    /// rax, ecx.
+    fn emit_idle(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
+        if self.idle_wait_us > 0 {
+            a.mov(eax, self.idle_wait_us)?;
+            report(a, TAG_WAIT, rax)
+        } else {
+            spin(a, self.poll_spins)
+        }
     }
 
     /// rax = min(rax >> r9, blocks_per_request) blocks; rsi = their length. Sets ZF if none.
@@ -334,7 +351,7 @@ impl VirtioMemDriver {
         a.jne(error)?;
         report(a, TAG_VMEM_BUSY, rdi)?;
         a.set_label(&mut retry)?;
-        spin(a, self.poll_spins)?;
+        self.emit_idle(a)?;
         a.jmp(top)?;
         // ERROR or an unknown answer: the device is broken for this driver.
         a.set_label(&mut error)?;
