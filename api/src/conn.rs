@@ -78,10 +78,7 @@ pub(crate) async fn read_body_in_time(
             tracing::warn!(path = %parts.uri.path(), "request body did not arrive in time");
             ApiError::new(
                 ErrorKind::RequestTimeout,
-                format!(
-                    "the request body did not arrive within {:?}",
-                    rules.timeout
-                ),
+                format!("the request body did not arrive within {:?}", rules.timeout),
             )
             .into_response()
         }

@@ -284,7 +284,9 @@ impl TokenFile {
     /// The current token, re-read if the file changed since the last call; `Err` says why
     /// the file is unusable now.
     pub fn current(&self) -> Result<Arc<str>, String> {
-        let stamp = std::fs::metadata(&self.path).ok().map(|m| FileStamp::of(&m));
+        let stamp = std::fs::metadata(&self.path)
+            .ok()
+            .map(|m| FileStamp::of(&m));
         let mut c = self.cached.lock().unwrap_or_else(|p| p.into_inner());
         if stamp.is_none() || c.stamp != stamp {
             let token = read_token(&self.path)
@@ -423,8 +425,8 @@ impl Server {
             max_bytes: body_limit,
             timeout: timeouts.body_read,
         };
-        let app =
-            router(state, body_limit).layer(middleware::from_fn_with_state(rules, read_body_in_time));
+        let app = router(state, body_limit)
+            .layer(middleware::from_fn_with_state(rules, read_body_in_time));
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             shutdown.await;

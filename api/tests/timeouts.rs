@@ -68,7 +68,10 @@ async fn unfinished_headers_close_the_connection() {
         u.is_some(),
         "the Unix listener kept a stalled connection open"
     );
-    assert!(t.is_some(), "the TCP listener kept a stalled connection open");
+    assert!(
+        t.is_some(),
+        "the TCP listener kept a stalled connection open"
+    );
     // No request was ever complete, so nothing was answered with a success.
     for text in [u, t].into_iter().flatten() {
         assert!(!text.contains(" 200 "), "{text}");
@@ -89,7 +92,11 @@ async fn silent_and_idle_connections_are_closed() {
     let mut idle = tokio::net::UnixStream::connect(&h.socket)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    send(&mut idle, "GET /v1/host HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+    send(
+        &mut idle,
+        "GET /v1/host HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    )
+    .await;
     let text = read_until_closed(&mut idle)
         .await
         .unwrap_or_else(|| panic!("an idle keep-alive connection stayed open"));
@@ -120,7 +127,10 @@ async fn unfinished_bodies_get_408() {
         .unwrap_or_else(|e| panic!("{e}"));
     send(
         &mut tcp,
-        &partial.replace("Host: localhost\r\n", &format!("Host: localhost\r\nAuthorization: Bearer {TOKEN}\r\n")),
+        &partial.replace(
+            "Host: localhost\r\n",
+            &format!("Host: localhost\r\nAuthorization: Bearer {TOKEN}\r\n"),
+        ),
     )
     .await;
     let text = read_until_closed(&mut tcp)

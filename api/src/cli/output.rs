@@ -193,7 +193,11 @@ pub fn balloon_stats(s: &BalloonStats) -> String {
         ("scanned (direct)", s.direct_scan_bytes, Unit::Bytes),
         ("reclaimed (kswapd)", s.async_reclaim_bytes, Unit::Bytes),
         ("reclaimed (direct)", s.direct_reclaim_bytes, Unit::Bytes),
-        ("unknown tags", s.unknown_tags.filter(|n| *n > 0), Unit::Count),
+        (
+            "unknown tags",
+            s.unknown_tags.filter(|n| *n > 0),
+            Unit::Count,
+        ),
     ];
     for (k, v, unit) in opt {
         if let Some(v) = v {

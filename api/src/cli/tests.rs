@@ -166,10 +166,7 @@ fn create_options_become_a_request() {
     ])
     .to_request()
     .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(
-        r.image.map(|i| i.privilege),
-        Some(ImagePrivilege::User)
-    );
+    assert_eq!(r.image.map(|i| i.privilege), Some(ImagePrivilege::User));
     assert!(parse(&["vm", "create", "--memory", "1G", "--privilege", "user"]).is_err());
 
     let r = create_args(&["--memory", "256", "--backing", "hugetlbfs"]).to_request();

@@ -2,7 +2,8 @@
 //! each refusal a typed [`RequestError`] (unsupported features say so).
 
 use tidepool_api::types::{
-    BackingKind, BootSource, CreateVmRequest, ImagePrivilege, NumaConfig, NumaPolicy as ApiPolicy, VmInfo, VmState,
+    BackingKind, BootSource, CreateVmRequest, ImagePrivilege, NumaConfig, NumaPolicy as ApiPolicy,
+    VmInfo, VmState,
 };
 
 use guest_mm::frame::NodeId;

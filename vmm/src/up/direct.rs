@@ -22,6 +22,55 @@ pub const GUEST_INIT_MARKER: &str = "TIDEPOOL-UP-GUEST-INIT";
 /// The marker printed after the clean shutdown.
 pub const STOPPED_MARKER: &str = "TIDEPOOL-UP-STOPPED";
 
+/// What the default VM boots.
+#[derive(Debug, Clone)]
+pub enum DefaultGuest {
+    /// The stock guest image (kernel, initramfs, command line).
+    Linux(GuestImage),
+    /// The built-in tiny guest whose CPL3 virtio-mem driver follows resizes
+    /// ([`crate::manager::images::virtio_mem_guest`]); one vCPU, no console.
+    Tiny,
+}
+
+impl DefaultGuest {
+    /// The create request for the default VM of `cfg`.
+    pub fn create_request(
+        &self,
+        cfg: &UpConfig,
+    ) -> Result<tidepool_api::types::CreateVmRequest, UpError> {
+        match self {
+            DefaultGuest::Linux(g) => Ok(cfg.create_request(
+                &g.vmlinux.display().to_string(),
+                &g.initramfs.display().to_string(),
+                &g.cmdline,
+            )),
+            DefaultGuest::Tiny => {
+                let mut req = cfg.create_request("", "", "");
+                req.kernel = None;
+                req.initrd = None;
+                req.cmdline = None;
+                req.vcpus = 1;
+                req.image = Some(
+                    crate::manager::images::virtio_mem_guest(
+                        cfg.vm.memory_mib,
+                        cfg.vm.hotplug_region_mib,
+                    )
+                    .map_err(|e| UpError::Failed(format!("building the tiny guest: {e}")))?,
+                );
+                Ok(req)
+            }
+        }
+    }
+
+    /// What to print about it.
+    fn describe(&self) -> String {
+        match self {
+            DefaultGuest::Linux(g) => format!("kernel {}", g.vmlinux.display()),
+            DefaultGuest::Tiny => "built-in tiny guest, CPL3 virtio-mem driver".into(),
+        }
+    }
+}
+
 /// How long the guest may take to print `TIDEPOOL-INIT-START` before `up` says it looks stuck.
 const INIT_PATIENCE: Duration = Duration::from_secs(90);
 
@@ -181,7 +230,7 @@ pub fn run(
     args: &UpArgs,
     cfg: &UpConfig,
     socket: &Path,
-    guest: &GuestImage,
+    guest: &DefaultGuest,
 ) -> Result<(), UpError> {
     let host_mib = daemon::host_mem_bytes() >> 20;
     let pool_mib = cfg.pool_mib(host_mib);
@@ -205,7 +254,7 @@ async fn serve_with_vm(
     args: &UpArgs,
     cfg: &UpConfig,
     socket: &Path,
-    guest: &GuestImage,
+    guest: &DefaultGuest,
     manager: Arc<VmManager>,
 ) -> Result<(), UpError> {
     let backend: Arc<dyn ApiBackend> = manager.clone();
@@ -230,11 +279,7 @@ async fn serve_with_vm(
         }
         _ => None,
     };
-    let req = cfg.create_request(
-        &guest.vmlinux.display().to_string(),
-        &guest.initramfs.display().to_string(),
-        &guest.cmdline,
-    );
+    let req = guest.create_request(cfg)?;
     let t0 = Instant::now();
     let b = backend.clone();
     let info = tokio::task::spawn_blocking(move || b.create_vm(req))
@@ -243,18 +288,18 @@ async fn serve_with_vm(
         .map_err(|e| failed("creating the VM")(e.to_string()))?;
     let create_ms = t0.elapsed().as_millis();
     let id = info.id.clone();
-    println!(
-        "created VM {id} in {create_ms} ms (kernel {})",
-        guest.vmlinux.display()
-    );
+    println!("created VM {id} in {create_ms} ms ({})", guest.describe());
     let stop_follow = Arc::new(AtomicBool::new(false));
-    let follower = follow_console(
-        manager.clone(),
-        id.clone(),
-        args.console,
-        t0,
-        stop_follow.clone(),
-    );
+    // The tiny guest has no console to follow.
+    let follower = matches!(guest, DefaultGuest::Linux(_)).then(|| {
+        follow_console(
+            manager.clone(),
+            id.clone(),
+            args.console,
+            t0,
+            stop_follow.clone(),
+        )
+    });
     // Signals (and the relay's STOP) from here on end the server; the wait below gives way.
     let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
     let shutdown = async move {
@@ -288,7 +333,9 @@ async fn serve_with_vm(
         t.abort();
     }
     stop_follow.store(true, Ordering::Relaxed);
-    let _ = tokio::task::spawn_blocking(move || follower.join()).await;
+    if let Some(f) = follower {
+        let _ = tokio::task::spawn_blocking(move || f.join()).await;
+    }
     let b = backend.clone();
     let vm = id.clone();
     let deleted = tokio::task::spawn_blocking(move || b.delete_vm(&vm)).await;
