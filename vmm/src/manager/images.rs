@@ -70,6 +70,9 @@ pub fn virtio_mem_guest(boot_ram_mib: u64, region_mib: u64) -> Result<RawImage, 
     })?;
     let mut driver = VirtioMemDriver::new(crate::devices::DEVICE_MMIO_BASE, DEFAULT_SCRATCH);
     driver.idle_wait_us = VIRTIO_MEM_GUEST_IDLE_WAIT_US;
+    // The used ring is polled between waits of at most 1 ms that the device's interrupt
+    // ends: a minute of unanswered waits means the queue is stalled.
+    driver.poll_limit = 60_000;
     driver.blocks_per_request = 4;
     let img = virtio_mem_program(&layout, driver)?;
     Ok(RawImage {

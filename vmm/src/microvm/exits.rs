@@ -10,6 +10,7 @@ use crate::devices::{lock, MmioBus};
 use crate::kvm::{Exit, ExitAction, ExitHandler};
 use crate::tiny_guest::program::{MAX_TAG, REPORT_BASE, TAG_DONE, TAG_WAIT};
 use crate::tiny_guest::GuestReport;
+use tidepool_virtio::IrqTrigger;
 
 /// Longest a guest's wait request ([`TAG_WAIT`]) blocks its vCPU, whatever it asks for: a
 /// paused or stopped VM wakes its waiters, so this only bounds a missed wake-up.
@@ -45,6 +46,34 @@ impl GuestWake {
             .wait_timeout_while(g, timeout, |g| *g == seen)
             .unwrap_or_else(|e| e.into_inner());
         *g
+    }
+}
+
+/// A device interrupt that also wakes the VM's guest waits: a polled driver waiting for
+/// its used ring (at CPL3, with interrupts off) hears of the device's answer at once.
+pub struct WakingTrigger {
+    inner: Arc<dyn IrqTrigger>,
+    wake: Arc<GuestWake>,
+}
+
+impl WakingTrigger {
+    /// `inner`, which also wakes `wake`.
+    pub fn new(inner: Arc<dyn IrqTrigger>, wake: Arc<GuestWake>) -> WakingTrigger {
+        WakingTrigger { inner, wake }
+    }
+}
+
+impl std::fmt::Debug for WakingTrigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WakingTrigger").finish_non_exhaustive()
+    }
+}
+
+impl IrqTrigger for WakingTrigger {
+    fn trigger(&self) -> std::io::Result<()> {
+        let r = self.inner.trigger();
+        self.wake.wake();
+        r
     }
 }
 

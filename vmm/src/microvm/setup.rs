@@ -183,11 +183,21 @@ fn take_blocks(
     Ok(out)
 }
 
-fn trigger(vm: &Vm, mode: IrqMode, gsi: u32) -> Result<Arc<dyn IrqTrigger>, DeviceSetupError> {
-    Ok(match mode {
+/// The device interrupt on `gsi`, which also wakes the guest's wait requests.
+fn trigger(
+    vm: &Vm,
+    mode: IrqMode,
+    gsi: u32,
+    wake: &Arc<super::exits::GuestWake>,
+) -> Result<Arc<dyn IrqTrigger>, DeviceSetupError> {
+    let inner: Arc<dyn IrqTrigger> = match mode {
         IrqMode::Irqfd => Arc::new(IrqfdTrigger::register(vm.fd(), gsi)?),
         IrqMode::Polled => Arc::new(PolledIrq),
-    })
+    };
+    Ok(Arc::new(super::exits::WakingTrigger::new(
+        inner,
+        Arc::clone(wake),
+    )))
 }
 
 impl Microvm {
@@ -324,7 +334,7 @@ impl Microvm {
             let t = MmioTransport::new(
                 Box::new(dev),
                 handle.guest_mem(),
-                trigger(&kvm_vm, config.irq, gsi)?,
+                trigger(&kvm_vm, config.irq, gsi, &vm.wake)?,
             )
             .map_err(DeviceSetupError::from)?;
             let t = Arc::new(Mutex::new(t));
@@ -347,7 +357,7 @@ impl Microvm {
             let t = MmioTransport::new(
                 Box::new(dev),
                 handle.guest_mem(),
-                trigger(&kvm_vm, config.irq, gsi)?,
+                trigger(&kvm_vm, config.irq, gsi, &vm.wake)?,
             )
             .map_err(DeviceSetupError::from)?;
             let t = Arc::new(Mutex::new(t));

@@ -339,7 +339,7 @@ impl FprDriver {
             word_ptr(rbp + rax + (q.desc(0) + 12)),
             i32::from(DESC_F_WRITE),
         )?;
-        emit_submit_and_wait(a, q, self.poll_limit, fail)?;
+        emit_submit_and_wait(a, q, self.poll_limit, 0, fail)?;
         a.inc(r12)?;
         a.jmp(chain)?;
         a.set_label(&mut done)?;

@@ -108,7 +108,9 @@ pub struct VirtioMemDriver {
     pub poll_spins: u32,
     /// If non-zero, idle (and back off after NACK/BUSY) with a [`TAG_WAIT`] request of this
     /// many microseconds instead of spinning: the VMM blocks the vCPU until a resize or
-    /// the time is up, so an idle driver holds no host CPU.
+    /// the time is up, so an idle driver holds no host CPU. The used ring is then polled
+    /// between waits of at most 1 ms that the device's interrupt ends, and `poll_limit`
+    /// counts those waits.
     pub idle_wait_us: u32,
 }
 
@@ -230,7 +232,7 @@ impl VirtioMemDriver {
             a.mov(word_ptr(rbp + REQ_OFF + 16), 0)?;
         }
         a.mov(word_ptr(rbp + RESP_OFF), 0xffff)?;
-        emit_submit_and_wait(a, q, self.poll_limit, fail)
+        emit_submit_and_wait(a, q, self.poll_limit, self.queue_wait_us(), fail)
     }
 
     fn emit_loop(
@@ -286,6 +288,12 @@ impl VirtioMemDriver {
         a.lea(rdi, qword_ptr(r12 + rdx))?;
         a.sub(rdi, rsi)?;
         self.emit_op(a, q, REQ_UNPLUG, [top, exit, fail], false)
+    }
+
+    /// The guest wait between polls of the used ring: none when the driver spins, else
+    /// at most 1 ms (the device's interrupt ends it).
+    fn queue_wait_us(&self) -> u32 {
+        self.idle_wait_us.min(1000)
     }
 
     /// Wait before the next poll: a [`TAG_WAIT`] request, or `poll_spins` pauses. Clobbers

@@ -373,12 +373,16 @@ pub(crate) fn emit_desc_static(
 
 /// Make the chain starting at descriptor 0 available, notify the device, and poll the used
 /// ring until the device returned it. One chain is in flight at a time, so "returned" means
-/// the used index caught up with the avail index. After `poll_limit` polls: eax =
+/// the used index caught up with the avail index. Between polls the driver `pause`s, or with
+/// `wait_us > 0` makes a guest wait request ([`super::program::TAG_WAIT`]) of that many
+/// microseconds, which the microVM ends when the device signals its interrupt, so the vCPU
+/// does not spin while a device thread works. After `poll_limit` polls: eax =
 /// [`DriverFailure::QueueStalled`], jump to `fail`. Clobbers rax, rcx, rdx, r8.
 pub(crate) fn emit_submit_and_wait(
     a: &mut CodeAssembler,
     q: &Virtq,
     poll_limit: u32,
+    wait_us: u32,
     fail: CodeLabel,
 ) -> Result<(), IcedError> {
     let mut poll = a.create_label();
@@ -396,7 +400,14 @@ pub(crate) fn emit_submit_and_wait(
     a.movzx(edx, word_ptr(rbp + q.used() + 2))?;
     a.cmp(dx, ax)?;
     a.je(done)?;
-    a.pause()?;
+    if wait_us > 0 {
+        // An immediate store: every other register is in use here. The value is
+        // sign-extended, so keep it below 2^31.
+        let us = wait_us.min(i32::MAX as u32) as i32;
+        a.mov(qword_ptr(r14 + (super::program::TAG_WAIT * 8) as i32), us)?;
+    } else {
+        a.pause()?;
+    }
     a.dec(r8d)?;
     a.jnz(poll)?;
     a.mov(eax, DriverFailure::QueueStalled as u32)?;
