@@ -46,6 +46,7 @@ fn unplug_clears_the_balloons_state_for_the_block() {
             bytes: vec![0xf4],
             load_addr: 0x1000,
             entry: 0x1000,
+            privilege: crate::tiny_guest::Privilege::Kernel,
         },
         backing: Default::default(),
         pool_files: None,
