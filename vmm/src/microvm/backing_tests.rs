@@ -34,6 +34,7 @@ fn memfd_config(id: &str, files: &Arc<PoolFiles>, steps: Vec<Step>) -> MicrovmCo
             bytes: vec![0],
             load_addr: 0x1000,
             entry: 0x1000,
+            privilege: crate::tiny_guest::Privilege::Kernel,
         },
         backing: BackingSpec {
             kind: BackingKind::Memfd,
