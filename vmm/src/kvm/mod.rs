@@ -2,6 +2,7 @@
 //! its vCPUs ([`vcpu`]), with CPUID filtering in [`cpuid`].
 
 pub mod cpuid;
+mod dirty;
 pub mod vcpu;
 
 use std::collections::BTreeMap;
@@ -109,6 +110,8 @@ pub struct Vm {
     hotplug_slots: Mutex<BTreeMap<u32, (MemslotSpec, u64)>>,
     /// How hot-plug memslots are managed.
     hotplug_memslots: HotplugMemslots,
+    /// Whether memslots carry KVM_MEM_LOG_DIRTY_PAGES (see `dirty.rs`).
+    dirty_logging: std::sync::atomic::AtomicBool,
     created: Instant,
     timings: VmTimings,
 }
@@ -195,6 +198,7 @@ impl Vm {
             supported_cpuid,
             hotplug_slots: Mutex::new(BTreeMap::new()),
             hotplug_memslots: config.hotplug_memslots,
+            dirty_logging: std::sync::atomic::AtomicBool::new(false),
             created,
             timings: VmTimings::default(),
         };
@@ -273,7 +277,7 @@ impl Vm {
             })?;
         let region = kvm_userspace_memory_region {
             slot: slot.slot,
-            flags: 0,
+            flags: self.memslot_flags(),
             guest_phys_addr: slot.gpa,
             memory_size: if delete { 0 } else { slot.size },
             userspace_addr: host as u64,

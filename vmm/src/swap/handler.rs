@@ -132,7 +132,16 @@ fn resolve(inner: &Inner, st: &mut PageTable, f: Fault, buf: &mut AlignedBuf, ze
             if f.is_wp() {
                 unprotect();
             } else {
-                match inner.uffd.zeropage(host, PAGE) {
+                // Never populated: zero. A write gets a private zero page at once (no second
+                // copy-on-write fault); a read gets the shared zero page.
+                let r = if f.is_write() {
+                    inner
+                        .uffd
+                        .copy(host, zero.as_slice().as_ptr(), PAGE, false, true)
+                } else {
+                    inner.uffd.zeropage(host, PAGE)
+                };
+                match r {
                     Ok(()) => bump(&inner.c.zero_fills, 1),
                     Err(_) => wake(),
                 }

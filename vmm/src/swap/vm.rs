@@ -451,6 +451,12 @@ impl VmSwap {
             let present = inner.mincore(sub.clone())?;
             let (epoch, chosen) = {
                 let mut st = inner.lock();
+                if !st.has_block(block) && !present.iter().any(|p| *p) {
+                    // Nothing populated and nothing swapped: leave the block unregistered, so
+                    // its first touches stay plain (THP) faults.
+                    stats.unpopulated_pages += present.len() as u64;
+                    continue;
+                }
                 let epoch = inner.ensure_block(&mut st, block)?;
                 let left = max_bytes
                     .saturating_sub(stats.reclaimed_bytes())
