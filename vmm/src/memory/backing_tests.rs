@@ -257,7 +257,7 @@ fn vmm_swap_refuses_a_file_backed_window() {
     let r = crate::swap::VmSwap::new(w, file);
     let _ = std::fs::remove_file(&path);
     assert!(
-        matches!(r, Err(crate::swap::SwapError::Config(ref m)) if m.contains("anonymous")),
+        matches!(r, Err(crate::swap::SwapError::Unsupported("memfd"))),
         "{:?}",
         r.err()
     );

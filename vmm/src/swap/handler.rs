@@ -154,8 +154,8 @@ fn resolve(inner: &Inner, st: &mut PageTable, f: Fault, buf: &mut AlignedBuf, ze
 /// (a vCPU's KVM_RUN then fails with EFAULT), record the failure and tell the hook.
 fn fail(inner: &Inner, p: u64, e: SwapError) {
     bump(&inner.c.swap_in_errors, 1);
-    inner.poison(p..p + 1);
-    let _ = inner.uffd.wake(inner.host(p), PAGE);
+    // Record and report before waking the faulting thread, so whoever sees its EFAULT also
+    // finds the failure.
     let failure = SwapInFailure {
         gpa: p * PAGE,
         error: Arc::new(e),
@@ -166,10 +166,14 @@ fn fail(inner: &Inner, p: u64, e: SwapError) {
             *f = Some(failure.clone());
         }
     }
-    let hook = inner.hook.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(h) = hook.as_ref() {
-        h(&failure);
+    {
+        let hook = inner.hook.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = hook.as_ref() {
+            h(&failure);
+        }
     }
+    inner.poison(p..p + 1);
+    let _ = inner.uffd.wake(inner.host(p), PAGE);
 }
 
 /// Swap page `p` (swapped) back in with its cluster neighbours, write-protected and clean;

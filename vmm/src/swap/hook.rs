@@ -8,6 +8,7 @@ use crate::reclaim::{SwapHook, TargetError};
 fn target_error(e: SwapError) -> TargetError {
     match e {
         SwapError::Closed => TargetError::Gone,
+        SwapError::Unsupported(k) => TargetError::Unsupported(format!("swap on {k} backing")),
         e => TargetError::Failed(e.to_string()),
     }
 }

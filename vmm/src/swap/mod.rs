@@ -109,6 +109,10 @@ pub enum SwapError {
     /// The VM's swap was shut down (the VM is being deleted).
     #[error("swap for this VM is shut down")]
     Closed,
+    /// The VM's memory backing cannot be swapped (only the anonymous backing can: discarding
+    /// a shared memfd mapping frees nothing, and hugetlbfs pages are not split).
+    #[error("swap is unsupported for the {0} backing (anonymous only)")]
+    Unsupported(&'static str),
 }
 
 impl SwapError {

@@ -534,3 +534,30 @@ fn swap_hook_respects_budgets() {
         Err(crate::reclaim::TargetError::Gone)
     );
 }
+
+#[test]
+fn memfd_backed_window_is_refused() {
+    use crate::memory::{BackingKind, BackingSpec, PoolBlock, PoolFiles};
+    use guest_mm::{FrameId, NodeId};
+    let files = PoolFiles::new();
+    let backing = files
+        .backing(BackingSpec {
+            kind: BackingKind::Memfd,
+            thp: false,
+        })
+        .expect("backing");
+    let blocks: Vec<PoolBlock> = (0..2)
+        .map(|i| PoolBlock {
+            frame: FrameId(i * (2 * MIB / guest_mm::FRAME_SIZE)),
+            node: NodeId(0),
+        })
+        .collect();
+    let layout = Layout::new(LayoutConfig {
+        boot_ram: 4 * MIB,
+        hotplug_size: 0,
+    })
+    .expect("layout");
+    let w = Arc::new(GuestWindow::with_backing(layout, backing, &blocks).expect("window"));
+    let r = VmSwap::new(w, file(GIB));
+    assert!(matches!(r, Err(SwapError::Unsupported("memfd"))), "{r:?}");
+}

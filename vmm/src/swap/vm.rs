@@ -11,7 +11,7 @@ use super::file::SwapFile;
 use super::pages::{Page, PageTable, BLOCK};
 use super::uffd::Uffd;
 use super::{SwapError, PAGE};
-use crate::memory::{BlockObserver, GuestWindow};
+use crate::memory::{BackingKind, BlockObserver, GuestWindow};
 
 /// What one [`VmSwap::swap_out`] call did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -380,14 +380,11 @@ impl VmSwap {
     /// Swap for the VM whose RAM is `window`, writing to `file`. Starts the fault handler
     /// thread and subscribes to block removals of the window. Needs the anonymous backing
     /// (`MADV_DONTNEED` frees pages and the next touch is a missing-page fault); a memfd or
-    /// hugetlbfs window is refused with [`SwapError::Config`].
+    /// hugetlbfs window is refused with [`SwapError::Unsupported`].
     pub fn new(window: Arc<GuestWindow>, file: Arc<SwapFile>) -> Result<VmSwap, SwapError> {
         let kind = window.backing().spec().kind;
-        if kind != crate::memory::BackingKind::Anonymous {
-            return Err(SwapError::Config(format!(
-                "VMM swap needs the anonymous backing, this VM's RAM is {}",
-                kind.name()
-            )));
+        if kind != BackingKind::Anonymous {
+            return Err(SwapError::Unsupported(kind.name()));
         }
         let uffd = Uffd::new().map_err(|e| SwapError::host("userfaultfd", e))?;
         let stop_evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
@@ -637,8 +634,9 @@ impl VmSwap {
         lock(&self.inner.failure).clone()
     }
 
-    /// Call `hook` (from the handler thread) when a swap-in fails, e.g. to stop the VM with a
-    /// guest-failed reason.
+    /// Call `hook` (from the handler thread, before the faulting thread is woken) when a
+    /// swap-in fails, e.g. to stop the VM with a guest-failed reason. It must not block on the
+    /// VM's memory.
     pub fn set_failure_hook(&self, hook: impl Fn(&SwapInFailure) + Send + Sync + 'static) {
         *lock(&self.inner.hook) = Some(Box::new(hook));
     }
