@@ -29,6 +29,8 @@ for pair in "${wanted[@]}"; do
 done
 # Static glibc for the guest's tp-mem helper.
 [ -f /usr/lib/x86_64-linux-gnu/libc.a ] || missing+=(libc6-dev)
+# A TrueType font for the labels of benchmark plots (`tidepool bench density`).
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
 
 # The guest build (resources/guest/build.sh) downloads the kernel and busybox with apt: fresh
 # CI images often ship without package lists, so refresh them when apt does not know those.

@@ -45,6 +45,10 @@ enum Command {
         /// `vm.nr_hugepages` for the run (host-wide settings; both are put back after).
         #[arg(long)]
         allow_host_tuning: bool,
+        /// Directory for the files a suite writes besides its figures (`density`: JSON and
+        /// PNG; default target/bench/density).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
     },
     /// Boot a Linux kernel once, serial console on stdout; exits when the guest powers off or
     /// resets (status 0), fails (1) or times out (124).
@@ -168,12 +172,14 @@ fn main() -> ExitCode {
             json,
             linux,
             allow_host_tuning,
+            out,
         } => {
             let opts = bench::BenchOptions {
                 quick,
                 json,
                 linux,
                 allow_host_tuning,
+                out,
             };
             match bench::run(&suite, &opts) {
                 Ok(report) => {

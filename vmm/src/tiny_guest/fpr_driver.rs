@@ -80,6 +80,19 @@ pub enum FprProgram {
         /// Number of phases.
         phases: u32,
     },
+    /// The density benchmark's loop over a ring of RAM (see [`super::fpr_density`]): each
+    /// phase touches the next `window` bytes with a per-phase pattern, verifies the previous
+    /// window and reports it free, until the host writes the mailbox.
+    Density {
+        /// Start of the ring (2 MiB aligned).
+        base: u64,
+        /// End of the ring (2 MiB aligned); windows wrap round it.
+        ring_end: u64,
+        /// Bytes touched per phase (a 2 MiB multiple, at most half the ring).
+        window: u64,
+        /// Stop after this many phases even without the mailbox (0: only the mailbox stops).
+        max_phases: u32,
+    },
 }
 
 impl FprProgram {
@@ -93,6 +106,7 @@ impl FprProgram {
                 windows,
                 ..
             } => *base..base.saturating_add(window.saturating_mul(u64::from(*windows))),
+            FprProgram::Density { base, ring_end, .. } => *base..*ring_end,
         }
     }
 }
@@ -170,6 +184,21 @@ impl FprDriver {
                 );
             }
         }
+        if let FprProgram::Density {
+            base,
+            ring_end,
+            window,
+            max_phases,
+        } = &self.program
+        {
+            let ring = ring_end.saturating_sub(*base);
+            if *window == 0 || window.saturating_mul(2) > ring || *max_phases > i32::MAX as u32 {
+                return Err(format!(
+                    "density window {window:#x} must be non-empty and at most half the ring \
+                     {ring:#x}, max_phases {max_phases} at most i32::MAX"
+                ));
+            }
+        }
         let r = self.program.range();
         let in_ram = layout
             .boot_ram_ranges()
@@ -186,7 +215,9 @@ impl FprDriver {
                 "range {r:x?} must be 2 MiB aligned boot RAM clear of the image and scratch"
             ));
         }
-        if let FprProgram::Phases { window, .. } = &self.program {
+        if let FprProgram::Phases { window, .. } | FprProgram::Density { window, .. } =
+            &self.program
+        {
             if window % REPORT_BLOCK != 0 {
                 return Err(format!("window {window:#x} is not a 2 MiB multiple"));
             }
@@ -267,6 +298,22 @@ impl FprDriver {
                     phases: *phases,
                 },
                 touch,
+                report_free,
+            )?,
+            FprProgram::Density {
+                base,
+                ring_end,
+                window,
+                max_phases,
+            } => super::fpr_density::emit_density(
+                a,
+                super::fpr_density::DensityParams {
+                    base: *base,
+                    ring_end: *ring_end,
+                    window: *window,
+                    max_phases: *max_phases,
+                    seed: self.seed,
+                },
                 report_free,
             )?,
         }
@@ -495,6 +542,36 @@ pub fn fpr_phases_program(
     Ok((fpr_program(layout, driver.clone())?, driver))
 }
 
+/// The density benchmark's guest: the [`FprProgram::Density`] loop over the ring from
+/// [`PHASES_BASE`] to the end of the boot RAM range holding it, `window_mib` MiB a phase, page
+/// patterns seeded with `seed` (a per-VM value; see [`super::fpr_density::phase_seed`]).
+pub fn fpr_density_program(
+    layout: &Layout,
+    mmio_base: u64,
+    window_mib: u64,
+    max_phases: u32,
+    seed: u64,
+) -> Result<(GuestImage, FprDriver), TinyGuestError> {
+    let ring_end = layout
+        .boot_ram_ranges()
+        .iter()
+        .find(|r| r.start <= PHASES_BASE && PHASES_BASE < r.end)
+        .map(|r| r.end - r.end % REPORT_BLOCK)
+        .ok_or_else(|| TinyGuestError::BadDriver("no boot RAM at the ring's base".into()))?;
+    let mut driver = FprDriver::new(
+        mmio_base,
+        super::virtq::DEFAULT_SCRATCH,
+        FprProgram::Density {
+            base: PHASES_BASE,
+            ring_end,
+            window: window_mib.saturating_mul(1 << 20),
+            max_phases,
+        },
+    );
+    driver.seed = seed;
+    Ok((fpr_program(layout, driver.clone())?, driver))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -524,6 +601,14 @@ mod tests {
         let (_, d) =
             fpr_phases_program(&layout(256), DEFAULT_MMIO_BASE, 64, 3, 10).expect("phases");
         assert_eq!(d.program.range(), PHASES_BASE..PHASES_BASE + 192 * MIB);
+        let (_, d) =
+            fpr_density_program(&layout(256), DEFAULT_MMIO_BASE, 64, 0, 7).expect("density");
+        assert_eq!(d.program.range(), PHASES_BASE..256 * MIB);
+        assert_eq!(d.seed, 7);
+        assert!(matches!(
+            fpr_density_program(&layout(256), DEFAULT_MMIO_BASE, 192, 0, 7),
+            Err(TinyGuestError::BadDriver(_))
+        ));
     }
 
     #[test]

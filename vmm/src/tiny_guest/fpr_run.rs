@@ -129,7 +129,7 @@ pub fn run_fpr_phases(
         FprProgram::Phases {
             window, windows, ..
         } => window * u64::from(windows),
-        FprProgram::TouchReportVerify { .. } => 0,
+        FprProgram::TouchReportVerify { .. } | FprProgram::Density { .. } => 0,
     };
     Ok(FprPhasesRun {
         phases: samples,

@@ -11,6 +11,7 @@
 //! too; [`harness`] runs them against real device models through the virtio-mmio transport.
 
 pub mod boot;
+pub mod fpr_density;
 pub mod fpr_driver;
 pub mod fpr_run;
 pub mod harness;
