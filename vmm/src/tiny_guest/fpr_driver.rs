@@ -6,7 +6,7 @@
 //! descriptors of 2 MiB each (order 9, as Linux reports on x86_64) on queue 2; the driver
 //! notifies and polls the used ring for each chain.
 //!
-//! Two programs ([`FprProgram`]):
+//! Three programs ([`FprProgram`]):
 //! - [`FprProgram::TouchReportVerify`]: write every 4 KiB page of a range, report it as free,
 //!   then read every page again and count the words that are not zero (a discarded page must
 //!   read as zeros). With `wait_for_host`, the driver waits for mailbox value 1 before
@@ -14,6 +14,9 @@
 //! - [`FprProgram::Phases`]: for the density benchmark, each phase touches the next window of
 //!   a ring of windows and reports the previous window as free, with per-phase `rdtsc`
 //!   deltas; after the last phase the last window is reported too.
+//! - [`FprProgram::Density`]: the density benchmark's loop (see [`super::fpr_density`]): phases
+//!   over a ring of RAM with a per-VM, per-phase pattern, each verifying the previous window
+//!   before reporting it free, until the host writes the mailbox.
 
 use std::ops::Range;
 
