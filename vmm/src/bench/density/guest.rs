@@ -338,6 +338,7 @@ impl DensityVm {
                 hotplug_size: 0,
             },
             platform: false,
+            hotplug_memslots: crate::kvm::HotplugMemslots::default(),
         })
         .map_err(|e| format!("creating VM {index}: {e}"))?;
         let layout = vm.window().layout().clone();
