@@ -111,6 +111,8 @@ fn small_density_run_completes_without_data_errors() {
         // Out of reach: this test checks counts and data, never timing.
         stall_limit: Duration::from_secs(3600),
         pace: Duration::from_millis(10),
+        engine: true,
+        swap_dir: std::env::temp_dir(),
     };
     let run = match run_density(&cfg) {
         Ok(r) => r,

@@ -7,7 +7,7 @@
 //!   to inflation (phase 2): the tiny guest's driver negotiates free page reporting only, so
 //!   a raised balloon target would never be met, and counting it as on its way would keep
 //!   the engine from freeing memory by other means;
-//! - a swap hook over a [`VmSwap`] on one shared [`SwapFile`];
+//! - the VM's [`VmSwap`] (on one shared [`SwapFile`]) as its swap hook;
 //! - no quiesce hook: the guest writes all the time, so the zero-page split (phase 5) answers
 //!   unsupported.
 //!
@@ -15,7 +15,6 @@
 //! host's pressure comes from other work on a shared machine; the budget domain is what the
 //! benchmark sets).
 
-use std::ops::Range;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,9 +23,10 @@ use tidepool_balloon::Balloon;
 use tidepool_virtio::MmioTransport;
 
 use super::guest::DensityVm;
-use crate::reclaim::target::TargetError;
-use crate::reclaim::window::{BalloonHook, SwapHook, WindowTarget};
-use crate::reclaim::{EngineConfig, EngineHandle, Phase, ProcPressure, ReclaimEngine};
+use crate::reclaim::{
+    BalloonHook, EngineConfig, EngineHandle, Phase, ProcPressure, ReclaimEngine, TargetError,
+    WindowTarget,
+};
 use crate::swap::{SwapFile, SwapFileConfig, VmSwap};
 
 /// Phase 1 only: the delta of the balloon's discarded-by-reporting counter.
@@ -64,44 +64,6 @@ impl BalloonHook for ReportedOnly {
     }
 }
 
-/// Phases 3 and 4 over a VM's swap.
-#[derive(Debug)]
-struct SwapAdapter(Arc<VmSwap>);
-
-impl SwapHook for SwapAdapter {
-    fn drop_clean(&self, cold: &[Range<u64>], max_bytes: u64) -> Result<u64, TargetError> {
-        let mut freed = 0;
-        for r in cold {
-            if freed >= max_bytes {
-                break;
-            }
-            freed += self
-                .0
-                .drop_clean(r.clone())
-                .map_err(|e| TargetError::Failed(e.to_string()))?;
-        }
-        Ok(freed)
-    }
-
-    fn swap_out(&self, cold: &[Range<u64>], max_bytes: u64) -> Result<u64, TargetError> {
-        let mut freed = 0;
-        for r in cold {
-            if freed >= max_bytes {
-                break;
-            }
-            let s = self
-                .0
-                .swap_out(r.clone(), max_bytes - freed)
-                .map_err(|e| TargetError::Failed(e.to_string()))?;
-            freed += s.reclaimed_bytes();
-            if s.full {
-                break;
-            }
-        }
-        Ok(freed)
-    }
-}
-
 /// What the engine and swap did over a ramp.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct EngineFigures {
@@ -115,6 +77,10 @@ pub struct EngineFigures {
     pub swap_written_bytes: u64,
     /// Bytes read back from it (swap-ins).
     pub swap_read_bytes: u64,
+    /// Phase calls that failed, and the first failure's text.
+    pub failed_calls: u64,
+    /// The first failure, if any.
+    pub first_failure: Option<String>,
 }
 
 impl EngineFigures {
@@ -151,9 +117,8 @@ impl EngineRig {
             interval: Duration::from_millis(100),
             ..EngineConfig::with_budget(budget)
         };
-        let engine = Arc::new(
-            ReclaimEngine::new(config, ProcPressure::new()).map_err(|e| e.to_string())?,
-        );
+        let engine =
+            Arc::new(ReclaimEngine::new(config, ProcPressure::new()).map_err(|e| e.to_string())?);
         let handle = engine.spawn().map_err(|e| e.to_string())?;
         Ok(EngineRig {
             engine,
@@ -181,7 +146,7 @@ impl EngineRig {
         *balloon.seen.lock().unwrap_or_else(|e| e.into_inner()) = seen;
         let target = WindowTarget::new(Self::id(vm.index), vm.vm().window())
             .with_balloon(Arc::new(balloon))
-            .with_swap(Arc::new(SwapAdapter(Arc::clone(&swap))));
+            .with_swap(Arc::clone(&swap) as Arc<dyn crate::reclaim::SwapHook>);
         self.engine.add_target(Arc::new(target));
         self.swaps
             .lock()
@@ -193,9 +158,10 @@ impl EngineRig {
     /// A swap-in failure of any VM, as text.
     pub fn swap_failure(&self) -> Option<String> {
         let swaps = self.swaps.lock().unwrap_or_else(|e| e.into_inner());
-        swaps
-            .iter()
-            .find_map(|(i, s)| s.failure().map(|f| format!("VM {i}: swap-in failed: {f:?}")))
+        swaps.iter().find_map(|(i, s)| {
+            s.failure()
+                .map(|f| format!("VM {i}: swap-in failed: {f:?}"))
+        })
     }
 
     /// Unregister VM `index` and shut its swap down (after its vCPU stopped).
@@ -215,7 +181,19 @@ impl EngineRig {
         }
         let snap = self.engine.snapshot();
         let io = self.file.counters();
+        let failures: Vec<String> = snap
+            .events
+            .iter()
+            .filter_map(|e| match &e.outcome {
+                crate::reclaim::EventOutcome::Failed(why) => {
+                    Some(format!("{} {}: {why}", e.vm, e.phase))
+                }
+                crate::reclaim::EventOutcome::Done(_) => None,
+            })
+            .collect();
         EngineFigures {
+            failed_calls: snap.phases.iter().map(|(_, s)| s.errors).sum(),
+            first_failure: failures.first().cloned(),
             phase_bytes: snap
                 .phases
                 .iter()
@@ -223,8 +201,8 @@ impl EngineRig {
                 .collect(),
             runs: snap.runs,
             urgent_runs: snap.urgent_runs,
-            swap_written_bytes: io.written_bytes,
-            swap_read_bytes: io.read_bytes,
+            swap_written_bytes: io.bytes_written,
+            swap_read_bytes: io.bytes_read,
         }
     }
 }

@@ -61,6 +61,8 @@ pub struct Span {
     pub wall: Duration,
     /// Time the thread was runnable but waiting for a core.
     pub runq: Duration,
+    /// Time the thread ran (guest and host kernel work, as the scheduler counts it).
+    pub run: Duration,
 }
 
 impl Span {
@@ -93,6 +95,7 @@ pub struct PhaseRecord {
 #[derive(Clone, Copy, Debug)]
 struct Mark {
     at: Instant,
+    run_ns: u64,
     wait_ns: u64,
 }
 
@@ -192,9 +195,10 @@ impl DensityExitHandler {
             );
         }
         let f = self.stat.as_ref().ok_or("schedstat not open")?;
-        let (_, wait_ns) = read_schedstat(f)?;
+        let (run_ns, wait_ns) = read_schedstat(f)?;
         Ok(Mark {
             at: Instant::now(),
+            run_ns,
             wait_ns,
         })
     }
@@ -203,6 +207,7 @@ impl DensityExitHandler {
         Span {
             wall: b.at.saturating_duration_since(a.at),
             runq: Duration::from_nanos(b.wait_ns.saturating_sub(a.wait_ns)),
+            run: Duration::from_nanos(b.run_ns.saturating_sub(a.run_ns)),
         }
     }
 
@@ -402,6 +407,11 @@ impl DensityVm {
     /// The VM (its window, for residency and for a reclaim engine).
     pub fn vm(&self) -> &Vm {
         &self.vm
+    }
+
+    /// Its balloon's transport.
+    pub fn transport(&self) -> &Arc<Mutex<MmioTransport<Balloon>>> {
+        &self.transport
     }
 
     /// Its shared phase records.

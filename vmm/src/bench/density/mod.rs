@@ -15,13 +15,14 @@
 //!   reclaim off after the new VM went once round its RAM (its resident size has peaked).
 //! - **Stall** of a phase: (wall time of its touch - the vCPU thread's runqueue wait during
 //!   it) - the same on an idle host, plus the same for its verify; never negative. The idle
-//!   figures are medians of a calibration VM run alone first. Runqueue wait comes from
+//!   figures are the fastest of a calibration VM run alone first. Runqueue wait comes from
 //!   `/proc/thread-self/schedstat`, read on the vCPU thread at each phase report, so time
 //!   lost to many vCPU threads sharing the cores does not count.
 //!
 //! Output: the figures, and `density.json` (figures, series, reasons) plus `density.png`
 //! (resident memory and VM count over time) in the output directory.
 
+pub mod engine;
 pub mod guest;
 pub mod plot;
 pub mod ramp;
@@ -29,6 +30,7 @@ pub mod ramp;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use engine::{EngineFigures, EngineRig};
 use guest::{DensityVm, GuestSpec, Reporting};
 use ramp::{percentile, Baseline, RampConfig, RampEnd, RampResult, Sample, Sampler};
 
@@ -62,6 +64,11 @@ pub struct DensityConfig {
     /// Minimum length of a phase: a VM touches a window at most this often (the workload's
     /// rate), idling for the rest.
     pub pace: Duration,
+    /// Reclaim on also runs the reclaim engine with the budget (and the VMM swap behind it);
+    /// false: free page reporting only.
+    pub engine: bool,
+    /// Directory of the engine's swap file (removed after the run).
+    pub swap_dir: PathBuf,
 }
 
 impl DensityConfig {
@@ -78,6 +85,8 @@ impl DensityConfig {
             step_timeout: Duration::from_secs(120),
             stall_limit: Duration::from_secs(1),
             pace: Duration::from_millis(500),
+            engine: true,
+            swap_dir: PathBuf::from("target/bench/density"),
         }
     }
 
@@ -114,17 +123,14 @@ pub struct DensityRun {
     pub pace: Duration,
     /// The ramp with reclaim.
     pub reclaim: RampResult,
+    /// What the engine did in it (None: free page reporting only).
+    pub engine: Option<EngineFigures>,
     /// Its samples.
     pub reclaim_samples: Vec<Sample>,
     /// The ramp without reclaim.
     pub no_reclaim: RampResult,
     /// Its samples.
     pub no_reclaim_samples: Vec<Sample>,
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort_unstable();
-    v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
 /// Run one VM alone for `cfg.calibration_phases` phases: the idle-host baseline.
@@ -162,9 +168,12 @@ fn calibrate(cfg: &DensityConfig) -> Result<Baseline, String> {
         "calibration touches (ms, runqueue wait left out): {}",
         own.join(" ")
     ));
+    // The fastest touch is the idle host's: slower ones waited on the host (compaction when
+    // free huge pages ran short, other work's faults), which is what a stall is.
+    let fastest = |v: Vec<Duration>| v.into_iter().min().unwrap_or_default();
     Ok(Baseline {
-        touch: median(records.iter().map(|r| r.touch.own()).collect()),
-        verify: median(
+        touch: fastest(records.iter().map(|r| r.touch.own()).collect()),
+        verify: fastest(
             records
                 .iter()
                 .filter_map(|r| r.verify)
@@ -205,7 +214,7 @@ pub fn run_density(cfg: &DensityConfig) -> Result<DensityRun, String> {
     let baseline = calibrate(cfg)?;
     let pace = cfg.pace;
     progress(&format!(
-        "idle touch {:.1} ms, verify {:.1} ms (medians); one phase every {:.0} ms or slower",
+        "idle touch {:.1} ms, verify {:.1} ms (fastest); one phase every {:.0} ms or slower",
         baseline.touch.as_secs_f64() * 1e3,
         baseline.verify.as_secs_f64() * 1e3,
         pace.as_secs_f64() * 1e3
@@ -232,23 +241,47 @@ pub fn run_density(cfg: &DensityConfig) -> Result<DensityRun, String> {
         &ramp_cfg(Reporting::Ignore, cfg.fill_phases(), 0, cfg.ramp_time),
         &sampler,
         "reclaim off",
+        None,
     )?;
     let no_reclaim_samples = sampler.finish();
     let left = cfg
         .total_time
         .saturating_sub(t0.elapsed() + Duration::from_secs(3));
+    let rig = if cfg.engine {
+        progress("reclaim on: free page reporting, the reclaim engine with budget B, swap");
+        Some(EngineRig::start(cfg.budget, cfg.budget, &cfg.swap_dir)?)
+    } else {
+        progress("reclaim on: free page reporting only (no engine)");
+        None
+    };
     let sampler = Sampler::start(Duration::from_millis(20));
     let reclaim = ramp::ramp(
         &ramp_cfg(Reporting::Discard, 2, 1, cfg.ramp_time.min(left)),
         &sampler,
         "reclaim on",
-    )?;
+        rig.as_ref(),
+    );
     let reclaim_samples = sampler.finish();
+    let engine = rig.map(EngineRig::finish);
+    let reclaim = reclaim?;
+    if let Some(e) = &engine {
+        progress(&format!(
+            "engine: {} runs ({} urgent); reclaimed by phase {:?}; swap wrote {:.2} GiB, read {:.2} GiB; {} failed calls, first {:?}",
+            e.runs,
+            e.urgent_runs,
+            e.phase_bytes,
+            e.swap_written_bytes as f64 / GIB as f64,
+            e.swap_read_bytes as f64 / GIB as f64,
+            e.failed_calls,
+            e.first_failure
+        ));
+    }
     Ok(DensityRun {
         config: cfg.clone(),
         baseline,
         pace,
         reclaim,
+        engine,
         reclaim_samples,
         no_reclaim,
         no_reclaim_samples,
@@ -327,11 +360,16 @@ pub fn figures(run: &DensityRun) -> Result<Report, String> {
         held * cfg.vm_ram as f64 / cfg.budget as f64,
         "nominal memory of the VMs held / B",
     );
-    let reclaimed: u64 = run.reclaim.totals.iter().map(|t| t.reported_bytes).sum();
+    let reported: u64 = run.reclaim.totals.iter().map(|t| t.reported_bytes).sum();
+    let beyond = run
+        .engine
+        .as_ref()
+        .map_or(0, EngineFigures::beyond_reporting);
+    let reclaimed = reported + beyond;
     r.add(
         "reclaim_gib_s",
         gib(reclaimed) / run.reclaim.wall.as_secs_f64().max(1e-9),
-        "GiB/s discarded over the reclaim ramp (sustained)",
+        "GiB/s reclaimed (reports + engine) over the reclaim ramp, sustained",
     );
     let p99 = |v: &[Duration]| percentile(v, 99.0).map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
     r.add(
@@ -346,6 +384,20 @@ pub fn figures(run: &DensityRun) -> Result<Report, String> {
         "data_errors",
         errors as f64,
         "pages read back wrong (must be 0)",
+    );
+    let blocked: Vec<Duration> = run
+        .reclaim
+        .records
+        .iter()
+        .map(|p| {
+            let off = |s: guest::Span| s.wall.saturating_sub(s.runq + s.run);
+            off(p.touch) + p.verify.map(off).unwrap_or_default()
+        })
+        .collect();
+    r.add(
+        "p99_guest_blocked_ms",
+        p99(&blocked),
+        "ms a phase's touch+verify slept off-CPU (uffd, I/O, locks), reclaim on",
     );
     r.add(
         "p99_guest_stall_no_reclaim_ms",
@@ -393,9 +445,36 @@ pub fn figures(run: &DensityRun) -> Result<Report, String> {
     );
     r.add(
         "reclaim_engine",
-        0.0,
+        f64::from(u8::from(run.engine.is_some())),
         "1 when the reclaim engine ran (0: free page reporting only)",
     );
+    if let Some(e) = &run.engine {
+        r.add(
+            "engine_reclaimed_gib",
+            gib(beyond),
+            "GiB the engine's phases 2-5 reclaimed (beyond reports)",
+        );
+        r.add(
+            "engine_runs",
+            e.runs as f64,
+            "engine runs (urgent ones too)",
+        );
+        r.add(
+            "engine_urgent_runs",
+            e.urgent_runs as f64,
+            "runs below the min watermark",
+        );
+        r.add(
+            "swap_out_gib",
+            gib(e.swap_written_bytes),
+            "GiB written to the swap file",
+        );
+        r.add(
+            "swap_in_gib",
+            gib(e.swap_read_bytes),
+            "GiB read back (swap-ins)",
+        );
+    }
     Ok(r)
 }
 
@@ -411,6 +490,7 @@ fn records_json(r: &RampResult, b: &Baseline) -> serde_json::Value {
                     p.phase,
                     ms(p.touch.wall),
                     ms(p.touch.runq),
+                    ms(p.touch.run),
                     ms(v.wall),
                     ms(v.runq),
                     ms(p.report),
@@ -445,7 +525,7 @@ pub fn write_outputs(dir: &Path, run: &DensityRun, report: &Report) -> Result<Pa
         "reclaim_samples": samples_json(&run.reclaim_samples),
         "no_reclaim_samples": samples_json(&run.no_reclaim_samples),
         "records_columns": [
-            "vm", "phase", "touch_wall_ms", "touch_runq_ms", "verify_wall_ms",
+            "vm", "phase", "touch_wall_ms", "touch_runq_ms", "touch_run_ms", "verify_wall_ms",
             "verify_runq_ms", "report_ms", "stall_ms", "mismatches"
         ],
         "reclaim_records": records_json(&run.reclaim, &run.baseline),
@@ -490,10 +570,17 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         suite: "density",
         reason,
     };
-    let cfg = if opts.quick {
-        DensityConfig::quick()
-    } else {
-        DensityConfig::full()
+    let dir = opts
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("target/bench/density"));
+    let cfg = DensityConfig {
+        swap_dir: dir.clone(),
+        ..if opts.quick {
+            DensityConfig::quick()
+        } else {
+            DensityConfig::full()
+        }
     };
     let run = run_density(&cfg).map_err(failed)?;
     progress(&format!(
@@ -502,10 +589,6 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         end_reason(&run.no_reclaim.end)
     ));
     let report = figures(&run).map_err(failed)?;
-    let dir = opts
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("target/bench/density"));
     match write_outputs(&dir, &run, &report) {
         Ok(png) => progress(&format!("wrote {} and density.json", png.display())),
         Err(e) => return Err(failed(e)),

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::engine::EngineRig;
 use super::guest::{DensityVm, GuestSpec, PhaseRecord, VmTotals};
 
 /// Time the touch and the verify of one phase take on an idle host (the stall baseline).
@@ -207,8 +208,14 @@ pub struct RampResult {
     pub wall: Duration,
 }
 
-/// Run one ramp; `sampler` must be running (the ramp sets its VM count).
-pub fn ramp(cfg: &RampConfig, sampler: &Sampler, label: &str) -> Result<RampResult, String> {
+/// Run one ramp; `sampler` must be running (the ramp sets its VM count). With `rig`, every VM
+/// is handed to the reclaim engine (and its swap) as it starts.
+pub fn ramp(
+    cfg: &RampConfig,
+    sampler: &Sampler,
+    label: &str,
+    rig: Option<&EngineRig>,
+) -> Result<RampResult, String> {
     let t0 = Instant::now();
     let mut vms: Vec<DensityVm> = Vec::new();
     let mut stalls = Vec::new();
@@ -225,7 +232,11 @@ pub fn ramp(cfg: &RampConfig, sampler: &Sampler, label: &str) -> Result<RampResu
         let n = vms.len();
         let step_sample = sampler.len();
         let base_phases: Vec<u64> = vms.iter().map(|v| v.shared().phases()).collect();
-        vms.push(DensityVm::start(n, &cfg.spec)?);
+        let vm = DensityVm::start(n, &cfg.spec)?;
+        if let Some(rig) = rig {
+            rig.add_vm(&vm)?;
+        }
+        vms.push(vm);
         seen.push(0);
         sampler.set_vms(vms.len());
         let step_t0 = Instant::now();
@@ -235,6 +246,9 @@ pub fn ramp(cfg: &RampConfig, sampler: &Sampler, label: &str) -> Result<RampResu
             std::thread::sleep(Duration::from_millis(25));
             for v in &vms {
                 v.check_alive()?;
+            }
+            if let Some(f) = rig.and_then(EngineRig::swap_failure) {
+                return Err(f);
             }
             let mut worst: Option<(usize, Duration)> = None;
             for (i, v) in vms.iter().enumerate() {
@@ -302,7 +316,11 @@ pub fn ramp(cfg: &RampConfig, sampler: &Sampler, label: &str) -> Result<RampResu
     let mut tail_mismatches = 0;
     for (i, v) in vms.into_iter().enumerate() {
         let shared = Arc::clone(v.shared());
+        let index = v.index;
         totals.push(v.stop(Duration::from_secs(60))?);
+        if let Some(rig) = rig {
+            rig.remove_vm(index);
+        }
         let rest = shared.records_from(seen[i]);
         records.extend(rest);
         tail_mismatches += shared.tail_mismatches();
@@ -359,10 +377,12 @@ mod tests {
             touch: Span {
                 wall: Duration::from_millis(2000),
                 runq: Duration::from_millis(1500),
+                run: Duration::from_millis(400),
             },
             verify: Some(Span {
                 wall: Duration::from_millis(5),
                 runq: Duration::ZERO,
+                run: Duration::from_millis(5),
             }),
             report: Duration::ZERO,
             mismatches: 0,
