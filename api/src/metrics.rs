@@ -199,6 +199,36 @@ pub struct MetricsSnapshot {
     /// Reclaim engine figures, when the engine runs.
     #[serde(default)]
     pub reclaim: Option<ReclaimMetrics>,
+    /// The daemon's swap file, once created.
+    #[serde(default)]
+    pub swap: Option<SwapMetrics>,
+}
+
+/// Figures of the daemon's swap file (all VMs together).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwapMetrics {
+    /// Capacity.
+    pub capacity_bytes: u64,
+    /// Slots in use now.
+    pub used_bytes: u64,
+    /// Bytes written (swap-out).
+    pub bytes_written: u64,
+    /// Bytes read (swap-in).
+    pub bytes_read: u64,
+    /// Write calls.
+    pub writes: u64,
+    /// Read calls.
+    pub reads: u64,
+    /// Clusters written (runs of contiguous pages, one write each).
+    pub clusters: u64,
+    /// Failed writes.
+    pub write_errors: u64,
+    /// Failed or short reads.
+    pub read_errors: u64,
+    /// Times writes became throttled (congestion back-off).
+    pub throttle_events: u64,
+    /// Whether writes are throttled now.
+    pub congested: bool,
 }
 
 type Labels = Vec<(String, String)>;
@@ -388,10 +418,56 @@ pub fn render(s: &MetricsSnapshot) -> Result<String, std::fmt::Error> {
     if let Some(r) = &s.reclaim {
         render_reclaim(&mut reg, r);
     }
+    if let Some(w) = &s.swap {
+        render_swap(&mut reg, w);
+    }
 
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &reg)?;
     Ok(out)
+}
+
+fn render_swap(reg: &mut Registry, w: &SwapMetrics) {
+    let size = Family::<Labels, Gauge>::default();
+    for (kind, v) in [("capacity", w.capacity_bytes), ("used", w.used_bytes)] {
+        size.get_or_create(&labels(&[("kind", kind)]))
+            .set(i64::try_from(v).unwrap_or(i64::MAX));
+    }
+    reg.register_with_unit(
+        "swap_file",
+        "The swap file: capacity and slots in use",
+        Unit::Bytes,
+        size,
+    );
+    let io = Family::<Labels, Counter>::default();
+    for (dir, v) in [("write", w.bytes_written), ("read", w.bytes_read)] {
+        io.get_or_create(&labels(&[("dir", dir)])).inc_by(v);
+    }
+    reg.register_with_unit(
+        "swap_io",
+        "Bytes moved to and from the swap file",
+        Unit::Bytes,
+        io,
+    );
+    let ops = Family::<Labels, Counter>::default();
+    for (op, v) in [
+        ("write", w.writes),
+        ("read", w.reads),
+        ("cluster", w.clusters),
+        ("write_error", w.write_errors),
+        ("read_error", w.read_errors),
+        ("throttle", w.throttle_events),
+    ] {
+        ops.get_or_create(&labels(&[("op", op)])).inc_by(v);
+    }
+    reg.register("swap_ops", "Swap file operations and events", ops);
+    let congested: Gauge = Gauge::default();
+    congested.set(i64::from(w.congested));
+    reg.register(
+        "swap_congested",
+        "1 while swap writes are throttled",
+        congested,
+    );
 }
 
 fn render_monitor(reg: &mut Registry, s: &MetricsSnapshot) {
@@ -628,6 +704,16 @@ mod tests {
                 psi_some_avg10: Some(12.5),
                 psi_full_avg10: None,
             }),
+            swap: Some(SwapMetrics {
+                capacity_bytes: 1 << 30,
+                used_bytes: 8192,
+                bytes_written: 12288,
+                bytes_read: 4096,
+                writes: 2,
+                reads: 1,
+                clusters: 2,
+                ..Default::default()
+            }),
         }
     }
 
@@ -638,6 +724,10 @@ mod tests {
             "tidepool_pool_memory_bytes{node=\"0\",kind=\"total\"} 1073741824",
             "tidepool_pool_fragmentation_index{node=\"0\"} 0.25",
             "tidepool_pool_events_total{event=\"alloc\"} 7",
+            "tidepool_swap_file_bytes{kind=\"used\"} 8192",
+            "tidepool_swap_io_bytes_total{dir=\"read\"} 4096",
+            "tidepool_swap_ops_total{op=\"cluster\"} 2",
+            "tidepool_swap_congested 0",
             "tidepool_vm_memory_bytes{vm=\"vm-1\",kind=\"boot\"} 268435456",
             "tidepool_vm_vcpus{vm=\"vm-1\"} 2",
             "tidepool_vm_exits_total{vm=\"vm-1\",reason=\"mmio\"} 3",

@@ -55,6 +55,7 @@ impl Vm {
             reported_mib: 0,
             ballooned_mib: self.balloon_actual_mib,
             refaulted_mib: 0,
+            swapped_mib: 0,
             resize: ResizeStatus {
                 phase,
                 from_mib: self.from_mib,

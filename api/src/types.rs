@@ -438,8 +438,11 @@ pub struct MemoryInfo {
     pub reported_mib: u64,
     /// Memory held by the balloon.
     pub ballooned_mib: u64,
-    /// Discarded memory the guest touched again.
+    /// Discarded memory the guest touched again (swap-ins included).
     pub refaulted_mib: u64,
+    /// Memory swapped out now (its content only in the daemon's swap file).
+    #[serde(default)]
+    pub swapped_mib: u64,
     /// Resize progress.
     pub resize: ResizeStatus,
 }

@@ -105,6 +105,19 @@ struct ServeCmd {
     /// Seconds the daemon waits for a VM's thread before answering 504.
     #[arg(long, default_value_t = 20)]
     vm_timeout: u64,
+    /// Resident memory budget of the reclaim engine, in MiB (default: the pool's size).
+    #[arg(long)]
+    reclaim_budget_mib: Option<u64>,
+    /// The swap file (default: `swap` in the socket's directory, or in
+    /// /var/tmp/tidepool-$UID when that directory is tmpfs). Created on the first VM.
+    #[arg(long)]
+    swap_path: Option<std::path::PathBuf>,
+    /// Largest size of the swap file, in MiB (default: the pool's size; capped by free disk).
+    #[arg(long)]
+    swap_max_mib: Option<u64>,
+    /// Run without swap (reclaim phases 3-4 answer unsupported).
+    #[arg(long)]
+    no_swap: bool,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
@@ -115,11 +128,18 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 }
 
 fn serve(cmd: &ServeCmd) -> Result<(), String> {
-    let manager = tidepool_vmm::up::daemon::build_manager(
+    let cfg = cmd.api.to_config().map_err(|e| e.to_string())?;
+    let mut reclaim = tidepool_vmm::manager::DaemonReclaimConfig::default();
+    reclaim.engine.budget_bytes = cmd.reclaim_budget_mib.map(|m| m << 20);
+    reclaim.swap.enabled = !cmd.no_swap;
+    reclaim.swap.path = cmd.swap_path.clone();
+    reclaim.swap.runtime_dir = cfg.socket_path.parent().map(|d| d.to_path_buf());
+    reclaim.swap.max_bytes = cmd.swap_max_mib.map(|m| m << 20);
+    let manager = tidepool_vmm::up::daemon::build_manager_with(
         cmd.pool_mib.map(|m| m << 20),
         Duration::from_secs(cmd.vm_timeout),
+        reclaim,
     )?;
-    let cfg = cmd.api.to_config().map_err(|e| e.to_string())?;
     let rt = runtime()?;
     let backend: Arc<dyn tidepool_api::ApiBackend> = manager.clone();
     let result = rt.block_on(tidepool_api::serve(backend, cfg));

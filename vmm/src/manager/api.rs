@@ -65,6 +65,7 @@ fn memory_info(m: &MemoryFigures) -> MemoryInfo {
         reported_mib: m.reported / MIB,
         ballooned_mib: m.ballooned / MIB,
         refaulted_mib: m.refaulted / MIB,
+        swapped_mib: 0,
         resize: ResizeStatus {
             phase,
             from_mib: m.resize_from / MIB,
@@ -227,7 +228,7 @@ impl ApiBackend for VmManager {
             })
             .map_err(api_err)?
             .map_err(|e| api_err(e.into()))?;
-        Ok(memory_info(&m))
+        Ok(self.with_swap_figures(id, memory_info(&m)))
     }
 
     fn get_memory(&self, id: &str) -> Result<MemoryInfo, ApiError> {
@@ -235,7 +236,7 @@ impl ApiBackend for VmManager {
             .call(id, |vm| vm.memory())
             .map_err(api_err)?
             .map_err(|e| api_err(e.into()))?;
-        Ok(memory_info(&m))
+        Ok(self.with_swap_figures(id, memory_info(&m)))
     }
 
     fn set_balloon(&self, id: &str, target_mib: u64) -> Result<BalloonInfo, ApiError> {
@@ -285,6 +286,9 @@ impl ApiBackend for VmManager {
                 Ok(Ok((v, d))) => {
                     vms.push(v);
                     devices.extend(d);
+                    if let Some(s) = self.vm_swap(&info.id) {
+                        devices.push(vm_swap_metrics(&info.id, &s));
+                    }
                 }
                 Ok(Err(e)) => tracing::warn!(vm = %info.id, error = %e, "metrics failed"),
                 Err(e) => tracing::warn!(vm = %info.id, error = %e, "metrics skipped"),
@@ -304,7 +308,41 @@ impl ApiBackend for VmManager {
             monitor_triggers,
             monitor_actions,
             reclaim,
+            swap: self.swap_file_metrics(),
         })
+    }
+}
+
+impl VmManager {
+    /// `info` with VM `id`'s swap figures: swapped out now, and swap-ins as refaults.
+    fn with_swap_figures(&self, id: &str, mut info: MemoryInfo) -> MemoryInfo {
+        if let Some(s) = self.vm_swap(id) {
+            let c = s.counters();
+            info.swapped_mib = c.swapped_bytes / MIB;
+            info.refaulted_mib += c.swapped_in_pages * 4096 / MIB;
+        }
+        info
+    }
+}
+
+/// A VM's swap counters, as the `swap` device of that VM in `GET /metrics`.
+fn vm_swap_metrics(id: &str, s: &crate::swap::VmSwap) -> DeviceMetrics {
+    let c = s.counters();
+    DeviceMetrics {
+        vm: id.to_string(),
+        device: "swap".into(),
+        counters: counters(&[
+            ("swapped_bytes", c.swapped_bytes),
+            ("clean_bytes", c.clean_bytes),
+            ("swapped_out_pages", c.swapped_out_pages),
+            ("swapped_in_pages", c.swapped_in_pages),
+            ("dropped_clean_pages", c.dropped_clean_pages),
+            ("written_pages", c.written_pages),
+            ("redirtied_pages", c.redirtied_pages),
+            ("missing_faults", c.missing_faults),
+            ("wp_faults", c.wp_faults),
+            ("swap_in_errors", c.swap_in_errors),
+        ]),
     }
 }
 

@@ -7,11 +7,13 @@ mod host;
 pub mod images;
 mod reclaim;
 mod request;
+mod swap;
 #[cfg(test)]
 mod tests;
 
 pub use reclaim::{DaemonReclaimConfig, ReclaimRuntime};
 pub use request::{config_from_request, info_from_request, RequestError};
+pub use swap::{default_runtime_dir, DaemonSwapConfig, DaemonSwapError, SWAP_FILE_NAME};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +29,11 @@ use crate::devices::{lock, BlockRecord, IrqMode};
 use crate::hostpool::FramePool;
 use crate::memory::PoolFiles;
 use crate::microvm::{Microvm, MicrovmConfig, MicrovmError, NodeResidency, VmLifecycle};
+use crate::swap::VmSwap;
+
+/// A VM's swap, shared by the manager (figures, reclaim) and the VM thread (which shuts it
+/// down right after dropping the VM).
+type SwapCell = Arc<Mutex<Option<Arc<VmSwap>>>>;
 
 /// Default time the manager waits for a VM thread to answer.
 pub const DEFAULT_VM_TIMEOUT: Duration = Duration::from_secs(20);
@@ -90,6 +97,7 @@ struct Entry {
     info: VmInfo,
     published: Arc<Mutex<Published>>,
     join: Option<JoinHandle<()>>,
+    swap: SwapCell,
 }
 
 /// Manages the VMs of one daemon.
@@ -186,6 +194,8 @@ impl VmManager {
             window: 0..0,
         }));
         let pub2 = Arc::clone(&published);
+        let swap: SwapCell = Arc::new(Mutex::new(None));
+        let swap2 = Arc::clone(&swap);
         let join = std::thread::Builder::new()
             .name(format!("{id}-vmm"))
             .spawn(move || {
@@ -208,7 +218,7 @@ impl VmManager {
                     // The manager gave up waiting: nobody will ever talk to this VM.
                     return;
                 }
-                vm_thread(vm, &rx, &pub2);
+                vm_thread(vm, &rx, &pub2, &swap2);
             })
             .map_err(ManagerError::Spawn)?;
         let ready = match ready_rx.recv_timeout(self.timeout) {
@@ -231,6 +241,7 @@ impl VmManager {
                         info: info.clone(),
                         published,
                         join: Some(join),
+                        swap,
                     },
                 );
                 self.reclaim_attach(&id);
@@ -272,6 +283,36 @@ impl VmManager {
             },
             RecvTimeoutError::Disconnected => ManagerError::Gone(id.into()),
         })
+    }
+
+    /// Queue `f` on VM `id`'s thread without waiting for it.
+    pub(crate) fn post(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Microvm) + Send + 'static,
+    ) -> Result<(), ManagerError> {
+        let tx = {
+            let vms = lock(&self.vms);
+            let e = vms
+                .get(id)
+                .ok_or_else(|| ManagerError::NotFound(id.into()))?;
+            e.tx.clone()
+        };
+        let call: Call = Box::new(move |vm| {
+            f(vm);
+            Box::new(|| {})
+        });
+        tx.send(Msg::Call(call))
+            .map_err(|_| ManagerError::Gone(id.into()))
+    }
+
+    /// VM `id`'s swap, when it has one.
+    pub fn vm_swap(&self, id: &str) -> Option<Arc<VmSwap>> {
+        let vms = lock(&self.vms);
+        let cell = Arc::clone(&vms.get(id)?.swap);
+        drop(vms);
+        let s = lock(&cell).clone();
+        s
     }
 
     /// The API view of VM `id`, with its published state (never waits for the VM).
@@ -382,7 +423,18 @@ fn publish(vm: &mut Microvm, published: &Mutex<Published>, residency: bool) {
     }
 }
 
-fn vm_thread(mut vm: Microvm, rx: &Receiver<Msg>, published: &Mutex<Published>) {
+/// Drop the VM, then shut its swap down. The swap's fault handler keeps serving while the
+/// vCPUs and the device thread stop (none is left waiting on a fault), unplugged blocks free
+/// their slots as the VM releases them, and the shutdown frees the rest (boot RAM) and
+/// unregisters the window, which the swap held mapped until then.
+fn end_vm(vm: Microvm, swap: &SwapCell) {
+    drop(vm);
+    if let Some(s) = lock(swap).take() {
+        s.shutdown();
+    }
+}
+
+fn vm_thread(mut vm: Microvm, rx: &Receiver<Msg>, published: &Mutex<Published>, swap: &SwapCell) {
     let mut last_residency = Instant::now();
     let mut last_stats = Instant::now();
     loop {
@@ -397,12 +449,15 @@ fn vm_thread(mut vm: Microvm, rx: &Receiver<Msg>, published: &Mutex<Published>) 
                 }
             }
             Ok(Msg::Delete(ack)) => {
-                drop(vm);
+                end_vm(vm, swap);
                 let _ = ack.send(());
                 return;
             }
             Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Disconnected) => {
+                end_vm(vm, swap);
+                return;
+            }
         }
         let refresh = last_residency.elapsed() >= RESIDENCY_REFRESH;
         if refresh {

@@ -3,9 +3,9 @@
 //!
 //! - Engine: budget = the pool's total size (the host memory the daemon may use), free =
 //!   budget - resident memory of all VM windows (mincore); PSI from `/proc/pressure/memory`.
-//!   Each VM is a [`WindowTarget`] with its balloon ([`DeviceBalloon`]) when it has one.
-//!   No quiesce hook is given, so the zero-page split answers unsupported here (the device
-//!   notifier thread can write guest memory even while the vCPUs are paused).
+//!   Each VM is a [`WindowTarget`] with its balloon ([`DeviceBalloon`]) when it has one, its
+//!   [`VmSwap`] over the daemon's shared swap file (phases 3-4, see [`super::swap`]) and a
+//!   quiesce hook that pauses its vCPUs and holds its device locks (phase 5).
 //! - Monitor: guest-mm's decisions over the pool. Compaction and rebalancing run with
 //!   [`PinnedBlocks`] (a VM cannot repoint its block records yet, so every move is refused and
 //!   counted); allocation misses and failures wake the engine.
@@ -18,18 +18,23 @@ use tidepool_api::metrics::{
     LabeledCounter, NamedCounter, ReclaimMetrics, ReclaimPhaseMetrics, WatermarkMetrics,
 };
 
+use super::swap::{failure_hook, quiesce_hook, swap_metrics, DaemonSwap, DaemonSwapConfig};
 use super::VmManager;
 use crate::devices::lock;
 use crate::reclaim::{
     DeviceBalloon, EngineConfig, EngineHandle, GuestMmActions, MonitorConfig, MonitorHandle,
     MonitorTask, PinnedBlocks, Placement, ProcPressure, ReclaimEngine, ReclaimError, WindowTarget,
 };
+use crate::swap::VmSwap;
 
 /// The running engine and monitor of a daemon.
 #[derive(Debug)]
 pub struct ReclaimRuntime {
     engine: Arc<ReclaimEngine>,
     monitor: Arc<MonitorTask>,
+    swap: Arc<DaemonSwap>,
+    quiesce: bool,
+    manager: Weak<VmManager>,
     // Dropped (threads stopped and joined) with the runtime.
     _engine_thread: EngineHandle,
     _monitor_thread: MonitorHandle,
@@ -54,6 +59,10 @@ pub struct DaemonReclaimConfig {
     pub engine: EngineConfig,
     /// Monitor settings.
     pub monitor: MonitorConfig,
+    /// Swap settings (phases 3-4).
+    pub swap: DaemonSwapConfig,
+    /// Give each VM a quiesce hook, so the zero-page split (phase 5) runs.
+    pub quiesce: bool,
 }
 
 impl Default for DaemonReclaimConfig {
@@ -64,6 +73,8 @@ impl Default for DaemonReclaimConfig {
                 ..Default::default()
             },
             monitor: MonitorConfig::default(),
+            swap: DaemonSwapConfig::default(),
+            quiesce: true,
         }
     }
 }
@@ -105,10 +116,11 @@ impl VmManager {
         cfg: DaemonReclaimConfig,
     ) -> Result<(), ReclaimError> {
         let mut engine_cfg = cfg.engine;
+        let pool_bytes = (pool.total_frames() * guest_mm::FRAME_SIZE).max(1);
         if engine_cfg.budget_bytes.is_none() {
-            let total = pool.total_frames() * guest_mm::FRAME_SIZE;
-            engine_cfg.budget_bytes = Some(total.max(1));
+            engine_cfg.budget_bytes = Some(pool_bytes);
         }
+        let swap = Arc::new(DaemonSwap::new(cfg.swap, pool_bytes));
         let engine = Arc::new(ReclaimEngine::new(engine_cfg, ProcPressure::new())?);
         let weak = Arc::downgrade(self);
         let actions = GuestMmActions::new(
@@ -126,6 +138,9 @@ impl VmManager {
         *lock(&self.reclaim) = Some(ReclaimRuntime {
             engine,
             monitor,
+            swap,
+            quiesce: cfg.quiesce,
+            manager: Arc::downgrade(self),
             _engine_thread: engine_thread,
             _monitor_thread: monitor_thread,
         });
@@ -146,25 +161,71 @@ impl VmManager {
         lock(&self.reclaim).as_ref().map(|r| Arc::clone(&r.monitor))
     }
 
-    /// Make VM `id` a reclaim target (no-op without reclaim).
+    /// Make VM `id` a reclaim target (no-op without reclaim): its balloon, its swap (the
+    /// shared file is created on the first VM) and its quiesce hook.
     pub(super) fn reclaim_attach(&self, id: &str) {
-        let Some(engine) = self.reclaim_engine() else {
+        let Some((engine, swap, quiesce)) = lock(&self.reclaim).as_ref().map(|r| {
+            (
+                Arc::clone(&r.engine),
+                Arc::clone(&r.swap),
+                r.quiesce.then(|| r.manager.clone()),
+            )
+        }) else {
             return;
         };
-        let id2 = id.to_string();
         let r = self.call(id, move |vm| {
             let window = vm.vm().map(|v| Arc::clone(v.window()))?;
-            let mut t = WindowTarget::new(id2, &window);
-            if let Some(dev) = vm.balloon_device() {
-                t = t.with_balloon(Arc::new(DeviceBalloon::new(Arc::clone(dev))));
-            }
-            Some(t)
+            let balloon = vm
+                .balloon_device()
+                .map(|dev| Arc::new(DeviceBalloon::new(Arc::clone(dev))));
+            Some((window, balloon, Arc::clone(vm.bus())))
         });
-        match r {
-            Ok(Some(t)) => engine.add_target(Arc::new(t)),
-            Ok(None) => tracing::warn!(vm = %id, "no guest window: not a reclaim target"),
-            Err(e) => tracing::warn!(vm = %id, error = %e, "reclaim target not added"),
+        let (window, balloon, bus) = match r {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                tracing::warn!(vm = %id, "no guest window: not a reclaim target");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(vm = %id, error = %e, "reclaim target not added");
+                return;
+            }
+        };
+        let mut t = WindowTarget::new(id, &window);
+        if let Some(b) = balloon {
+            t = t.with_balloon(b);
         }
+        if let Some(file) = swap.file() {
+            match VmSwap::new(Arc::clone(&window), file) {
+                Ok(s) => {
+                    failure_hook(&s, id);
+                    let s = Arc::new(s);
+                    let stored = {
+                        let vms = lock(&self.vms);
+                        vms.get(id).map(|e| {
+                            *lock(&e.swap) = Some(Arc::clone(&s));
+                        })
+                    };
+                    if stored.is_some() {
+                        t = t.with_swap(s);
+                    } else {
+                        // Deleted meanwhile.
+                        s.shutdown();
+                        return;
+                    }
+                }
+                Err(e @ crate::swap::SwapError::Unsupported(_)) => {
+                    tracing::info!(vm = %id, reason = %e, "no swap for this VM's backing: phases 3-4 unsupported")
+                }
+                Err(e) => {
+                    tracing::error!(vm = %id, error = %e, "no swap for this VM: phases 3-4 unsupported")
+                }
+            }
+        }
+        if let Some(manager) = quiesce {
+            t = t.with_quiesce(quiesce_hook(manager, id.to_string(), bus));
+        }
+        engine.add_target(Arc::new(t));
     }
 
     /// Forget VM `id` as a reclaim target.
@@ -172,6 +233,12 @@ impl VmManager {
         if let Some(engine) = self.reclaim_engine() {
             engine.remove_target(id);
         }
+    }
+
+    /// The daemon's swap file figures, once the file exists.
+    pub(super) fn swap_file_metrics(&self) -> Option<tidepool_api::metrics::SwapMetrics> {
+        let swap = lock(&self.reclaim).as_ref().map(|r| Arc::clone(&r.swap))?;
+        swap.existing().map(|f| swap_metrics(&f))
     }
 
     /// Monitor triggers, action results and engine figures for `GET /metrics`.

@@ -37,6 +37,19 @@ pub fn build_manager(
     pool_bytes_per_node: Option<u64>,
     vm_timeout: Duration,
 ) -> Result<Arc<VmManager>, String> {
+    build_manager_with(
+        pool_bytes_per_node,
+        vm_timeout,
+        DaemonReclaimConfig::default(),
+    )
+}
+
+/// [`build_manager`] with reclaim settings (budget, swap file).
+pub fn build_manager_with(
+    pool_bytes_per_node: Option<u64>,
+    vm_timeout: Duration,
+    reclaim: DaemonReclaimConfig,
+) -> Result<Arc<VmManager>, String> {
     let topo = host_topology()?;
     let nodes = u16::try_from(topo.len()).map_err(|_| "too many NUMA nodes".to_string())?;
     let pool = Arc::new(
@@ -52,7 +65,7 @@ pub fn build_manager(
         vm_timeout,
     ));
     manager
-        .start_reclaim(pool, DaemonReclaimConfig::default())
+        .start_reclaim(pool, reclaim)
         .map_err(|e| format!("starting reclaim: {e}"))?;
     Ok(manager)
 }
