@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use guest_mm::slab::TypedSlab;
 use guest_mm::topology::Topology;
-use tidepool_api::types::{CreateVmRequest, RawImage};
+use tidepool_api::types::{CreateVmRequest, ImagePrivilege, RawImage};
 use tidepool_api::ApiBackend;
 use tidepool_vmm::hostpool::{build_pool, FramePool};
 use tidepool_vmm::manager::{DaemonReclaimConfig, DaemonSwapConfig, VmManager};
@@ -63,6 +63,7 @@ fn image() -> RawImage {
         inline: Some(img.bytes.clone()),
         load_addr: img.load_addr,
         entry: img.entry(),
+        privilege: ImagePrivilege::Kernel,
     }
 }
 
