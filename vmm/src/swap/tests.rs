@@ -171,9 +171,18 @@ fn concurrent_writers_never_lose_data() {
     // written last.
     let shadow: Vec<AtomicU64> = (0..pages).map(|_| AtomicU64::new(0)).collect();
     let stop = std::sync::atomic::AtomicBool::new(false);
+    // Writes done so far: the swap rounds wait for the writers, so that on an idle machine
+    // they do not all run before the writer threads got going (nothing resident to swap).
+    let writes = AtomicU64::new(0);
+    let wait_writes = |n: u64| {
+        let t0 = std::time::Instant::now();
+        while writes.load(Ordering::Relaxed) < n && t0.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    };
     std::thread::scope(|s| {
         for t in 0..2u64 {
-            let (w, shadow, stop) = (&w, &shadow, &stop);
+            let (w, shadow, stop, writes) = (&w, &shadow, &stop, &writes);
             s.spawn(move || {
                 let mut x = 0x9e37_79b9u64 + t;
                 let mut v = 1u64;
@@ -187,6 +196,7 @@ fn concurrent_writers_never_lose_data() {
                     wr(w, p * PAGE, val);
                     wr(w, p * PAGE + PAGE - 8, val);
                     shadow[p as usize].store(val, Ordering::Relaxed);
+                    writes.fetch_add(1, Ordering::Relaxed);
                     v += 1;
                     // Pace the writers (about a million writes a second) so that most pages
                     // stay unwritten for the length of a write-out and really go out, while
@@ -197,7 +207,11 @@ fn concurrent_writers_never_lose_data() {
                 }
             });
         }
+        // Most pages written (resident) before the first round, and fresh writes before each.
+        wait_writes(pages);
         for round in 0..30 {
+            let seen = writes.load(Ordering::Relaxed);
+            wait_writes(seen + 256);
             let out = swap.swap_out(0..LEN, u64::MAX).expect("swap out");
             if round % 3 == 0 {
                 swap.drop_clean(0..LEN).expect("drop clean");
