@@ -202,7 +202,7 @@ fn emit_on_window(
 }
 
 /// Routine: write `p ^ rdx` at the first word of every page p of [rdi, rsi). Clobbers rax, rdi.
-fn emit_touch_seeded(a: &mut CodeAssembler) -> Result<(), IcedError> {
+pub(super) fn emit_touch_seeded(a: &mut CodeAssembler) -> Result<(), IcedError> {
     let mut top = a.create_label();
     let mut done = a.create_label();
     a.set_label(&mut top)?;

@@ -330,19 +330,8 @@ impl FprDriver {
     /// Routine: write `pattern(p, seed)` at the first word of every page of [rdi, rsi).
     /// Clobbers rax, rdx, rdi.
     fn emit_touch(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
-        let mut top = a.create_label();
-        let mut done = a.create_label();
         a.mov(rdx, self.seed)?;
-        a.set_label(&mut top)?;
-        a.cmp(rdi, rsi)?;
-        a.jae(done)?;
-        a.mov(rax, rdi)?;
-        a.xor(rax, rdx)?;
-        a.mov(qword_ptr(rdi), rax)?;
-        a.add(rdi, 4096)?;
-        a.jmp(top)?;
-        a.set_label(&mut done)?;
-        a.ret()
+        super::fpr_density::emit_touch_seeded(a)
     }
 
     /// Routine: report [rdi, rsi) free in chains of up to 32 blocks of 2 MiB on `q`, each
