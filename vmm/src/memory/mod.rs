@@ -9,6 +9,7 @@ pub mod backing;
 #[cfg(test)]
 mod backing_tests;
 pub mod layout;
+pub mod numa;
 pub mod tuning;
 pub mod window;
 
@@ -104,6 +105,9 @@ pub enum MemoryError {
     /// A pool block's frame does not give a 2 MiB-aligned file offset.
     #[error("pool block at frame {0} has no valid file offset")]
     BadPoolBlock(guest_mm::frame::FrameId),
+    /// A NUMA placement call (mbind, set_mempolicy) failed.
+    #[error("NUMA placement: {0}")]
+    Numa(#[from] numa::NumaError),
     /// The host has no free hugetlbfs pages for a block (`vm.nr_hugepages` too small).
     #[error(
         "no hugetlbfs pages for {bytes:#x} bytes (reserve more with vm.nr_hugepages): {source}"
