@@ -119,6 +119,39 @@ fn engine(budget: u64, psi: SyntheticPressure) -> ReclaimEngine {
     ReclaimEngine::new(EngineConfig::with_budget(budget), psi).expect("engine")
 }
 
+/// An engine with `cfg` and no pressure.
+fn engine_with(cfg: EngineConfig) -> ReclaimEngine {
+    ReclaimEngine::new(cfg, SyntheticPressure::new()).expect("engine")
+}
+
+/// An engine over a 1000 MiB budget with no pressure, watching `vms`.
+fn rig(vms: &[&Arc<FakeVm>]) -> ReclaimEngine {
+    let e = engine(1000 * MIB, SyntheticPressure::new());
+    for vm in vms {
+        e.add_target(Arc::clone(*vm) as Arc<dyn ReclaimTarget>);
+    }
+    e
+}
+
+/// A [`rig`] watching one VM, "a", made by [`FakeVm::new`] from the arguments.
+fn one_vm(
+    resident: u64,
+    working_set: u64,
+    per_phase: [Option<u64>; 5],
+) -> (Arc<FakeVm>, ReclaimEngine) {
+    let vm = FakeVm::new("a", resident, working_set, per_phase);
+    let e = rig(&[&vm]);
+    (vm, e)
+}
+
+/// The phases of a run that goes as far as swap out, in order.
+const THROUGH_SWAP_OUT: [Phase; 4] = [
+    Phase::Reported,
+    Phase::Balloon,
+    Phase::DropClean,
+    Phase::SwapOut,
+];
+
 #[test]
 fn config_is_validated() {
     let p = SyntheticPressure::new();
@@ -150,9 +183,7 @@ fn config_is_validated() {
 
 #[test]
 fn no_pressure_no_run() {
-    let e = engine(1000 * MIB, SyntheticPressure::new());
-    let vm = FakeVm::new("a", 500 * MIB, 0, [Some(1 << 40); 5]);
-    e.add_target(vm.clone());
+    let (vm, e) = one_vm(500 * MIB, 0, [Some(1 << 40); 5]);
     let r = e.step().expect("step");
     assert_eq!(r.trigger, None);
     assert!(vm.calls().is_empty());
@@ -164,11 +195,9 @@ fn no_pressure_no_run() {
 fn phases_run_in_order_and_stop_at_high() {
     // Budget 1000 MiB: low = 50, high = 100 free. Resident 980 -> free 20 (below min 20? no:
     // 20 is not < 20, so low, not urgent). Need 80 MiB.
-    let e = engine(1000 * MIB, SyntheticPressure::new());
     // Only 30 MiB from the balloon (asynchronous, credited), 30 from drop clean, plenty from
     // swap: the run must stop inside swap out and never reach split.
-    let vm = FakeVm::new(
-        "a",
+    let (vm, e) = one_vm(
         980 * MIB,
         100 * MIB,
         [
@@ -179,29 +208,12 @@ fn phases_run_in_order_and_stop_at_high() {
             Some(500 * MIB),
         ],
     );
-    e.add_target(vm.clone());
     let r = e.step().expect("step");
     assert_eq!(r.trigger, Some(Trigger::Watermark));
     assert!(!r.urgent);
     assert_eq!(r.need_bytes, 80 * MIB);
-    assert_eq!(
-        vm.calls(),
-        vec![
-            Phase::Reported,
-            Phase::Balloon,
-            Phase::DropClean,
-            Phase::SwapOut
-        ]
-    );
-    assert_eq!(
-        r.phase_order(),
-        vec![
-            Phase::Reported,
-            Phase::Balloon,
-            Phase::DropClean,
-            Phase::SwapOut
-        ]
-    );
+    assert_eq!(vm.calls(), THROUGH_SWAP_OUT);
+    assert_eq!(r.phase_order(), THROUGH_SWAP_OUT);
     assert!(r.satisfied, "{r:?}");
     // Swap took only what was still needed: 80 - 30 (balloon credit) - 30.
     assert_eq!(r.phases[3].1.reclaimed, 20 * MIB);
@@ -222,7 +234,6 @@ fn phases_run_in_order_and_stop_at_high() {
 
 #[test]
 fn busy_vms_are_skipped_unless_urgent() {
-    let e = engine(1000 * MIB, SyntheticPressure::new());
     // Idle VM: 400 resident, 0 working set. Busy VM: 560 resident, all of it working set.
     let idle = FakeVm::new(
         "idle",
@@ -236,8 +247,7 @@ fn busy_vms_are_skipped_unless_urgent() {
         560 * MIB,
         [Some(0), None, Some(500 * MIB), None, None],
     );
-    e.add_target(idle.clone());
-    e.add_target(busy.clone());
+    let e = rig(&[&idle, &busy]);
     // free = 40: low, not urgent.
     let r = e.step().expect("step");
     assert!(!r.urgent);
@@ -259,26 +269,15 @@ fn busy_vms_are_skipped_unless_urgent() {
 
 #[test]
 fn urgent_does_not_count_on_the_balloon() {
-    let e = engine(1000 * MIB, SyntheticPressure::new());
     // free = 10 (< min 20): need 90. The balloon could give it all, but only later.
-    let vm = FakeVm::new(
-        "a",
+    let (_vm, e) = one_vm(
         990 * MIB,
         0,
         [Some(0), Some(500 * MIB), Some(0), Some(500 * MIB), None],
     );
-    e.add_target(vm.clone());
     let r = e.step().expect("step");
     assert!(r.urgent);
-    assert_eq!(
-        r.phase_order(),
-        vec![
-            Phase::Reported,
-            Phase::Balloon,
-            Phase::DropClean,
-            Phase::SwapOut
-        ]
-    );
+    assert_eq!(r.phase_order(), THROUGH_SWAP_OUT);
     assert_eq!(
         r.phases[3].1.reclaimed,
         90 * MIB,
@@ -289,7 +288,6 @@ fn urgent_does_not_count_on_the_balloon() {
 
 #[test]
 fn idlest_vm_goes_first() {
-    let e = engine(1000 * MIB, SyntheticPressure::new());
     let a = FakeVm::new(
         "a",
         480 * MIB,
@@ -302,8 +300,7 @@ fn idlest_vm_goes_first() {
         100 * MIB,
         [Some(0), None, Some(1 << 30), None, None],
     );
-    e.add_target(a.clone());
-    e.add_target(b.clone());
+    let e = rig(&[&a, &b]);
     // free 40, need 60: b (380 idle) alone covers it.
     let r = e.step().expect("step");
     assert!(r.satisfied);
@@ -351,7 +348,7 @@ fn disabled_and_unsupported_phases_are_skipped() {
         phases: vec![Phase::SwapOut, Phase::Reported],
         ..EngineConfig::with_budget(1000 * MIB)
     };
-    let e = ReclaimEngine::new(cfg, SyntheticPressure::new()).expect("engine");
+    let e = engine_with(cfg);
     let vm = FakeVm::new(
         "a",
         960 * MIB,
@@ -406,30 +403,21 @@ fn node_watermarks_from_the_pool() {
         },
         ..Default::default()
     };
-    let e = ReclaimEngine::new(cfg, SyntheticPressure::new())
-        .expect("engine")
-        .with_pool(pool.clone());
-    let mut held = Vec::new();
-    for _ in 0..5 {
-        let (f, _) = pool
-            .alloc_block(MigrateType::Movable, &NumaPolicy::Local, NodeId(0))
-            .expect("alloc");
-        held.push(f);
-    }
+    let e = engine_with(cfg).with_pool(pool.clone());
+    let alloc = || {
+        pool.alloc_block(MigrateType::Movable, &NumaPolicy::Local, NodeId(0))
+            .expect("alloc")
+            .0
+    };
+    let mut held: Vec<_> = (0..5).map(|_| alloc()).collect();
     // 3 of 8 free (37.5%): below low, above min.
     let r = e.step().expect("step");
     assert_eq!(r.trigger, Some(Trigger::Watermark));
     assert_eq!(r.domains_before[0].reading.domain, Domain::Node(NodeId(0)));
     assert!(!r.urgent);
-    let (f, _) = pool
-        .alloc_block(MigrateType::Movable, &NumaPolicy::Local, NodeId(0))
-        .expect("alloc");
-    held.push(f);
+    held.push(alloc());
     // 2 of 8 free (25%) is not below min; one more is.
-    let (f, _) = pool
-        .alloc_block(MigrateType::Movable, &NumaPolicy::Local, NodeId(0))
-        .expect("alloc");
-    held.push(f);
+    held.push(alloc());
     assert!(e.step().expect("step").urgent);
     for f in held.drain(..3) {
         pool.free_block(f).expect("free");
@@ -449,7 +437,7 @@ fn driver_thread_steps_and_wakes_on_alloc_failure() {
         interval: Duration::from_secs(3600),
         ..EngineConfig::with_budget(1000 * MIB)
     };
-    let e = Arc::new(ReclaimEngine::new(cfg, SyntheticPressure::new()).expect("engine"));
+    let e = Arc::new(engine_with(cfg));
     let h = e.spawn().expect("spawn");
     // The first step runs at once; a notify wakes the thread long before the hour is over.
     let t0 = Instant::now();
@@ -470,14 +458,7 @@ fn driver_thread_steps_and_wakes_on_alloc_failure() {
 
 #[test]
 fn balloon_is_given_back_when_pressure_is_gone() {
-    let e = engine(1000 * MIB, SyntheticPressure::new());
-    let vm = FakeVm::new(
-        "a",
-        980 * MIB,
-        0,
-        [Some(0), Some(200 * MIB), None, None, None],
-    );
-    e.add_target(vm.clone());
+    let (vm, e) = one_vm(980 * MIB, 0, [Some(0), Some(200 * MIB), None, None, None]);
     // Need 80: the balloon takes 80 (credited), lands at the next sample.
     let r = e.step().expect("step");
     assert!(r.satisfied);
@@ -496,7 +477,7 @@ fn balloon_is_given_back_when_pressure_is_gone() {
         release: false,
         ..EngineConfig::with_budget(1000 * MIB)
     };
-    let e2 = ReclaimEngine::new(cfg, SyntheticPressure::new()).expect("engine");
+    let e2 = engine_with(cfg);
     let vm2 = FakeVm::new("b", 100 * MIB, 0, [None; 5]);
     lock(&vm2.state).ballooned = 50 * MIB;
     e2.add_target(vm2);
