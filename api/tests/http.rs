@@ -6,9 +6,60 @@ mod common;
 use common::{assert_error, create, hotplug_vm, Harness};
 use hyper::Method;
 use serde_json::{json, Value};
+use std::future::Future;
 use std::time::Duration;
+use tidepool_api::client::RawResponse;
 use tidepool_api::types::*;
 use tidepool_api::ErrorKind;
+
+/// `method /v1/vms/{id}{sub}` with `body`, validated against the spec's `/v1/vms/{id}{sub}`.
+async fn on_vm(
+    h: &Harness,
+    method: Method,
+    id: &str,
+    sub: &str,
+    body: Option<&str>,
+) -> RawResponse {
+    let path = format!("/v1/vms/{id}{sub}");
+    h.raw(method, &path, &format!("/v1/vms/{{id}}{sub}"), body)
+        .await
+}
+
+/// Awaits `request` and asserts that it was refused with 409 conflict and changed no VM.
+async fn assert_conflict_changes_nothing(h: &Harness, request: impl Future<Output = RawResponse>) {
+    let before = h.snapshot().await;
+    assert_error(&request.await, 409, "conflict");
+    assert_eq!(h.snapshot().await, before);
+}
+
+/// A typed client call failed with a conflict.
+fn assert_client_conflict<T: std::fmt::Debug>(r: &Result<T, tidepool_api::client::ClientError>) {
+    assert!(
+        matches!(r, Err(e) if e.kind() == Some(ErrorKind::Conflict)),
+        "{r:?}"
+    );
+}
+
+/// The VM in a state change's response is in `state`.
+fn assert_state(r: &RawResponse, state: VmState) {
+    assert_eq!(r.json::<VmInfo>().map(|v| v.state).ok(), Some(state));
+}
+
+/// Reads VM `id`'s memory (at most 100 times) until the plugged size reaches the requested
+/// one; every reading, the last one converged unless all 100 were not.
+async fn memory_until_converged(h: &Harness, id: &str) -> Vec<MemoryInfo> {
+    let mut readings = Vec::new();
+    for _ in 0..100 {
+        let r = on_vm(h, Method::GET, id, "/memory", None).await;
+        let m: MemoryInfo = r.json().unwrap_or_else(|e| panic!("{e}"));
+        let done = m.plugged_mib == m.requested_mib;
+        readings.push(m);
+        if done {
+            break;
+        }
+    }
+    readings
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_list_show_delete_over_unix_socket() {
@@ -31,14 +82,7 @@ async fn create_list_show_delete_over_unix_socket() {
     let list: Vec<VmInfo> = list.json().unwrap_or_default();
     assert_eq!(list.len(), 2);
 
-    let show = h
-        .raw(
-            Method::GET,
-            &format!("/v1/vms/{}", a.id),
-            "/v1/vms/{id}",
-            None,
-        )
-        .await;
+    let show = on_vm(&h, Method::GET, &a.id, "", None).await;
     assert_eq!(show.json::<VmInfo>().ok(), Some(a.clone()));
 
     // The typed client sees the same.
@@ -51,32 +95,11 @@ async fn create_list_show_delete_over_unix_socket() {
     assert_eq!(host.assigned_mib, 512 + 64);
     assert_eq!(host.nodes.len(), 2);
 
-    let del = h
-        .raw(
-            Method::DELETE,
-            &format!("/v1/vms/{}", a.id),
-            "/v1/vms/{id}",
-            None,
-        )
-        .await;
+    let del = on_vm(&h, Method::DELETE, &a.id, "", None).await;
     assert_eq!(del.status.as_u16(), 204);
-    let gone = h
-        .raw(
-            Method::GET,
-            &format!("/v1/vms/{}", a.id),
-            "/v1/vms/{id}",
-            None,
-        )
-        .await;
+    let gone = on_vm(&h, Method::GET, &a.id, "", None).await;
     assert_error(&gone, 404, "not_found");
-    let again = h
-        .raw(
-            Method::DELETE,
-            &format!("/v1/vms/{}", a.id),
-            "/v1/vms/{id}",
-            None,
-        )
-        .await;
+    let again = on_vm(&h, Method::DELETE, &a.id, "", None).await;
     assert_error(&again, 404, "not_found");
     assert_eq!(h.unix.list_vms().await.map(|v| v.len()).ok(), Some(1));
     h.stop().await;
@@ -86,61 +109,31 @@ async fn create_list_show_delete_over_unix_socket() {
 async fn lifecycle_transitions_and_forbidden_ones() {
     let h = Harness::start().await;
     let vm = create(&h, &json!({"memory_mib": 128, "start": false}).to_string()).await;
-    let path = format!("/v1/vms/{}/state", vm.id);
-    let t = "/v1/vms/{id}/state";
     let put = |action: &'static str| {
-        let h = &h;
-        let path = path.clone();
+        let (h, id) = (&h, vm.id.clone());
         async move {
-            h.raw(
-                Method::PUT,
-                &path,
-                t,
-                Some(&json!({ "action": action }).to_string()),
-            )
-            .await
+            let body = json!({ "action": action }).to_string();
+            on_vm(h, Method::PUT, &id, "/state", Some(&body)).await
         }
     };
     // created: pause and resume are forbidden.
     for action in ["pause", "resume"] {
-        let before = h.snapshot().await;
-        assert_error(&put(action).await, 409, "conflict");
-        assert_eq!(h.snapshot().await, before);
+        assert_conflict_changes_nothing(&h, put(action)).await;
     }
-    let r = put("start").await;
-    assert_eq!(
-        r.json::<VmInfo>().map(|v| v.state).ok(),
-        Some(VmState::Running)
-    );
+    assert_state(&put("start").await, VmState::Running);
     assert_error(&put("start").await, 409, "conflict");
     assert_error(&put("resume").await, 409, "conflict");
-    let r = put("pause").await;
-    assert_eq!(
-        r.json::<VmInfo>().map(|v| v.state).ok(),
-        Some(VmState::Paused)
-    );
+    assert_state(&put("pause").await, VmState::Paused);
     assert_error(&put("pause").await, 409, "conflict");
-    let r = put("resume").await;
-    assert_eq!(
-        r.json::<VmInfo>().map(|v| v.state).ok(),
-        Some(VmState::Running)
-    );
-    let r = put("stop").await;
-    assert_eq!(
-        r.json::<VmInfo>().map(|v| v.state).ok(),
-        Some(VmState::Stopped)
-    );
+    assert_state(&put("resume").await, VmState::Running);
+    assert_state(&put("stop").await, VmState::Stopped);
     for action in ["start", "pause", "resume", "stop"] {
         assert_error(&put(action).await, 409, "conflict");
     }
     let r = put("explode").await;
     assert_error(&r, 400, "bad_request");
     // The typed client maps the error.
-    let e = h.unix.set_state(&vm.id, StateAction::Pause).await;
-    assert!(
-        matches!(e, Err(ref e) if e.kind() == Some(ErrorKind::Conflict)),
-        "{e:?}"
-    );
+    assert_client_conflict(&h.unix.set_state(&vm.id, StateAction::Pause).await);
     h.stop().await;
 }
 
@@ -162,16 +155,12 @@ async fn resize_is_accepted_with_202_and_progress_shows() {
     assert_eq!(m.requested_mib, 1024);
     assert_eq!(m.plugged_mib, 512);
     assert_eq!(m.resize.phase, ResizePhase::Plugging);
-    let mut seen = vec![m.plugged_mib];
-    for _ in 0..100 {
-        let r = h.raw(Method::GET, &path, t, None).await;
-        let m: MemoryInfo = r.json().unwrap_or_else(|e| panic!("{e}"));
-        seen.push(m.plugged_mib);
-        if m.plugged_mib == m.requested_mib {
-            assert_eq!(m.resize.phase, ResizePhase::Idle);
-            break;
-        }
-    }
+    let readings = memory_until_converged(&h, &vm.id).await;
+    let last = readings.last().filter(|m| m.plugged_mib == m.requested_mib);
+    assert_eq!(last.map(|m| m.resize.phase), Some(ResizePhase::Idle));
+    let seen: Vec<u64> = std::iter::once(m.plugged_mib)
+        .chain(readings.iter().map(|m| m.plugged_mib))
+        .collect();
     assert_eq!(seen.last(), Some(&1024));
     assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
     // Shrink back with the typed client.
@@ -188,10 +177,7 @@ async fn resize_is_accepted_with_202_and_progress_shows() {
         r#"{"requested_mib": 4096}"#,
         r#"{"requested_mib": 513}"#,
     ] {
-        let before = h.snapshot().await;
-        let r = h.raw(Method::PUT, &path, t, Some(body)).await;
-        assert_error(&r, 409, "conflict");
-        assert_eq!(h.snapshot().await, before);
+        assert_conflict_changes_nothing(&h, h.raw(Method::PUT, &path, t, Some(body))).await;
     }
     // A VM never started has no driver yet.
     let cold = create(
@@ -199,14 +185,8 @@ async fn resize_is_accepted_with_202_and_progress_shows() {
         &json!({"memory_mib": 256, "start": false, "hotplug": {"region_mib": 128}}).to_string(),
     )
     .await;
-    let r = h
-        .raw(
-            Method::PUT,
-            &format!("/v1/vms/{}/memory", cold.id),
-            t,
-            Some(r#"{"requested_mib": 384}"#),
-        )
-        .await;
+    let body = r#"{"requested_mib": 384}"#;
+    let r = on_vm(&h, Method::PUT, &cold.id, "/memory", Some(body)).await;
     assert_error(&r, 409, "conflict");
     let msg: Value = serde_json::from_slice(&r.body).unwrap_or_default();
     assert!(msg["message"]
@@ -220,27 +200,14 @@ async fn resize_is_accepted_with_202_and_progress_shows() {
 async fn balloon_set_and_stats() {
     let h = Harness::start().await;
     let vm = create(&h, &hotplug_vm()).await;
-    let r = h
-        .raw(
-            Method::PUT,
-            &format!("/v1/vms/{}/balloon", vm.id),
-            "/v1/vms/{id}/balloon",
-            Some(r#"{"target_mib": 100}"#),
-        )
-        .await;
+    let body = r#"{"target_mib": 100}"#;
+    let r = on_vm(&h, Method::PUT, &vm.id, "/balloon", Some(body)).await;
     assert_eq!(r.status.as_u16(), 200);
     assert_eq!(
         r.json::<BalloonInfo>().map(|b| b.target_mib).ok(),
         Some(100)
     );
-    let r = h
-        .raw(
-            Method::GET,
-            &format!("/v1/vms/{}/balloon/stats", vm.id),
-            "/v1/vms/{id}/balloon/stats",
-            None,
-        )
-        .await;
+    let r = on_vm(&h, Method::GET, &vm.id, "/balloon/stats", None).await;
     let s: BalloonStats = r.json().unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((s.target_mib, s.actual_mib), (100, 100));
     assert_eq!(s.total_mib, Some(412));
@@ -251,23 +218,11 @@ async fn balloon_set_and_stats() {
     let json: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
     assert!(json.get("swap_in_pages").is_none(), "{json}");
     // Above guest RAM: 409. No balloon device: 409.
-    let before = h.snapshot().await;
-    let r = h
-        .raw(
-            Method::PUT,
-            &format!("/v1/vms/{}/balloon", vm.id),
-            "/v1/vms/{id}/balloon",
-            Some(r#"{"target_mib": 4096}"#),
-        )
+    let big = r#"{"target_mib": 4096}"#;
+    assert_conflict_changes_nothing(&h, on_vm(&h, Method::PUT, &vm.id, "/balloon", Some(big)))
         .await;
-    assert_error(&r, 409, "conflict");
-    assert_eq!(h.snapshot().await, before);
     let plain = create(&h, r#"{"memory_mib": 128}"#).await;
-    let e = h.unix.balloon_stats(&plain.id).await;
-    assert!(
-        matches!(e, Err(ref e) if e.kind() == Some(ErrorKind::Conflict)),
-        "{e:?}"
-    );
+    assert_client_conflict(&h.unix.balloon_stats(&plain.id).await);
     h.stop().await;
 }
 
@@ -326,23 +281,12 @@ async fn ten_concurrent_resizes_across_five_vms() {
     }
     assert_eq!(accepted.values().map(Vec::len).sum::<usize>(), 10);
     for id in &ids {
-        let mut last = None;
-        for _ in 0..100 {
-            let r = h
-                .raw(
-                    Method::GET,
-                    &format!("/v1/vms/{id}/memory"),
-                    "/v1/vms/{id}/memory",
-                    None,
-                )
-                .await;
-            let m: MemoryInfo = r.json().unwrap_or_else(|e| panic!("{e}"));
-            if m.plugged_mib == m.requested_mib {
-                last = Some(m.requested_mib);
-                break;
-            }
-        }
-        let last = last.unwrap_or_else(|| panic!("{id} never converged"));
+        let last = memory_until_converged(&h, id)
+            .await
+            .pop()
+            .filter(|m| m.plugged_mib == m.requested_mib)
+            .map(|m| m.requested_mib)
+            .unwrap_or_else(|| panic!("{id} never converged"));
         assert!(
             accepted[id].contains(&last),
             "{id}: {last} not among {:?}",
