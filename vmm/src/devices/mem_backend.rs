@@ -183,6 +183,21 @@ impl PoolMemoryBackend {
         self.records.values().map(|r| **r).collect()
     }
 
+    /// Repoint the record of the plugged block at `gpa` from pool block `from` to `to` on
+    /// `node` (the pool's block mover, after it moved the block's data if the backing needs
+    /// that). Returns false, changing nothing, when no record at `gpa` holds `from` (unplugged
+    /// or moved meanwhile). The record stays in its slab slot.
+    pub fn repoint(&mut self, gpa: u64, from: FrameId, to: FrameId, node: NodeId) -> bool {
+        match self.records.get_mut(&gpa) {
+            Some(r) if r.frame == from => {
+                r.frame = to;
+                r.node = node;
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn give_back(&self, frames: &[FrameId]) {
         for f in frames {
             if let Err(e) = self.pool.free_block(*f) {

@@ -5,12 +5,14 @@
 mod api;
 mod host;
 pub mod images;
+mod mover;
 mod reclaim;
 mod request;
 mod swap;
 #[cfg(test)]
 mod tests;
 
+pub use mover::{host_memory_nodes, VmPoolActions};
 pub use reclaim::{DaemonReclaimConfig, ReclaimRuntime};
 pub use request::{config_from_request, info_from_request, RequestError};
 pub use swap::{default_runtime_dir, DaemonSwapConfig, DaemonSwapError, SWAP_FILE_NAME};

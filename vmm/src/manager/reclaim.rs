@@ -6,9 +6,9 @@
 //!   Each VM is a [`WindowTarget`] with its balloon ([`DeviceBalloon`]) when it has one, its
 //!   [`VmSwap`] over the daemon's shared swap file (phases 3-4, see [`super::swap`]) and a
 //!   quiesce hook that pauses its vCPUs and holds its device locks (phase 5).
-//! - Monitor: guest-mm's decisions over the pool. Compaction and rebalancing run with
-//!   [`PinnedBlocks`] (a VM cannot repoint its block records yet, so every move is refused and
-//!   counted); allocation misses and failures wake the engine.
+//! - Monitor: guest-mm's decisions over the pool. Compaction and rebalancing move VM blocks
+//!   through [`super::mover::VmPoolActions`] (every move counted by outcome in `/metrics`,
+//!   `action="block_move"`); allocation misses and failures wake the engine.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -22,8 +22,8 @@ use super::swap::{failure_hook, quiesce_hook, swap_metrics, DaemonSwap, DaemonSw
 use super::VmManager;
 use crate::devices::lock;
 use crate::reclaim::{
-    DeviceBalloon, EngineConfig, EngineHandle, GuestMmActions, MonitorConfig, MonitorHandle,
-    MonitorTask, PinnedBlocks, Placement, ProcPressure, ReclaimEngine, ReclaimError, WindowTarget,
+    DeviceBalloon, EngineConfig, EngineHandle, MonitorConfig, MonitorHandle, MonitorTask,
+    MoveCounters, ProcPressure, ReclaimEngine, ReclaimError, WindowTarget,
 };
 use crate::swap::VmSwap;
 
@@ -33,6 +33,7 @@ pub struct ReclaimRuntime {
     engine: Arc<ReclaimEngine>,
     monitor: Arc<MonitorTask>,
     swap: Arc<DaemonSwap>,
+    moves: Arc<MoveCounters>,
     quiesce: bool,
     manager: Weak<VmManager>,
     // Dropped (threads stopped and joined) with the runtime.
@@ -49,6 +50,11 @@ impl ReclaimRuntime {
     /// The monitor task.
     pub fn monitor(&self) -> &Arc<MonitorTask> {
         &self.monitor
+    }
+
+    /// Block moves of compaction and rebalancing, by outcome.
+    pub fn moves(&self) -> &Arc<MoveCounters> {
+        &self.moves
     }
 }
 
@@ -79,34 +85,6 @@ impl Default for DaemonReclaimConfig {
     }
 }
 
-fn placements(manager: &Weak<VmManager>) -> Vec<Placement> {
-    let Some(m) = manager.upgrade() else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for info in m.list() {
-        let r = m.call(&info.id, |vm| {
-            let mut blocks: Vec<_> = vm
-                .boot_blocks()
-                .iter()
-                .map(|(f, _)| (*f, crate::hostpool::BLOCK_ORDER))
-                .collect();
-            if let Ok(recs) = vm.with_memory_backend(|b| b.records()) {
-                blocks.extend(recs.iter().map(|r| (r.frame, crate::hostpool::BLOCK_ORDER)));
-            }
-            Placement {
-                blocks,
-                policy: vm.config().policy.clone(),
-            }
-        });
-        match r {
-            Ok(p) => out.push(p),
-            Err(e) => tracing::warn!(vm = %info.id, error = %e, "placements skipped"),
-        }
-    }
-    out
-}
-
 impl VmManager {
     /// Start the engine and the monitor over `pool` (the same pool this manager allocates
     /// from). VMs created afterwards become reclaim targets; existing ones are added now.
@@ -122,12 +100,9 @@ impl VmManager {
         }
         let swap = Arc::new(DaemonSwap::new(cfg.swap, pool_bytes));
         let engine = Arc::new(ReclaimEngine::new(engine_cfg, ProcPressure::new())?);
-        let weak = Arc::downgrade(self);
-        let actions = GuestMmActions::new(
-            pool,
-            Box::new(|| Box::new(PinnedBlocks) as Box<dyn guest_mm::compaction::Mover>),
-            Box::new(move || placements(&weak)),
-        );
+        let moves = Arc::new(MoveCounters::default());
+        let actions =
+            super::mover::VmPoolActions::new(pool, Arc::downgrade(self), Arc::clone(&moves));
         let monitor = Arc::new(MonitorTask::new(
             Arc::new(actions),
             Some(Arc::clone(&engine)),
@@ -139,6 +114,7 @@ impl VmManager {
             engine,
             monitor,
             swap,
+            moves,
             quiesce: cfg.quiesce,
             manager: Arc::downgrade(self),
             _engine_thread: engine_thread,
@@ -159,6 +135,11 @@ impl VmManager {
     /// The monitor task, when reclaim runs.
     pub fn monitor_task(&self) -> Option<Arc<MonitorTask>> {
         lock(&self.reclaim).as_ref().map(|r| Arc::clone(&r.monitor))
+    }
+
+    /// Block moves of compaction and rebalancing by outcome, when reclaim runs.
+    pub fn block_moves(&self) -> Option<Arc<MoveCounters>> {
+        lock(&self.reclaim).as_ref().map(|r| Arc::clone(&r.moves))
     }
 
     /// Make VM `id` a reclaim target (no-op without reclaim): its balloon, its swap (the
@@ -249,10 +230,13 @@ impl VmManager {
         Vec<LabeledCounter>,
         Option<ReclaimMetrics>,
     ) {
-        let Some((engine, monitor)) = lock(&self.reclaim)
-            .as_ref()
-            .map(|r| (Arc::clone(&r.engine), Arc::clone(&r.monitor)))
-        else {
+        let Some((engine, monitor, moves)) = lock(&self.reclaim).as_ref().map(|r| {
+            (
+                Arc::clone(&r.engine),
+                Arc::clone(&r.monitor),
+                Arc::clone(&r.moves),
+            )
+        }) else {
             return (Vec::new(), Vec::new(), None);
         };
         let c = monitor.counters();
@@ -263,15 +247,15 @@ impl VmManager {
                 value: c.triggers(a),
             })
             .collect();
+        let moves = moves.snapshot();
         let actions = c
             .outcomes
             .iter()
-            .map(|((a, o), v)| LabeledCounter {
-                labels: vec![
-                    ("action".into(), (*a).into()),
-                    ("outcome".into(), (*o).into()),
-                ],
-                value: *v,
+            .map(|((a, o), v)| (*a, *o, *v))
+            .chain(moves.iter().map(|(o, v)| ("block_move", *o, *v)))
+            .map(|(a, o, v)| LabeledCounter {
+                labels: vec![("action".into(), a.into()), ("outcome".into(), o.into())],
+                value: v,
             })
             .collect();
         let s = engine.snapshot();

@@ -153,6 +153,20 @@ pub trait Backing: Send + Sync + std::fmt::Debug {
     /// The host page size discards should be aligned to for whole pages to go back (None: no
     /// huge pages expected).
     fn huge_page_size(&self) -> Option<u64>;
+
+    /// Move the placed 2 MiB block at `addr` from pool block `from` to `to` (compaction, NUMA
+    /// rebalancing): copy its data to `to`'s file offset, map `to` over the range, then punch
+    /// `from`, so that when this returns `Ok` no window maps `from` and it reads as zeros. The
+    /// caller keeps every writer of the block (vCPUs, device models) stopped meanwhile. On an
+    /// error the range still maps `from` with its data, and `to` holds nothing. The anonymous
+    /// backing's data never lives at a pool offset, so it has nothing to move: unsupported.
+    fn relocate(&self, addr: usize, from: PoolBlock, to: PoolBlock) -> Result<(), MemoryError> {
+        let _ = (addr, from, to);
+        Err(MemoryError::Unsupported(format!(
+            "relocating a block of the {} backing",
+            self.spec().kind.name()
+        )))
+    }
 }
 
 pub(crate) fn madvise(
@@ -325,6 +339,19 @@ impl PoolFile {
             len,
             "fallocate(PUNCH_HOLE)",
         )
+    }
+
+    /// Read `buf.len()` bytes at `off` (holes read as zeros); returns the bytes read (for
+    /// checks and tests: the VMs reach the file through their windows).
+    pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<usize, MemoryError> {
+        let o = libc::off_t::try_from(off).map_err(|_| MemoryError::HostAddressSpace(off))?;
+        // SAFETY: pread on a descriptor this object owns into `buf`, which is valid and
+        // writable for `buf.len()` bytes.
+        let n = unsafe { libc::pread(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), o) };
+        if n < 0 {
+            return Err(MemoryError::last_os("pread"));
+        }
+        Ok(n as usize)
     }
 
     /// Bytes of the file that hold pages (memfd: page cache and swap; for tests and figures).
@@ -571,6 +598,35 @@ impl Backing for FileBacking {
         file.punch_hole(block.file_offset()? + within, len as u64)
     }
 
+    fn relocate(&self, addr: usize, from: PoolBlock, to: PoolBlock) -> Result<(), MemoryError> {
+        let src = self.files.file(self.spec.kind, from.node)?;
+        let dst = self.files.file(self.spec.kind, to.node)?;
+        let (src_off, dst_off) = (from.file_offset()?, to.file_offset()?);
+        dst.ensure_size(dst_off + BLOCK_SIZE)?;
+        if self.hugetlb() {
+            dst.fallocate(0, dst_off, BLOCK_SIZE, "fallocate(hugetlbfs)")
+                .map_err(|e| match e {
+                    MemoryError::Host { source, .. } => MemoryError::HugePages {
+                        bytes: BLOCK_SIZE,
+                        source,
+                    },
+                    other => other,
+                })?;
+        }
+        let copied = copy_data_runs(addr, &src, src_off, &dst, dst_off);
+        // The new offset maps over the range (the old mapping goes with MAP_FIXED, which also
+        // zaps KVM's mappings of it through the MMU notifier).
+        let placed = copied.and_then(|()| self.place_run(addr, &[to]));
+        if let Err(e) = placed {
+            let _ = dst.punch_hole(dst_off, BLOCK_SIZE);
+            // A failed MAP_FIXED may have unmapped the range: map the old offset back.
+            let _ = self.place_run(addr, &[from]);
+            return Err(e);
+        }
+        // No window maps `from` any more: free its pages.
+        src.punch_hole(src_off, BLOCK_SIZE)
+    }
+
     fn huge_page_size(&self) -> Option<u64> {
         match self.spec.kind {
             BackingKind::Hugetlbfs => Some(BLOCK_SIZE),
@@ -578,6 +634,86 @@ impl Backing for FileBacking {
             _ => None,
         }
     }
+}
+
+/// Copy the data of the 2 MiB block mapped at `addr` (backed by `src` at `src_off`) into `dst`
+/// at `dst_off`, run by run: only the file's data runs (`SEEK_DATA`/`SEEK_HOLE`) are copied,
+/// so holes (never written, discarded by the balloon or free page reporting) stay holes and
+/// cost nothing. The destination is written through a temporary shared mapping (hugetlbfs
+/// files take no `write`).
+fn copy_data_runs(
+    addr: usize,
+    src: &PoolFile,
+    src_off: u64,
+    dst: &PoolFile,
+    dst_off: u64,
+) -> Result<(), MemoryError> {
+    let len = BLOCK_SIZE as usize;
+    let dst_off_t =
+        libc::off_t::try_from(dst_off).map_err(|_| MemoryError::HostAddressSpace(dst_off))?;
+    // SAFETY: a fresh shared mapping of 2 MiB of `dst` at an address the kernel chooses; it
+    // aliases no Rust object and is unmapped below.
+    let tmp = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            dst.fd.as_raw_fd(),
+            dst_off_t,
+        )
+    };
+    if tmp == libc::MAP_FAILED {
+        return Err(MemoryError::last_os("mmap(relocation target)"));
+    }
+    let result = (|| {
+        let end = src_off + BLOCK_SIZE;
+        let mut at = src_off;
+        while at < end {
+            let Some(data) = seek(src, at, libc::SEEK_DATA)? else {
+                break;
+            };
+            if data >= end {
+                break;
+            }
+            let hole = seek(src, data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+            let (rel, n) = ((data - src_off) as usize, (hole - data) as usize);
+            // SAFETY: [addr+rel, +n) lies in the caller's placed block (mapping `src` at
+            // `src_off`) and [tmp+rel, +n) in the temporary mapping; the two never overlap, and
+            // the caller keeps every other writer of the block stopped.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    (addr + rel) as *const u8,
+                    (tmp as usize + rel) as *mut u8,
+                    n,
+                )
+            };
+            at = hole;
+        }
+        Ok(())
+    })();
+    // SAFETY: `tmp` is the 2 MiB mapping made above; nothing refers to it any more.
+    unsafe { libc::munmap(tmp, len) };
+    result
+}
+
+/// `lseek(whence)` on the pool file from `off`; None when there is no data after `off`
+/// (`ENXIO`).
+fn seek(file: &PoolFile, off: u64, whence: i32) -> Result<Option<u64>, MemoryError> {
+    let o = libc::off_t::try_from(off).map_err(|_| MemoryError::HostAddressSpace(off))?;
+    // SAFETY: lseek on a descriptor the file owns; it only moves the file position.
+    let r = unsafe { libc::lseek(file.fd.as_raw_fd(), o, whence) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(MemoryError::Host {
+            call: "lseek(SEEK_DATA/SEEK_HOLE)",
+            source: e,
+        });
+    }
+    Ok(Some(r as u64))
 }
 
 /// Whether the host gives shared memory (memfd) huge pages to a `MADV_HUGEPAGE` mapping:

@@ -325,6 +325,28 @@ impl GuestWindow {
         Ok(())
     }
 
+    /// Move the placed 2 MiB block at `gpa` of a file-backed window from pool block `from` to
+    /// `to` ([`Backing::relocate`]: data copied, `to` mapped over the range, `from` punched).
+    /// Refused (nothing changed) when the block is not placed or is not backed by `from`. The
+    /// caller keeps the block's writers stopped (vCPUs paused, device transports held). The
+    /// host address range and the placement generation stay the same, so KVM's memslots and
+    /// device models' views need no update.
+    pub fn relocate(&self, gpa: u64, from: PoolBlock, to: PoolBlock) -> Result<(), MemoryError> {
+        self.layout.check_block(gpa, BLOCK_SIZE)?;
+        let (addr, _) = self.span(gpa, BLOCK_SIZE)?;
+        let mut st = self.lock();
+        let b = gpa / BLOCK_SIZE;
+        if !st.get(b) || st.blocks.get(&b) != Some(&from) {
+            return Err(MemoryError::NotPlaced {
+                gpa,
+                len: BLOCK_SIZE,
+            });
+        }
+        self.backing.relocate(addr, from, to)?;
+        st.blocks.insert(b, to);
+        Ok(())
+    }
+
     /// Register an observer of block removals (held weakly: it stops being called once
     /// dropped).
     pub fn add_observer(&self, o: Weak<dyn BlockObserver>) {

@@ -156,9 +156,15 @@ pub struct Microvm {
     console: Option<linux::ConsoleLog>,
     boot_info: Option<crate::boot::BootInfo>,
     vm: Option<Arc<Vm>>,
-    boot_blocks: Vec<(FrameId, NodeId)>,
+    /// Shared with the pool's block mover, which repoints entries under this lock.
+    boot_blocks: BootBlocks,
     pool: Arc<dyn FramePool>,
 }
+
+/// The pool blocks behind a VM's boot RAM, in guest-physical order, with their nodes. Shared
+/// by the VM and the pool's block mover (compaction, NUMA rebalancing), which repoints an
+/// entry when it moves the block; the VM drains it under the same lock when it is deleted.
+pub type BootBlocks = Arc<Mutex<Vec<(FrameId, NodeId)>>>;
 
 /// Host memory resident for a VM on one node, by migration type of the pool blocks behind it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -235,8 +241,14 @@ impl Microvm {
         self.balloon_dev.as_ref()
     }
 
-    /// The pool blocks behind boot RAM, in guest-physical order, with their nodes.
-    pub fn boot_blocks(&self) -> &[(FrameId, NodeId)] {
+    /// The pool blocks behind boot RAM, in guest-physical order, with their nodes (a copy:
+    /// the block mover may repoint them at any time).
+    pub fn boot_blocks(&self) -> Vec<(FrameId, NodeId)> {
+        lock(&self.boot_blocks).clone()
+    }
+
+    /// The shared record of the boot blocks (for the pool's block mover).
+    pub fn boot_block_cell(&self) -> &BootBlocks {
         &self.boot_blocks
     }
 
@@ -269,7 +281,8 @@ impl Microvm {
             .boot_ram_ranges()
             .into_iter()
             .flat_map(|r| r.step_by(POOL_BLOCK_BYTES as usize));
-        for (gpa, (_, node)) in boot_gpas.zip(self.boot_blocks.iter()) {
+        let boot = self.boot_blocks();
+        for (gpa, (_, node)) in boot_gpas.zip(boot.iter()) {
             add(*node, window.resident_bytes(gpa, POOL_BLOCK_BYTES)?, 0);
         }
         let hot = self
@@ -505,10 +518,11 @@ impl Drop for Microvm {
                 }
             }
         }
+        let mut boot = lock(&self.boot_blocks);
         if !boot_left {
-            self.boot_blocks.clear();
+            boot.clear();
         }
-        for (f, _) in self.boot_blocks.drain(..) {
+        for (f, _) in boot.drain(..) {
             if let Err(e) = self.pool.free_block(f) {
                 tracing::error!(frame = %f, error = %e, "returning a boot block failed");
             }

@@ -272,13 +272,13 @@ impl Microvm {
             console: None,
             boot_info: None,
             vm: None,
-            boot_blocks,
+            boot_blocks: Arc::new(Mutex::new(boot_blocks)),
             pool: Arc::clone(&pool),
         };
         let files = config.pool_files.clone().unwrap_or_default();
         let backing = files.backing(config.backing)?;
         let boot: Vec<PoolBlock> = if backing.needs_pool_blocks() {
-            vm.boot_blocks
+            vm.boot_blocks()
                 .iter()
                 .map(|(frame, node)| PoolBlock {
                     frame: *frame,

@@ -12,10 +12,12 @@
 //!   (mincore residency sampling, zero-page huge page split, optional balloon and swap hooks).
 //! - [`monitor`]: the periodic task that turns guest-mm monitor actions into compaction,
 //!   reclaim and NUMA rebalancing, with counted triggers.
+//! - [`mover`]: [`VmBlockMover`], which moves VM blocks for compaction and rebalancing.
 
 pub mod balloon;
 pub mod engine;
 pub mod monitor;
+pub mod mover;
 pub mod pressure;
 pub mod target;
 pub mod watermark;
@@ -31,6 +33,7 @@ pub use monitor::{
     ActionError, ActionOutcome, GuestMmActions, MonitorConfig, MonitorCounters, MonitorHandle,
     MonitorTask, PinnedBlocks, Placement, PoolActions,
 };
+pub use mover::{BlockRef, MoveCounters, PhysicalMove, VmBlockMover, VmBlocks};
 pub use pressure::{
     parse_psi, PressureReading, PressureSource, ProcPressure, PsiLine, PsiTrigger,
     SyntheticPressure,
