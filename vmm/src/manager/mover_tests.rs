@@ -359,14 +359,14 @@ fn rebalancing_moves_blocks_to_their_preferred_node() {
                 // The last page of each block (the idle guest's image sits low).
                 let at = gpa + POOL_BLOCK_BYTES - 8;
                 let host = w.host_addr(at).expect("address") as *mut u64;
-                // SAFETY: an 8-byte aligned address in placed boot RAM; the idle guest never
-                // touches the end of a block.
-                unsafe {
-                    if check {
-                        bad += u64::from(std::ptr::read_volatile(host) != at ^ SEED);
-                    } else {
-                        std::ptr::write_volatile(host, at ^ SEED);
-                    }
+                if check {
+                    // SAFETY: an 8-byte aligned address in placed boot RAM, which the VM keeps
+                    // mapped; the idle guest never touches the end of a block.
+                    let v = unsafe { std::ptr::read_volatile(host) };
+                    bad += u64::from(v != at ^ SEED);
+                } else {
+                    // SAFETY: as above.
+                    unsafe { std::ptr::write_volatile(host, at ^ SEED) };
                 }
             }
             bad
