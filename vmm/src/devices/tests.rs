@@ -6,19 +6,15 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use guest_mm::policy::NumaPolicy;
-use guest_mm::slab::TypedSlab;
 use iced_x86::code_asm::*;
 use tidepool_virtio::mmio::{MAGIC_VALUE, NOTIFY_OFFSET};
 
 use super::*;
-use crate::hostpool::{BlockPool, FramePool};
-use crate::memory::{BackingSpec, MIB};
-use crate::microvm::{
-    BalloonSpec, BootImage, HotplugSpec, LifecycleOp, Microvm, MicrovmConfig, StopCause,
-    VmLifecycle,
-};
-use crate::tiny_guest::{Step, TinyGuestBuilder};
+use crate::hostpool::FramePool;
+use crate::memory::MIB;
+use crate::microvm::test_rig::{base_config, kvm_or_skip, pool, slab, start_and_wait, with_steps};
+use crate::microvm::{BalloonSpec, Microvm, MicrovmConfig, StopCause, VmLifecycle};
+use crate::tiny_guest::Step;
 
 #[derive(Debug, Default)]
 struct FakeDevice {
@@ -92,49 +88,24 @@ fn guest_code(notifies: &[u32]) -> Vec<u8> {
 
 #[test]
 fn ioeventfd_notify_skips_the_exit_and_unmatched_notify_exits() {
-    if let Err(why) = crate::kvm::kvm_available() {
-        eprintln!("skipping ioeventfd_notify_skips_the_exit_and_unmatched_notify_exits: {why}");
+    if !kvm_or_skip("ioeventfd_notify_skips_the_exit_and_unmatched_notify_exits") {
         return;
     }
-    let pool = Arc::new(BlockPool::new(256 * MIB));
-    let mut config = MicrovmConfig {
-        id: "notify".into(),
-        vcpus: 1,
-        boot_ram: 64 * MIB,
-        hotplug: Some(HotplugSpec {
-            region_size: 128 * MIB,
-            block_size: 2 * MIB,
-            memslots: Default::default(),
-        }),
+    let pool = pool(256);
+    let config = MicrovmConfig {
         balloon: Some(BalloonSpec::default()),
-        policy: NumaPolicy::Local,
         irq: IrqMode::Irqfd,
-        image: BootImage::Raw {
-            bytes: vec![0],
-            load_addr: 0x1000,
-            entry: 0x1000,
-            privilege: crate::tiny_guest::Privilege::Kernel,
-        },
-        backing: BackingSpec::default(),
-        pool_files: None,
+        ..base_config("notify", 64 * MIB)
     };
-    let layout = config.layout().expect("layout");
     // virtio-mem has one queue: queue 0 has an ioeventfd, queue 7 has none.
-    let img = TinyGuestBuilder::new(&layout)
-        .step(Step::Raw(guest_code(&[0, 0, 7])))
-        .step(Step::Done)
-        .build()
-        .expect("image");
-    config.image = BootImage::Tiny(img);
-    let slab = TypedSlab::new("notify-test").expect("slab");
-    let mut vm = Microvm::new(config, pool.clone(), slab, 1).expect("microvm");
+    let steps = vec![Step::Raw(guest_code(&[0, 0, 7])), Step::Done];
+    let config = with_steps(config, steps);
+    let mut vm = Microvm::new(config, pool.clone(), slab("notify-test"), 1).expect("microvm");
     assert_eq!(vm.bus().slots().len(), 2);
-    vm.apply(LifecycleOp::Start).expect("start");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !vm.state().is_stopped() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert_eq!(vm.state(), &VmLifecycle::Stopped(StopCause::GuestFinished));
+    assert_eq!(
+        start_and_wait(&mut vm, Duration::from_secs(30)),
+        VmLifecycle::Stopped(StopCause::GuestFinished)
+    );
     let magic = vm.reports().iter().find(|r| r.tag == 16).map(|r| r.value);
     assert_eq!(magic, Some(u64::from(MAGIC_VALUE)));
     // The magic read and the queue-7 notify exited; the two queue-0 notifies did not.

@@ -4,17 +4,15 @@
 
 use std::sync::Arc;
 
-use guest_mm::policy::NumaPolicy;
-use guest_mm::slab::TypedSlab;
 use tidepool_balloon::testing::{Buf, CountingInterrupts, DriverQueue};
 use tidepool_balloon::{VIRTIO_BALLOON_F_REPORTING, VIRTIO_F_VERSION_1};
 use tidepool_hotplug::MemoryBackend;
 use tidepool_virtio::VirtioDevice;
 use vm_memory::GuestMemoryAtomic;
 
+use super::test_rig::{base_config, kvm_or_skip, pool, slab};
 use super::*;
 use crate::devices::{lock, IrqMode, WindowReclaim};
-use crate::hostpool::BlockPool;
 use crate::memory::MIB;
 
 /// Queue index of reporting with VERSION_1 | REPORTING acked (inflate 0, deflate 1).
@@ -22,25 +20,15 @@ const REPORTING: usize = 2;
 
 #[test]
 fn unplug_clears_the_balloons_state_for_the_block() {
-    if let Err(why) = crate::kvm::kvm_available() {
-        eprintln!("skipping unplug_clears_the_balloons_state_for_the_block: {why}");
+    if !kvm_or_skip("unplug_clears_the_balloons_state_for_the_block") {
         return;
     }
-    let pool = Arc::new(BlockPool::new(256 * MIB));
+    let pool = pool(256);
     let config = MicrovmConfig {
-        id: "balloon-unplug".into(),
-        vcpus: 1,
-        boot_ram: 64 * MIB,
-        hotplug: Some(HotplugSpec {
-            region_size: 128 * MIB,
-            block_size: 2 * MIB,
-            memslots: Default::default(),
-        }),
         balloon: Some(BalloonSpec {
             free_page_reporting: true,
             ..Default::default()
         }),
-        policy: NumaPolicy::Local,
         irq: IrqMode::Irqfd,
         image: BootImage::Raw {
             bytes: vec![0xf4],
@@ -48,11 +36,9 @@ fn unplug_clears_the_balloons_state_for_the_block() {
             entry: 0x1000,
             privilege: crate::tiny_guest::Privilege::Kernel,
         },
-        backing: Default::default(),
-        pool_files: None,
+        ..base_config("balloon-unplug", 64 * MIB)
     };
-    let slab = TypedSlab::new("balloon-unplug").expect("slab");
-    let mut vm = Microvm::new(config, pool.clone(), slab, 1).expect("microvm");
+    let mut vm = Microvm::new(config, pool.clone(), slab("balloon-unplug"), 1).expect("microvm");
     let kvm_vm = Arc::clone(vm.vm().expect("vm"));
     let hp = kvm_vm.window().layout().hotplug().expect("region").start;
     let balloon = Arc::clone(vm.balloon_device().expect("balloon"));

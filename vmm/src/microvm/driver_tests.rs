@@ -5,14 +5,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use guest_mm::policy::NumaPolicy;
-use guest_mm::slab::TypedSlab;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::test_rig::{base_config, kvm_or_skip, pool, slab, wait_stopped};
 use super::*;
-use crate::devices::{IrqMode, DEVICE_MMIO_BASE};
-use crate::hostpool::BlockPool;
-use crate::memory::{BackingSpec, MIB};
+use crate::devices::DEVICE_MMIO_BASE;
+use crate::memory::MIB;
 use crate::tiny_guest::virtio_mem_driver::{
     virtio_mem_program, VirtioMemDriver, MAILBOX_STOP, TAG_VMEM_ERROR, TAG_VMEM_MISMATCHES,
     TAG_VMEM_SETTLED,
@@ -39,39 +37,17 @@ fn wait_report(vm: &Microvm, tag: u64, value: u64, timeout: Duration) {
 
 #[test]
 fn guest_driver_plugs_and_unplugs_through_the_pool() {
-    if let Err(why) = crate::kvm::kvm_available() {
-        eprintln!("skipping guest_driver_plugs_and_unplugs_through_the_pool: {why}");
+    if !kvm_or_skip("guest_driver_plugs_and_unplugs_through_the_pool") {
         return;
     }
-    let pool = Arc::new(BlockPool::new(256 * MIB));
-    let mut config = MicrovmConfig {
-        id: "vmem".into(),
-        vcpus: 1,
-        boot_ram: 64 * MIB,
-        hotplug: Some(HotplugSpec {
-            region_size: 128 * MIB,
-            block_size: 2 * MIB,
-            memslots: Default::default(),
-        }),
-        balloon: None,
-        policy: NumaPolicy::Local,
-        irq: IrqMode::Polled,
-        image: BootImage::Raw {
-            bytes: vec![0],
-            load_addr: 0x1000,
-            entry: 0x1000,
-            privilege: crate::tiny_guest::Privilege::Kernel,
-        },
-        backing: BackingSpec::default(),
-        pool_files: None,
-    };
+    let pool = pool(256);
+    let mut config = base_config("vmem", 64 * MIB);
     let layout = config.layout().expect("layout");
     let mut driver = VirtioMemDriver::new(DEVICE_MMIO_BASE, DEFAULT_SCRATCH);
     driver.blocks_per_request = 2;
     let mailbox = driver.mailbox();
     config.image = BootImage::Tiny(virtio_mem_program(&layout, driver).expect("image"));
-    let slab = TypedSlab::new("vmem-driver-test").expect("slab");
-    let mut vm = Microvm::new(config, pool.clone(), slab, 1).expect("microvm");
+    let mut vm = Microvm::new(config, pool.clone(), slab("vmem-driver-test"), 1).expect("microvm");
     vm.apply(LifecycleOp::Start).expect("start");
 
     // The driver comes up and settles at 0.
@@ -137,12 +113,11 @@ fn guest_driver_plugs_and_unplugs_through_the_pool() {
         .expect("view")
         .write_obj(MAILBOX_STOP, GuestAddress(mailbox))
         .expect("mailbox");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !vm.state().is_stopped() {
-        assert!(Instant::now() < deadline, "driver did not stop");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert_eq!(vm.state(), &VmLifecycle::Stopped(StopCause::GuestFinished));
+    assert_eq!(
+        wait_stopped(&mut vm, Duration::from_secs(30)),
+        VmLifecycle::Stopped(StopCause::GuestFinished),
+        "the driver stops"
+    );
     drop(vm);
     drop(window);
     assert!(pool.figures().expect("figures").is_whole());

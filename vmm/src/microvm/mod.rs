@@ -18,6 +18,8 @@ pub mod lifecycle;
 pub mod linux;
 mod setup;
 #[cfg(test)]
+pub(crate) mod test_rig;
+#[cfg(test)]
 mod tests;
 pub mod vcpus;
 

@@ -3,76 +3,34 @@
 //! a crashing guest. Each test skips with a printed reason when /dev/kvm cannot be opened.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use guest_mm::policy::NumaPolicy;
 use guest_mm::slab::TypedSlab;
 use tidepool_hotplug::MemoryBackend;
 
+use super::test_rig::{
+    self, base_config, fill_verify_done, kvm_or_skip, last_report, pool, start_and_wait, with_steps,
+};
 use super::*;
 use crate::devices::IrqMode;
-use crate::hostpool::BlockPool;
-use crate::memory::{BackingSpec, MIB};
+use crate::memory::MIB;
 use crate::tiny_guest::program::{TAG_CHECKED, TAG_MISMATCHES};
-use crate::tiny_guest::{Step, Stride, TinyGuestBuilder};
-
-fn kvm_or_skip(test: &str) -> bool {
-    match crate::kvm::kvm_available() {
-        Ok(()) => true,
-        Err(why) => {
-            eprintln!("skipping {test}: {why}");
-            false
-        }
-    }
-}
-
-fn pool(mib: u64) -> Arc<BlockPool> {
-    Arc::new(BlockPool::new(mib * MIB))
-}
+use crate::tiny_guest::{Step, Stride};
 
 fn slab() -> TypedSlab<crate::devices::BlockRecord> {
-    TypedSlab::new("test-blocks").expect("slab")
+    test_rig::slab("test-blocks")
 }
 
 fn config(id: &str, hotplug: bool, irq: IrqMode, steps: Vec<Step>) -> MicrovmConfig {
     let mut c = MicrovmConfig {
-        id: id.into(),
-        vcpus: 1,
-        boot_ram: 64 * MIB,
-        hotplug: hotplug.then_some(HotplugSpec {
-            region_size: 128 * MIB,
-            block_size: 2 * MIB,
-            memslots: Default::default(),
-        }),
         balloon: Some(BalloonSpec::default()),
-        policy: NumaPolicy::Local,
         irq,
-        image: BootImage::Raw {
-            bytes: vec![0],
-            load_addr: 0x1000,
-            entry: 0x1000,
-            privilege: crate::tiny_guest::Privilege::Kernel,
-        },
-        backing: BackingSpec::default(),
-        pool_files: None,
+        ..base_config(id, 64 * MIB)
     };
-    let layout = c.layout().expect("layout");
-    let b = steps
-        .into_iter()
-        .fold(TinyGuestBuilder::new(&layout), |b, s| b.step(s));
-    c.image = BootImage::Tiny(b.build().expect("image"));
-    c
-}
-
-fn wait_stopped(vm: &mut Microvm, timeout: Duration) -> VmLifecycle {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if vm.state().is_stopped() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
+    if !hotplug {
+        c.hotplug = None;
     }
-    vm.state().clone()
+    with_steps(c, steps)
 }
 
 #[test]
@@ -107,19 +65,7 @@ fn host_side_plug_makes_memory_usable_and_unplug_releases_it() {
         .expect("layout");
     let hp = layout.hotplug().expect("hotplug region");
     let range = hp.start..hp.start + 4 * MIB;
-    let steps = vec![
-        Step::Fill {
-            ranges: vec![range.clone()],
-            seed: 0x5eed,
-            stride: Stride::Page,
-        },
-        Step::Verify {
-            ranges: vec![range.clone()],
-            seed: 0x5eed,
-            stride: Stride::Page,
-        },
-        Step::Done,
-    ];
+    let steps = fill_verify_done(range.clone(), 0x5eed);
     let mut vm = Microvm::new(
         config("plug", true, IrqMode::Polled, steps),
         p.clone(),
@@ -144,13 +90,10 @@ fn host_side_plug_makes_memory_usable_and_unplug_releases_it() {
     assert_eq!(records[0].gpa, range.start);
 
     // The guest fills and verifies every page of the plugged range.
-    vm.apply(LifecycleOp::Start).expect("start");
-    let st = wait_stopped(&mut vm, Duration::from_secs(60));
+    let st = start_and_wait(&mut vm, Duration::from_secs(60));
     assert_eq!(st, VmLifecycle::Stopped(StopCause::GuestFinished));
-    let reports = vm.reports();
-    let value = |tag| reports.iter().rev().find(|r| r.tag == tag).map(|r| r.value);
-    assert_eq!(value(TAG_MISMATCHES), Some(0));
-    assert_eq!(value(TAG_CHECKED), Some(1024));
+    assert_eq!(last_report(&vm, TAG_MISMATCHES), Some(0));
+    assert_eq!(last_report(&vm, TAG_CHECKED), Some(1024));
     let window = Arc::clone(vm.vm().expect("vm").window());
     assert!(
         window
@@ -275,8 +218,7 @@ fn a_crashing_guest_stops_its_vm_only() {
         1,
     )
     .expect("microvm");
-    vm.apply(LifecycleOp::Start).expect("start");
-    match wait_stopped(&mut vm, Duration::from_secs(30)) {
+    match start_and_wait(&mut vm, Duration::from_secs(30)) {
         VmLifecycle::Stopped(StopCause::GuestFailed(why)) => {
             assert!(why.contains("shut down"), "{why}")
         }
@@ -325,8 +267,7 @@ fn a_guest_touching_an_unplugged_block_fails_typed() {
     vm.with_memory_backend(|b| b.unplug(hp.start + 2 * MIB, 2 * MIB))
         .expect("backend")
         .expect("unplug");
-    vm.apply(LifecycleOp::Start).expect("start");
-    match wait_stopped(&mut vm, Duration::from_secs(30)) {
+    match start_and_wait(&mut vm, Duration::from_secs(30)) {
         VmLifecycle::Stopped(StopCause::GuestFailed(why)) => {
             assert!(why.contains("inaccessible memory"), "{why}")
         }
