@@ -274,6 +274,7 @@ impl ApiBackend for MemBackend {
             balloon: req.balloon,
             numa: req.numa,
             backing: req.backing.unwrap_or_default(),
+            stop_reason: None,
         };
         inner.vms.insert(
             id,

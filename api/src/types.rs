@@ -333,6 +333,10 @@ pub struct VmInfo {
     pub numa: Option<NumaConfig>,
     /// Backing of guest RAM.
     pub backing: BackingConfig,
+    /// Why a stopped VM stopped when that was not a request (the guest finished, or it
+    /// failed: a crash, or guest memory that could not be read back from swap).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
 }
 
 /// Lifecycle action for `PUT /v1/vms/{id}/state`.

@@ -108,8 +108,9 @@ struct ServeCmd {
     /// Resident memory budget of the reclaim engine, in MiB (default: the pool's size).
     #[arg(long)]
     reclaim_budget_mib: Option<u64>,
-    /// The swap file (default: `swap` in the socket's directory, or in
-    /// /var/tmp/tidepool-$UID when that directory is tmpfs). Created on the first VM.
+    /// The swap file (default: `swap` in the socket's directory, or
+    /// /var/tmp/tidepool-$UID/swap-<hash of that directory> when it is tmpfs). Created on the
+    /// first VM.
     #[arg(long)]
     swap_path: Option<std::path::PathBuf>,
     /// Largest size of the swap file, in MiB (default: the pool's size; capped by free disk).

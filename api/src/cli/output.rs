@@ -293,6 +293,7 @@ mod tests {
             balloon: None,
             numa: None,
             backing: BackingConfig::default(),
+            stop_reason: None,
         };
         let t = vm_list(std::slice::from_ref(&vm));
         assert!(t.contains("vm-1"), "{t}");

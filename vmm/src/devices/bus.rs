@@ -1,12 +1,14 @@
 //! The MMIO bus: virtio-mmio transports at fixed windows in the 32-bit hole, each with its
 //! own GSI, reached from vCPU MMIO exits.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tidepool_virtio::{MmioTransport, TransportError, VirtioDevice};
 
 use super::{
-    lock, DeviceSetupError, DEVICE_MMIO_BASE, DEVICE_MMIO_SIZE, FIRST_DEVICE_GSI, LAST_DEVICE_GSI,
+    lock_live, DeviceSetupError, DEVICE_MMIO_BASE, DEVICE_MMIO_SIZE, FIRST_DEVICE_GSI,
+    LAST_DEVICE_GSI,
 };
 
 /// What the bus needs from a device window: register access and queue notification. Every
@@ -59,6 +61,9 @@ pub struct DeviceSlot {
 #[derive(Debug, Default)]
 pub struct MmioBus {
     slots: Vec<DeviceSlot>,
+    /// Set when the VM failed for good (a swap-in failed): device locks are then taken with
+    /// [`lock_live`] and given up when held, since the holder may be parked forever.
+    failed: Arc<AtomicBool>,
 }
 
 impl MmioBus {
@@ -94,6 +99,29 @@ impl MmioBus {
         Ok(slot)
     }
 
+    /// Mark the VM failed: from now on nobody waits for a device lock that is held.
+    pub fn mark_failed(&self) {
+        self.failed.store(true, Ordering::Release);
+    }
+
+    /// Whether the VM was marked failed.
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// The failed flag, shared with the device thread and the VM's other users.
+    pub fn failed_flag(&self) -> &Arc<AtomicBool> {
+        &self.failed
+    }
+
+    /// Lock `transport` (one of this bus's) unless the VM failed and the lock is held.
+    pub fn lock_live<'a, T: ?Sized>(
+        &self,
+        transport: &'a Mutex<T>,
+    ) -> Option<std::sync::MutexGuard<'a, T>> {
+        lock_live(transport, &self.failed)
+    }
+
     /// The devices, in address order.
     pub fn slots(&self) -> &[DeviceSlot] {
         &self.slots
@@ -123,7 +151,11 @@ impl MmioBus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr, data.len()) {
             Some((s, off)) => {
-                lock(&s.transport).read(off, data);
+                // A failed VM's device whose lock is held for good reads as all ones.
+                match lock_live(&s.transport, &self.failed) {
+                    Some(t) => t.read(off, data),
+                    None => data.fill(0xff),
+                }
                 true
             }
             None => false,
@@ -135,7 +167,9 @@ impl MmioBus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr, data.len()) {
             Some((s, off)) => {
-                lock(&s.transport).write(off, data);
+                if let Some(mut t) = lock_live(&s.transport, &self.failed) {
+                    t.write(off, data);
+                }
                 true
             }
             None => false,

@@ -13,12 +13,14 @@ pub mod reclaim;
 mod tests;
 
 pub use bus::{BusDevice, DeviceSlot, MmioBus, SharedTransport};
+
 pub use irq::{IrqMode, IrqfdTrigger, PolledIrq};
 pub use mem_backend::{BlockRecord, PoolMemoryBackend, RamChange, RamListener, VmMemoryHandle};
 pub use notifier::{NotifierStats, NotifyThread};
 pub use reclaim::WindowReclaim;
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, TryLockError};
 
 use crate::memory::MMIO_HOLE_START;
 
@@ -70,6 +72,33 @@ pub enum DeviceSetupError {
         /// Why.
         reason: String,
     },
+}
+
+/// Lock a device mutex unless the VM failed for good: `None` once `failed` is set while the
+/// lock is held by someone else. A thread of a VM whose swap-in failed may be parked for good
+/// holding a transport's lock (see `swap::guard`); nobody may wait for it. Poisoning is
+/// ignored as in [`lock`].
+pub fn lock_live<'a, T: ?Sized>(m: &'a Mutex<T>, failed: &AtomicBool) -> Option<MutexGuard<'a, T>> {
+    let mut spins = 0u32;
+    loop {
+        match m.try_lock() {
+            Ok(g) => return Some(g),
+            Err(TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => {
+                if failed.load(Ordering::Acquire) {
+                    return None;
+                }
+                // Short holds (a queue being processed) are the rule: spin a little, then
+                // sleep briefly between tries.
+                spins = spins.saturating_add(1);
+                if spins < 64 {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+            }
+        }
+    }
 }
 
 /// Lock a mutex, taking the data even if a panicking thread poisoned it: device state stays

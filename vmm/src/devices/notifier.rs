@@ -4,15 +4,20 @@
 //! the transport process the queue.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{lock, DeviceSetupError, MmioBus, SharedTransport};
+use super::{lock, lock_live, DeviceSetupError, MmioBus, SharedTransport};
+
+/// Longest the VM's teardown waits for its device thread to end (it normally ends at once;
+/// a thread parked by the swap fault guard is detached as soon as it is seen parked).
+const STOP_LIMIT: Duration = Duration::from_secs(30);
 
 /// Counters of the device thread.
 #[derive(Debug, Default)]
@@ -36,6 +41,8 @@ pub struct NotifyThread {
     join: Option<JoinHandle<()>>,
     stats: Arc<NotifierStats>,
     registered: usize,
+    /// The thread's id (0 until it started).
+    tid: Arc<AtomicI32>,
 }
 
 const STOP_TOKEN: u64 = u64::MAX;
@@ -84,15 +91,22 @@ impl NotifyThread {
         let stats = Arc::new(NotifierStats::default());
         let stats2 = Arc::clone(&stats);
         let stop2 = stop.try_clone().map_err(os("eventfd dup"))?;
+        let failed = Arc::clone(bus.failed_flag());
+        let tid = Arc::new(AtomicI32::new(0));
+        let tid2 = Arc::clone(&tid);
         let join = std::thread::Builder::new()
             .name(format!("{name}-dev"))
-            .spawn(move || serve(epoll, stop2, sources, &stats2))
+            .spawn(move || {
+                tid2.store(crate::swap::guard::gettid(), Ordering::Release);
+                serve(epoll, stop2, sources, &stats2, &failed)
+            })
             .map_err(os("spawning the device thread"))?;
         Ok(NotifyThread {
             stop,
             join: Some(join),
             stats,
             registered,
+            tid,
         })
     }
 
@@ -107,7 +121,13 @@ impl NotifyThread {
     }
 }
 
-fn serve(epoll: Epoll, stop: EventFd, sources: Vec<Source>, stats: &NotifierStats) {
+fn serve(
+    epoll: Epoll,
+    stop: EventFd,
+    sources: Vec<Source>,
+    stats: &NotifierStats,
+    failed: &AtomicBool,
+) {
     let mut events = vec![EpollEvent::default(); sources.len() + 1];
     loop {
         let n = match epoll.wait(-1, &mut events) {
@@ -133,8 +153,17 @@ fn serve(epoll: Epoll, stop: EventFd, sources: Vec<Source>, stats: &NotifierStat
                 continue;
             }
             stats.notifies.fetch_add(1, Ordering::Relaxed);
-            if lock(&src.transport).notify(src.queue).is_err() {
-                stats.refused.fetch_add(1, Ordering::Relaxed);
+            // A failed VM's device whose lock is held for good (by a parked thread) is not
+            // served any more.
+            match lock_live(&src.transport, failed) {
+                Some(mut t) => {
+                    if t.notify(src.queue).is_err() {
+                        stats.refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                None => {
+                    stats.refused.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -143,8 +172,30 @@ fn serve(epoll: Epoll, stop: EventFd, sources: Vec<Source>, stats: &NotifierStat
 impl Drop for NotifyThread {
     fn drop(&mut self) {
         let _ = self.stop.write(1);
-        if let Some(j) = self.join.take() {
-            let _ = j.join();
+        let Some(j) = self.join.take() else {
+            return;
+        };
+        // Join, unless the thread was parked for good by the swap fault guard (it touched
+        // guest memory whose swap-in failed): then it is left detached, never to run again.
+        let deadline = Instant::now() + STOP_LIMIT;
+        loop {
+            if j.is_finished() {
+                let _ = j.join();
+                return;
+            }
+            let tid = self.tid.load(Ordering::Acquire);
+            if crate::swap::guard::is_parked(tid) {
+                tracing::warn!(
+                    tid,
+                    "device thread parked after a failed swap-in: left detached"
+                );
+                return;
+            }
+            if Instant::now() >= deadline {
+                tracing::error!(tid, "device thread did not stop: left detached");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 }

@@ -13,7 +13,6 @@ use tidepool_hotplug::ResizeError;
 
 use super::request::{config_from_request, info_from_request, RequestError};
 use super::{ManagerError, VmManager};
-use crate::devices::lock;
 use crate::hostpool::PoolError;
 use crate::memory::MIB;
 use crate::microvm::{BalloonFigures, LifecycleOp, MemoryFigures, Microvm, MicrovmError};
@@ -141,8 +140,11 @@ fn vm_metrics(vm: &mut Microvm) -> Result<(VmMetrics, Vec<DeviceMetrics>), Micro
         exits,
     };
     let mut devices = Vec::new();
-    if let Some(dev) = vm.mem_device() {
-        let c = lock(dev).device().counters();
+    // A failed VM's device held for good (see swap::guard) has no figures.
+    if let Some(c) = vm
+        .mem_device()
+        .and_then(|dev| vm.bus().lock_live(dev).map(|t| t.device().counters()))
+    {
         devices.push(DeviceMetrics {
             vm: id.clone(),
             device: "virtio-mem".into(),
@@ -157,8 +159,10 @@ fn vm_metrics(vm: &mut Microvm) -> Result<(VmMetrics, Vec<DeviceMetrics>), Micro
             ]),
         });
     }
-    if let Some(dev) = vm.balloon_device() {
-        let a = lock(dev).device().accounting();
+    if let Some(a) = vm
+        .balloon_device()
+        .and_then(|dev| vm.bus().lock_live(dev).map(|t| t.device().accounting()))
+    {
         let c = a.counters;
         devices.push(DeviceMetrics {
             vm: id,

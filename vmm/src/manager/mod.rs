@@ -15,7 +15,9 @@ mod tests;
 pub use mover::{host_memory_nodes, VmPoolActions};
 pub use reclaim::{DaemonReclaimConfig, ReclaimRuntime};
 pub use request::{config_from_request, info_from_request, RequestError};
-pub use swap::{default_runtime_dir, DaemonSwapConfig, DaemonSwapError, SWAP_FILE_NAME};
+pub use swap::{
+    default_runtime_dir, ram_fallback_path, DaemonSwapConfig, DaemonSwapError, SWAP_FILE_NAME,
+};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -91,6 +93,27 @@ pub struct Published {
     pub residency: Vec<NodeResidency>,
     /// Host virtual range of the VM's window (for THP accounting).
     pub window: std::ops::Range<usize>,
+    /// Set by the swap's failure hook the moment a swap-in of this VM failed (the VM thread
+    /// then stops the VM): the API reports the VM stopped with this reason from then on,
+    /// even before (or if never) the VM thread gets to it.
+    pub failure: Option<String>,
+}
+
+impl Published {
+    /// `info` with this state and stop reason.
+    fn apply(&self, mut info: VmInfo) -> VmInfo {
+        match &self.failure {
+            Some(f) => {
+                info.state = tidepool_api::types::VmState::Stopped;
+                info.stop_reason = Some(format!("guest failed: {f}"));
+            }
+            None => {
+                info.state = self.state.api_state();
+                info.stop_reason = self.state.stop_reason();
+            }
+        }
+        info
+    }
 }
 
 #[derive(Debug)]
@@ -194,6 +217,7 @@ impl VmManager {
             state: VmLifecycle::Created,
             residency: Vec::new(),
             window: 0..0,
+            failure: None,
         }));
         let pub2 = Arc::clone(&published);
         let swap: SwapCell = Arc::new(Mutex::new(None));
@@ -234,8 +258,7 @@ impl VmManager {
         };
         match ready {
             Ok(p) => {
-                let mut info = info;
-                info.state = p.state.api_state();
+                let info = p.apply(info);
                 lock(&self.vms).insert(
                     id.clone(),
                     Entry {
@@ -323,8 +346,7 @@ impl VmManager {
         let e = vms
             .get(id)
             .ok_or_else(|| ManagerError::NotFound(id.into()))?;
-        let mut info = e.info.clone();
-        info.state = lock(&e.published).state.api_state();
+        let info = lock(&e.published).apply(e.info.clone());
         Ok(info)
     }
 
@@ -332,11 +354,7 @@ impl VmManager {
     pub fn list(&self) -> Vec<VmInfo> {
         let vms = lock(&self.vms);
         vms.values()
-            .map(|e| {
-                let mut info = e.info.clone();
-                info.state = lock(&e.published).state.api_state();
-                info
-            })
+            .map(|e| lock(&e.published).apply(e.info.clone()))
             .collect()
     }
 
@@ -346,8 +364,7 @@ impl VmManager {
         vms.values()
             .map(|e| {
                 let p = lock(&e.published).clone();
-                let mut info = e.info.clone();
-                info.state = p.state.api_state();
+                let info = p.apply(e.info.clone());
                 (info, p)
             })
             .collect()
@@ -466,8 +483,17 @@ fn vm_thread(mut vm: Microvm, rx: &Receiver<Msg>, published: &Mutex<Published>, 
             last_residency = Instant::now();
         }
         publish(&mut vm, published, refresh);
-        if let Some(dev) = vm.balloon_device() {
-            let mut t = lock(dev);
+        let stats = vm
+            .config()
+            .balloon
+            .as_ref()
+            .is_some_and(|b| b.stats_interval_s > 0);
+        // Only a balloon with a stats queue needs the device here (its lock is not taken
+        // every tick for nothing); a failed VM's held device is skipped.
+        if let Some(dev) = vm.balloon_device().filter(|_| stats) {
+            let Some(mut t) = vm.bus().lock_live(dev) else {
+                continue;
+            };
             let b = t.device_mut();
             if let Some(every) = b.stats_interval() {
                 if last_stats.elapsed() >= every && tidepool_virtio::VirtioDevice::is_activated(&*b)

@@ -145,20 +145,22 @@ impl VmManager {
     /// Make VM `id` a reclaim target (no-op without reclaim): its balloon, its swap (the
     /// shared file is created on the first VM) and its quiesce hook.
     pub(super) fn reclaim_attach(&self, id: &str) {
-        let Some((engine, swap, quiesce)) = lock(&self.reclaim).as_ref().map(|r| {
+        let Some((engine, swap, quiesce, manager)) = lock(&self.reclaim).as_ref().map(|r| {
             (
                 Arc::clone(&r.engine),
                 Arc::clone(&r.swap),
                 r.quiesce.then(|| r.manager.clone()),
+                r.manager.clone(),
             )
         }) else {
             return;
         };
         let r = self.call(id, move |vm| {
             let window = vm.vm().map(|v| Arc::clone(v.window()))?;
-            let balloon = vm
-                .balloon_device()
-                .map(|dev| Arc::new(DeviceBalloon::new(Arc::clone(dev))));
+            let failed = Arc::clone(vm.bus().failed_flag());
+            let balloon = vm.balloon_device().map(|dev| {
+                Arc::new(DeviceBalloon::new(Arc::clone(dev)).with_failed(Arc::clone(&failed)))
+            });
             Some((window, balloon, Arc::clone(vm.bus())))
         });
         let (window, balloon, bus) = match r {
@@ -179,11 +181,17 @@ impl VmManager {
         if let Some(file) = swap.file() {
             match VmSwap::new(Arc::clone(&window), file) {
                 Ok(s) => {
-                    failure_hook(&s, id);
                     let s = Arc::new(s);
                     let stored = {
                         let vms = lock(&self.vms);
                         vms.get(id).map(|e| {
+                            failure_hook(
+                                &s,
+                                id,
+                                Arc::clone(&bus),
+                                Arc::clone(&e.published),
+                                manager,
+                            );
                             *lock(&e.swap) = Some(Arc::clone(&s));
                         })
                     };

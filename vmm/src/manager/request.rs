@@ -201,6 +201,7 @@ pub fn info_from_request(id: &str, req: &CreateVmRequest) -> VmInfo {
         balloon: req.balloon,
         numa: req.numa.clone(),
         backing: req.backing.unwrap_or_default(),
+        stop_reason: None,
     }
 }
 

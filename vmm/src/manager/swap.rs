@@ -3,8 +3,9 @@
 //!
 //! Default file: `swap` in the daemon's runtime directory (the API socket's directory). A
 //! swap file on tmpfs/ramfs would keep the "swapped" pages in RAM, so such a directory is
-//! replaced by `/var/tmp/tidepool-<uid>` (logged). The file's capacity defaults to the pool's
-//! total size; it is capped by the free space of its file system (logged).
+//! replaced by `/var/tmp/tidepool-<uid>/` ([`ram_fallback_path`], logged). The file's
+//! capacity defaults to the pool's total size; it is capped by the free space of its file
+//! system (logged).
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
@@ -99,8 +100,36 @@ fn statfs(dir: &Path) -> Result<(i64, u64), std::io::Error> {
     Ok((s.f_type as i64, free))
 }
 
+/// Where the swap file goes when the daemon's runtime directory is in RAM (tmpfs, ramfs):
+/// `/var/tmp/tidepool-<uid>/swap-<hash of the runtime directory>`. One daemon runs per
+/// runtime directory (its socket is there), so daemons never share a file; a file left by a
+/// daemon that crashed is reused by the next one in the same directory.
+pub fn ram_fallback_path(runtime_dir: &Path) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    // FNV-1a, stable across runs and builds.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in runtime_dir.as_os_str().as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    PathBuf::from(format!("/var/tmp/tidepool-{uid}")).join(format!("{SWAP_FILE_NAME}-{h:016x}"))
+}
+
 /// Where the file goes and how large it may grow, checked against its directory.
 fn plan(cfg: &DaemonSwapConfig, pool_bytes: u64) -> Result<SwapFileConfig, DaemonSwapError> {
+    plan_with(cfg, pool_bytes, &statfs, &ram_fallback_path)
+}
+
+/// [`plan`] with the file system probe (`(f_type, free bytes)` of a directory) and the
+/// fallback for a runtime directory in RAM given (tests inject a tmpfs).
+fn plan_with(
+    cfg: &DaemonSwapConfig,
+    pool_bytes: u64,
+    statfs: &dyn Fn(&Path) -> Result<(i64, u64), std::io::Error>,
+    fallback: &dyn Fn(&Path) -> PathBuf,
+) -> Result<SwapFileConfig, DaemonSwapError> {
     let mut path = cfg.path.clone().unwrap_or_else(|| {
         cfg.runtime_dir
             .clone()
@@ -129,13 +158,12 @@ fn plan(cfg: &DaemonSwapConfig, pool_bytes: u64) -> Result<SwapFileConfig, Daemo
     };
     let (mut fs, mut free) = stat(&dir)?;
     if cfg.path.is_none() && (fs == TMPFS_MAGIC || fs == RAMFS_MAGIC) {
-        // SAFETY: getuid has no preconditions and cannot fail.
-        let uid = unsafe { libc::getuid() };
-        let alt = PathBuf::from(format!("/var/tmp/tidepool-{uid}"));
-        tracing::info!(runtime_dir = ?dir, swap_dir = ?alt, "the runtime directory is in RAM (tmpfs): swap goes to disk instead");
-        mkdir(&alt)?;
-        path = alt.join(SWAP_FILE_NAME);
-        dir = alt;
+        let alt = fallback(&dir);
+        let alt_dir = dir_of(&alt);
+        tracing::info!(runtime_dir = ?dir, swap = ?alt, "the runtime directory is in RAM (tmpfs): swap goes to disk instead");
+        mkdir(&alt_dir)?;
+        path = alt;
+        dir = alt_dir;
         (fs, free) = stat(&dir)?;
     }
     if fs == TMPFS_MAGIC || fs == RAMFS_MAGIC {
@@ -267,20 +295,66 @@ pub(super) fn quiesce_hook(
             Err(_) => return Err(TargetError::Failed("the VM thread did not pause".into())),
         }
         {
-            let _guards: Vec<_> = bus.slots().iter().map(|s| lock(&s.transport)).collect();
-            scan();
+            // A failed VM's device held for good (see swap::guard) ends the quiesce.
+            let guards: Option<Vec<_>> = bus
+                .slots()
+                .iter()
+                .map(|s| bus.lock_live(&s.transport))
+                .collect();
+            match guards {
+                Some(_guards) => scan(),
+                None => {
+                    let _ = done_tx.send(());
+                    return Err(TargetError::Gone);
+                }
+            }
         }
         let _ = done_tx.send(());
         Ok(())
     })
 }
 
-/// Error hook of a VM's swap: a failed swap-in ends the vCPU with `EFAULT` (the VM fails);
-/// this logs why.
-pub(super) fn failure_hook(vm_swap: &VmSwap, id: &str) {
+/// Error hook of a VM's swap, run on its fault handler thread the moment a swap-in failed,
+/// before any faulting thread is woken (so it must not wait for anything): marks the VM's
+/// devices failed (nobody waits for a device lock any more: the faulting thread may be a
+/// device model that will be parked holding one, see `swap::guard`), publishes the failure
+/// (the API reports the VM stopped with the reason at once) and asks the VM thread to stop
+/// the vCPUs, set the state and leave the reclaim engine.
+pub(super) fn failure_hook(
+    vm_swap: &VmSwap,
+    id: &str,
+    bus: Arc<MmioBus>,
+    published: Arc<Mutex<super::Published>>,
+    manager: Weak<VmManager>,
+) {
     let id = id.to_string();
     vm_swap.set_failure_hook(move |f| {
-        tracing::error!(vm = %id, gpa = format_args!("{:#x}", f.gpa), error = %f.error, "swap-in failed: the VM cannot continue");
+        bus.mark_failed();
+        let reason = format!(
+            "swap-in of guest page {:#x} failed: {}",
+            f.gpa, f.error
+        );
+        tracing::error!(vm = %id, gpa = format_args!("{:#x}", f.gpa), error = %f.error, "swap-in failed: the VM cannot continue; stopping it");
+        {
+            let mut p = lock(&published);
+            if p.failure.is_none() {
+                p.failure = Some(reason.clone());
+            }
+        }
+        let Some(m) = manager.upgrade() else {
+            return;
+        };
+        let weak = manager.clone();
+        let vm_id = id.clone();
+        let posted = m.post(&id, move |vm| {
+            vm.fail(&reason);
+            if let Some(m) = weak.upgrade() {
+                m.reclaim_detach(&vm_id);
+            }
+        });
+        if let Err(e) = posted {
+            tracing::warn!(vm = %id, error = %e, "cannot reach the VM thread to stop the failed VM");
+        }
     });
 }
 
@@ -317,5 +391,49 @@ mod tests {
             Err(DaemonSwapError::Dir { .. })
         ));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_runtime_dir_in_ram_sends_the_default_file_to_disk() {
+        let root = std::env::temp_dir().join(format!("tp-dswap-ram-{}", std::process::id()));
+        let ram = root.join("run");
+        let disk = root.join("disk");
+        // The runtime directory reports tmpfs, everything else is the real file system.
+        let fake = |d: &Path| -> Result<(i64, u64), std::io::Error> {
+            let (fs, free) = statfs(d)?;
+            Ok((if d.starts_with(&ram) { TMPFS_MAGIC } else { fs }, free))
+        };
+        let fallback = |rt: &Path| disk.join(ram_fallback_path(rt).file_name().unwrap_or_default());
+        let cfg = DaemonSwapConfig {
+            enabled: true,
+            path: None,
+            runtime_dir: Some(ram.clone()),
+            max_bytes: Some(8 << 20),
+        };
+        let p = plan_with(&cfg, 1 << 30, &fake, &fallback).expect("plan");
+        assert!(p.path.starts_with(&disk), "{:?}", p.path);
+        assert!(disk.is_dir(), "the fallback directory is created");
+        assert_eq!(p.capacity, 8 << 20);
+        // Not on tmpfs: the default stays in the runtime directory.
+        let on_disk = DaemonSwapConfig {
+            runtime_dir: Some(root.join("rundisk")),
+            ..cfg.clone()
+        };
+        let p = plan_with(&on_disk, 1 << 30, &fake, &fallback).expect("plan");
+        assert_eq!(p.path, root.join("rundisk").join(SWAP_FILE_NAME));
+        // An explicit path is kept even on tmpfs (with a warning).
+        let explicit = DaemonSwapConfig {
+            path: Some(ram.join("myswap")),
+            ..cfg
+        };
+        let p = plan_with(&explicit, 1 << 30, &fake, &fallback).expect("plan");
+        assert_eq!(p.path, ram.join("myswap"));
+        // The real fallback: per user and per runtime directory, under /var/tmp.
+        let a = ram_fallback_path(Path::new("/run/a"));
+        let b = ram_fallback_path(Path::new("/run/b"));
+        assert_ne!(a, b);
+        assert_eq!(a, ram_fallback_path(Path::new("/run/a")));
+        assert!(a.starts_with("/var/tmp"), "{a:?}");
+        let _ = std::fs::remove_dir_all(&root);
     }
 }

@@ -100,7 +100,16 @@ impl VmLifecycle {
         matches!(self, VmLifecycle::Stopped(_))
     }
 
-    /// The API's view of the state.
+    /// Why the VM stopped, when it was not a request (the API's `stop_reason`).
+    pub fn stop_reason(&self) -> Option<String> {
+        match self {
+            VmLifecycle::Stopped(StopCause::GuestFinished) => Some("guest finished".into()),
+            VmLifecycle::Stopped(StopCause::GuestFailed(r)) => Some(format!("guest failed: {r}")),
+            _ => None,
+        }
+    }
+
+    /// The API's name of the state.
     pub fn api_state(&self) -> tidepool_api::types::VmState {
         use tidepool_api::types::VmState;
         match self {

@@ -95,6 +95,10 @@ pub enum MicrovmError {
     /// The balloon refused.
     #[error("balloon: {0}")]
     Balloon(#[from] BalloonError),
+    /// The VM failed for good (a swap-in failed) and the device is held by a thread that
+    /// will never release it.
+    #[error("the VM failed; its {0} device is unavailable")]
+    Failed(&'static str),
 }
 
 /// Memory figures of a VM, in bytes.
@@ -297,6 +301,32 @@ impl Microvm {
         Ok(out)
     }
 
+    /// Lock a device transport of this VM; [`MicrovmError::Failed`] when the VM failed and
+    /// the lock is held (possibly by a thread parked for good, see `swap::guard`).
+    fn dev<'a, T: ?Sized>(
+        &self,
+        dev: &'a Mutex<T>,
+        name: &'static str,
+    ) -> Result<std::sync::MutexGuard<'a, T>, MicrovmError> {
+        self.bus.lock_live(dev).ok_or(MicrovmError::Failed(name))
+    }
+
+    /// The VM cannot go on (its memory could not be read back: a swap-in failed): mark its
+    /// devices failed (nobody waits for their locks any more), stop its vCPUs and move it to
+    /// [`VmLifecycle::Stopped`] with [`StopCause::GuestFailed`]`(reason)`. A VM already
+    /// stopped keeps its cause. Logged with the VM id.
+    pub fn fail(&mut self, reason: &str) {
+        self.bus.mark_failed();
+        self.poll_events();
+        if self.state.is_stopped() {
+            tracing::error!(vm = %self.id, state = %self.state, reason, "VM failure reported after it stopped");
+            return;
+        }
+        self.end_threads();
+        self.state = VmLifecycle::Stopped(StopCause::GuestFailed(reason.to_string()));
+        tracing::error!(vm = %self.id, reason, "VM failed: stopped");
+    }
+
     /// Take in vCPU events: a vCPU that ended on its own stops the VM (all other vCPUs are
     /// stopped too). Returns whether the state changed.
     pub fn poll_events(&mut self) -> bool {
@@ -378,13 +408,15 @@ impl Microvm {
 
     /// virtio-mem's host-side status.
     pub fn mem_status(&self) -> Option<MemStatus> {
-        self.mem_dev.as_ref().map(|d| lock(d).device().status())
+        self.mem_dev
+            .as_ref()
+            .and_then(|d| self.bus.lock_live(d).map(|t| t.device().status()))
     }
 
     /// Set the requested total guest RAM (boot RAM plus hot-plugged memory).
     pub fn resize_total(&mut self, total: u64) -> Result<(), MicrovmError> {
         let dev = self.mem_dev.as_ref().ok_or(MicrovmError::NoHotplug)?;
-        let mut t = lock(dev);
+        let mut t = self.dev(dev, "virtio-mem")?;
         let before = t.device().status();
         t.device_mut().set_requested_total(total)?;
         drop(t);
@@ -400,7 +432,7 @@ impl Microvm {
         f: impl FnOnce(&mut PoolMemoryBackend) -> R,
     ) -> Result<R, MicrovmError> {
         let dev = self.mem_dev.as_ref().ok_or(MicrovmError::NoHotplug)?;
-        let mut t = lock(dev);
+        let mut t = self.dev(dev, "virtio-mem")?;
         Ok(f(t.device_mut().backend_mut()))
     }
 
@@ -431,7 +463,7 @@ impl Microvm {
         let plugged_hot = plugged_hot.max(backend_plugged);
         let (reported, ballooned, refaulted) = match (&self.balloon_dev, &self.probe) {
             (Some(dev), Some(probe)) => {
-                let mut t = lock(dev);
+                let mut t = self.dev(dev, "virtio-balloon")?;
                 let b = t.device_mut();
                 if let Err(e) = b.sample_residency(probe) {
                     tracing::warn!(vm = %self.id, error = %e, "balloon residency sample failed");
@@ -462,7 +494,9 @@ impl Microvm {
     /// Set the balloon target.
     pub fn set_balloon(&mut self, target_mib: u64) -> Result<BalloonFigures, MicrovmError> {
         let dev = self.balloon_dev.as_ref().ok_or(MicrovmError::NoBalloon)?;
-        lock(dev).device_mut().set_target_mib(target_mib)?;
+        self.dev(dev, "virtio-balloon")?
+            .device_mut()
+            .set_target_mib(target_mib)?;
         self.wake.wake();
         self.balloon()
     }
@@ -470,7 +504,7 @@ impl Microvm {
     /// Balloon figures.
     pub fn balloon(&self) -> Result<BalloonFigures, MicrovmError> {
         let dev = self.balloon_dev.as_ref().ok_or(MicrovmError::NoBalloon)?;
-        let t = lock(dev);
+        let t = self.dev(dev, "virtio-balloon")?;
         let b = t.device();
         Ok(BalloonFigures {
             target_mib: b.target_mib(),
@@ -491,7 +525,12 @@ impl Drop for Microvm {
         self.pending.clear();
         self.notifier = None;
         if let Some(dev) = &self.mem_dev {
-            lock(dev).device_mut().backend_mut().release_all();
+            match self.bus.lock_live(dev) {
+                Some(mut t) => t.device_mut().backend_mut().release_all(),
+                None => {
+                    tracing::error!(vm = %self.id, "virtio-mem is held by a thread parked after a failed swap-in: its hot-plugged blocks stay out of the pool")
+                }
+            }
         }
         self.mem_dev = None;
         self.balloon_dev = None;

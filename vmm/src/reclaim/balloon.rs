@@ -1,10 +1,11 @@
 //! [`DeviceBalloon`]: the [`BalloonHook`] over a VM's virtio-balloon device (phases 1 and 2).
 
-use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::target::TargetError;
 use super::window::BalloonHook;
-use crate::devices::lock;
+use crate::devices::{lock, lock_live};
 use crate::memory::MIB;
 use crate::microvm::BalloonTransport;
 use tidepool_balloon::BalloonError;
@@ -17,6 +18,9 @@ pub struct DeviceBalloon {
     seen_reported: Mutex<u64>,
     /// MiB the engine added to the balloon target and has not given back.
     engine_mib: Mutex<u64>,
+    /// The VM's failed flag (see `MmioBus::mark_failed`): once set, a held device lock is
+    /// not waited for and the hook answers [`TargetError::Gone`].
+    failed: Arc<AtomicBool>,
 }
 
 impl DeviceBalloon {
@@ -31,7 +35,24 @@ impl DeviceBalloon {
             dev,
             seen_reported: Mutex::new(seen),
             engine_mib: Mutex::new(0),
+            failed: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Give up on the device (answer [`TargetError::Gone`]) instead of waiting for its lock
+    /// once `failed` is set: the VM's `MmioBus::failed_flag`.
+    pub fn with_failed(mut self, failed: Arc<AtomicBool>) -> Self {
+        self.failed = failed;
+        self
+    }
+
+    fn dev(
+        &self,
+    ) -> Result<
+        MutexGuard<'_, tidepool_virtio::MmioTransport<tidepool_balloon::Balloon>>,
+        TargetError,
+    > {
+        lock_live(&self.dev, &self.failed).ok_or(TargetError::Gone)
     }
 
     /// MiB of the balloon target the engine added and has not given back.
@@ -42,7 +63,7 @@ impl DeviceBalloon {
 
 impl BalloonHook for DeviceBalloon {
     fn inflate(&self, bytes: u64) -> Result<u64, TargetError> {
-        let mut t = lock(&self.dev);
+        let mut t = self.dev()?;
         let b = t.device_mut();
         if !tidepool_virtio::VirtioDevice::is_activated(&*b) {
             return Err(TargetError::Unsupported(
@@ -69,7 +90,7 @@ impl BalloonHook for DeviceBalloon {
     }
 
     fn deflate(&self, bytes: u64) -> Result<u64, TargetError> {
-        let mut t = lock(&self.dev);
+        let mut t = self.dev()?;
         let b = t.device_mut();
         let mut mine = lock(&self.engine_mib);
         // Whole MiB only, and never more than the engine added.
@@ -84,7 +105,8 @@ impl BalloonHook for DeviceBalloon {
     }
 
     fn take_reported(&self) -> Result<u64, TargetError> {
-        let total = lock(&self.dev)
+        let total = self
+            .dev()?
             .device()
             .accounting()
             .counters
@@ -99,7 +121,7 @@ impl BalloonHook for DeviceBalloon {
     /// device never discards hinted pages, see docs/balloon.md), so nothing is expected back:
     /// the pass's figures are in the balloon's `HintStatus`.
     fn start_hinting(&self) -> Result<u64, TargetError> {
-        let mut t = lock(&self.dev);
+        let mut t = self.dev()?;
         match t.device_mut().start_hinting() {
             Ok(id) => {
                 tracing::debug!(cmd_id = id, "free page hinting pass started");

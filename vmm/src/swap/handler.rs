@@ -172,6 +172,9 @@ fn fail(inner: &Inner, p: u64, e: SwapError) {
             h(&failure);
         }
     }
+    // From here on a VMM thread touching this window parks instead of taking the process
+    // down with SIGSEGV (vCPUs inside KVM_RUN get EFAULT instead).
+    super::guard::mark_failed(inner.owner, inner.base..inner.base + inner.size);
     inner.poison(p..p + 1);
     let _ = inner.uffd.wake(inner.host(p), PAGE);
 }

@@ -23,6 +23,7 @@
 
 mod congestion;
 mod file;
+pub mod guard;
 mod handler;
 mod hook;
 mod pages;
@@ -30,6 +31,8 @@ mod slots;
 pub mod uffd;
 mod vm;
 
+#[cfg(test)]
+mod guard_tests;
 #[cfg(test)]
 mod tests;
 

@@ -119,6 +119,8 @@ pub(super) struct Inner {
     pub paused: AtomicBool,
     pub closed: AtomicBool,
     pub stop_evt: EventFd,
+    /// This VM's id in the fault guard (`super::guard`).
+    pub owner: u64,
 }
 
 impl std::fmt::Debug for Inner {
@@ -215,6 +217,10 @@ impl Inner {
             });
         }
         if self.closed.load(Ordering::Acquire) {
+            return Err(SwapError::Closed);
+        }
+        if lock(&self.failure).is_some() {
+            // The VM failed (a swap-in failed): it is stopped, nothing more to reclaim.
             return Err(SwapError::Closed);
         }
         Ok(())
@@ -336,6 +342,9 @@ impl Inner {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
+        // The VM's threads are stopped (or parked for good): its window may be unmapped
+        // after this, so a later fault there is no longer ours.
+        super::guard::forget(self.owner);
         let mut st = self.lock();
         let blocks: Vec<u64> = st.blocks().collect();
         for b in blocks {
@@ -386,6 +395,9 @@ impl VmSwap {
         if kind != BackingKind::Anonymous {
             return Err(SwapError::Unsupported(kind.name()));
         }
+        if let Err(e) = super::guard::install() {
+            tracing::error!(error = %e, "fault guard not installed: a VMM thread touching a page whose swap-in failed would end the process");
+        }
         let uffd = Uffd::new().map_err(|e| SwapError::host("userfaultfd", e))?;
         let stop_evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
             .map_err(|e| SwapError::host("eventfd", e))?;
@@ -405,6 +417,7 @@ impl VmSwap {
             paused: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             stop_evt,
+            owner: super::guard::new_owner(),
         });
         let weak: Weak<dyn BlockObserver> = Arc::downgrade(&(Arc::clone(&inner) as Arc<_>));
         inner.window.add_observer(weak);
@@ -639,6 +652,12 @@ impl VmSwap {
     /// VM's memory.
     pub fn set_failure_hook(&self, hook: impl Fn(&SwapInFailure) + Send + Sync + 'static) {
         *lock(&self.inner.hook) = Some(Box::new(hook));
+    }
+
+    /// VMM threads parked by the fault guard after touching this VM's memory whose swap-in
+    /// failed (see `docs/swap.md`).
+    pub fn parked_threads(&self) -> u64 {
+        super::guard::parked_for(self.inner.owner)
     }
 
     /// Stop handling faults (test hook: makes faults stay pending).

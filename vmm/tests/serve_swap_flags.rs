@@ -1,0 +1,208 @@
+//! The real `tidepool serve` binary with its swap and reclaim flags (`--swap-path`,
+//! `--swap-max-mib`, `--reclaim-budget-mib`, `--no-swap`), and the default swap file of a
+//! daemon whose socket directory is on tmpfs (`/dev/shm`): it goes to disk, under
+//! `/var/tmp/tidepool-<uid>/`. The file is created with the first VM. Skips without /dev/kvm.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tidepool_api::types::CreateVmRequest;
+use tidepool_api::Client;
+use tidepool_vmm::manager::images::idle_guest;
+use tidepool_vmm::manager::{ram_fallback_path, SWAP_FILE_NAME};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tidepool");
+const MIB: u64 = 1 << 20;
+
+/// Kills the daemon when the test ends.
+struct Daemon(Option<Child>);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn start(socket: &Path, extra: &[&str]) -> Daemon {
+    let child = Command::new(BIN)
+        .args(["serve", "--pool-mib", "256", "--socket"])
+        .arg(socket)
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn tidepool serve");
+    Daemon(Some(child))
+}
+
+fn fresh_dir(base: &Path, name: &str) -> PathBuf {
+    let d = base.join(format!("tp-swapflags-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("dir");
+    d
+}
+
+/// Start the daemon, create one idle VM, run `check` with a client and the VM id, then
+/// delete the VM.
+fn with_daemon_and_vm<F, Fut>(socket: &Path, extra: &[&str], check: F)
+where
+    F: FnOnce(Client, String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let _daemon = start(socket, extra);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = Client::unix(socket).with_timeout(Duration::from_secs(60));
+    rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !(socket.exists() && client.host().await.is_ok()) {
+            assert!(Instant::now() < deadline, "daemon did not come up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut req = CreateVmRequest::with_memory(64);
+        req.image = Some(idle_guest(64).expect("image"));
+        let vm = client.create_vm(&req).await.expect("create");
+        check(client.clone(), vm.id.clone()).await;
+        client.delete_vm(&vm.id).await.expect("delete");
+    });
+}
+
+/// Poll `GET /metrics` until it has `line` (the engine publishes its domains after a step).
+async fn metrics_line(client: &Client, line: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = client.metrics().await.expect("metrics");
+        if text.lines().any(|l| l == line) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "{line} never in:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn swap_path_max_and_reclaim_budget_flags() {
+    if let Err(why) = tidepool_vmm::kvm::kvm_available() {
+        eprintln!("skipping swap_path_max_and_reclaim_budget_flags: {why}");
+        return;
+    }
+    let dir = fresh_dir(&std::env::temp_dir(), "flags");
+    let socket = dir.join("api.sock");
+    let swap = dir.join("elsewhere").join("custom.swap");
+    let swap_arg = swap.to_string_lossy().to_string();
+    let swap2 = swap.clone();
+    let dir2 = dir.clone();
+    with_daemon_and_vm(
+        &socket,
+        &[
+            "--swap-path",
+            &swap_arg,
+            "--swap-max-mib",
+            "64",
+            "--reclaim-budget-mib",
+            "200",
+        ],
+        move |c2: Client, _id: String| async move {
+            let text = metrics_line(
+                &c2,
+                &format!("tidepool_swap_file_bytes{{kind=\"capacity\"}} {}", 64 * MIB),
+            )
+            .await;
+            assert!(swap2.is_file(), "the swap file is at --swap-path");
+            assert!(
+                !dir2.join(SWAP_FILE_NAME).exists(),
+                "nothing at the default path"
+            );
+            metrics_line(
+                &c2,
+                &format!(
+                    "tidepool_reclaim_watermark_bytes{{domain=\"budget\",mark=\"total\"}} {}",
+                    200 * MIB
+                ),
+            )
+            .await;
+            drop(text);
+        },
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn no_swap_flag_makes_no_file() {
+    if let Err(why) = tidepool_vmm::kvm::kvm_available() {
+        eprintln!("skipping no_swap_flag_makes_no_file: {why}");
+        return;
+    }
+    let dir = fresh_dir(&std::env::temp_dir(), "noswap");
+    let socket = dir.join("api.sock");
+    let dir2 = dir.clone();
+    with_daemon_and_vm(
+        &socket,
+        &["--no-swap", "--reclaim-budget-mib", "100"],
+        move |client: Client, id: String| async move {
+            // Reclaim runs (its budget shows) but no swap file is made.
+            let text = metrics_line(
+                &client,
+                &format!(
+                    "tidepool_reclaim_watermark_bytes{{domain=\"budget\",mark=\"total\"}} {}",
+                    100 * MIB
+                ),
+            )
+            .await;
+            assert!(
+                !text.contains("tidepool_swap_file_bytes"),
+                "no swap file figures:\n{text}"
+            );
+            assert!(!dir2.join(SWAP_FILE_NAME).exists());
+            let mem = client.get_memory(&id).await.expect("memory");
+            assert_eq!(mem.swapped_mib, 0);
+        },
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn socket_dir_on_tmpfs_puts_the_default_swap_file_on_disk() {
+    if let Err(why) = tidepool_vmm::kvm::kvm_available() {
+        eprintln!("skipping socket_dir_on_tmpfs_puts_the_default_swap_file_on_disk: {why}");
+        return;
+    }
+    let shm = Path::new("/dev/shm");
+    let is_tmpfs = std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 2 && f[1] == "/dev/shm" && f[2] == "tmpfs"
+        });
+    if !is_tmpfs || !shm.is_dir() {
+        eprintln!("skipping socket_dir_on_tmpfs_puts_the_default_swap_file_on_disk: /dev/shm is not tmpfs");
+        return;
+    }
+    let dir = fresh_dir(shm, "tmpfs");
+    let socket = dir.join("api.sock");
+    let expected = ram_fallback_path(&dir);
+    let _ = std::fs::remove_file(&expected);
+    let client = Client::unix(&socket).with_timeout(Duration::from_secs(60));
+    let dir2 = dir.clone();
+    let exp2 = expected.clone();
+    with_daemon_and_vm(
+        &socket,
+        &[],
+        move |client: Client, _id: String| async move {
+            metrics_line(&client, "tidepool_swap_file_bytes{kind=\"used\"} 0").await;
+            assert!(exp2.is_file(), "the swap file is on disk at {exp2:?}");
+            assert!(!dir2.join(SWAP_FILE_NAME).exists(), "no swap file on tmpfs");
+        },
+    );
+    let _ = std::fs::remove_file(&expected);
+    let _ = std::fs::remove_dir_all(dir);
+}
