@@ -182,20 +182,15 @@ impl VmManager {
             match VmSwap::new(Arc::clone(&window), file) {
                 Ok(s) => {
                     let s = Arc::new(s);
-                    let stored = {
+                    let published = {
                         let vms = lock(&self.vms);
                         vms.get(id).map(|e| {
-                            failure_hook(
-                                &s,
-                                id,
-                                Arc::clone(&bus),
-                                Arc::clone(&e.published),
-                                manager,
-                            );
                             *lock(&e.swap) = Some(Arc::clone(&s));
+                            Arc::clone(&e.published)
                         })
                     };
-                    if stored.is_some() {
+                    if let Some(published) = published {
+                        failure_hook(&s, id, Arc::clone(&bus), published, manager);
                         t = t.with_swap(s);
                     } else {
                         // Deleted meanwhile.

@@ -60,6 +60,9 @@ static PARKED_THREADS: [ParkedThread; PARKED] = [const {
     }
 }; PARKED];
 
+/// Owner value of an entry being filled in.
+const RESERVED: u64 = u64::MAX;
+
 static PARKED_TOTAL: AtomicU64 = AtomicU64::new(0);
 static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
 
@@ -105,16 +108,15 @@ pub(crate) fn mark_failed(owner: u64, range: Range<u64>) -> bool {
         return true;
     }
     for w in &FAILED {
-        // Bounds first, then the owner (the handler reads the owner first, with Acquire).
-        if w.owner.load(Ordering::Acquire) != 0 {
-            continue;
-        }
-        w.start.store(range.start, Ordering::Relaxed);
-        w.end.store(range.end, Ordering::Relaxed);
+        // Claim the entry (RESERVED), then set the bounds, then publish the owner: the
+        // handler only trusts bounds of an entry whose owner it read with Acquire.
         if w.owner
-            .compare_exchange(0, owner, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(0, RESERVED, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
+            w.start.store(range.start, Ordering::Relaxed);
+            w.end.store(range.end, Ordering::Relaxed);
+            w.owner.store(owner, Ordering::Release);
             return true;
         }
     }
@@ -143,13 +145,13 @@ pub fn parked_threads() -> u64 {
 pub(crate) fn parked_for(owner: u64) -> u64 {
     PARKED_THREADS
         .iter()
-        .filter(|p| p.tid.load(Ordering::Acquire) != 0 && p.owner.load(Ordering::Acquire) == owner)
+        .filter(|p| p.tid.load(Ordering::Acquire) > 0 && p.owner.load(Ordering::Relaxed) == owner)
         .count() as u64
 }
 
 /// Whether thread `tid` is parked here.
 pub fn is_parked(tid: i32) -> bool {
-    tid != 0
+    tid > 0
         && PARKED_THREADS
             .iter()
             .any(|p| p.tid.load(Ordering::Acquire) == tid)
@@ -165,6 +167,7 @@ fn failed_owner(addr: u64) -> Option<u64> {
     FAILED.iter().find_map(|w| {
         let owner = w.owner.load(Ordering::Acquire);
         (owner != 0
+            && owner != RESERVED
             && addr >= w.start.load(Ordering::Relaxed)
             && addr < w.end.load(Ordering::Relaxed))
         .then_some(owner)
@@ -174,14 +177,14 @@ fn failed_owner(addr: u64) -> Option<u64> {
 fn park(owner: u64) -> ! {
     let tid = gettid();
     for p in &PARKED_THREADS {
-        if p.tid.load(Ordering::Relaxed) == 0 {
+        // Claim (-1), fill in the owner, then publish the thread id.
+        if p.tid
+            .compare_exchange(0, -1, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
             p.owner.store(owner, Ordering::Relaxed);
-            if p.tid
-                .compare_exchange(0, tid, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-            {
-                break;
-            }
+            p.tid.store(tid, Ordering::Release);
+            break;
         }
     }
     PARKED_TOTAL.fetch_add(1, Ordering::AcqRel);
