@@ -191,7 +191,6 @@ fn socket_dir_on_tmpfs_puts_the_default_swap_file_on_disk() {
     let socket = dir.join("api.sock");
     let expected = ram_fallback_path(&dir);
     let _ = std::fs::remove_file(&expected);
-    let client = Client::unix(&socket).with_timeout(Duration::from_secs(60));
     let dir2 = dir.clone();
     let exp2 = expected.clone();
     with_daemon_and_vm(

@@ -205,13 +205,18 @@ extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
             if old.sa_flags & libc::SA_SIGINFO != 0 {
                 // SAFETY: the previous action was installed with SA_SIGINFO, so its handler
                 // has this signature; we pass it our own arguments unchanged.
-                let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
-                    unsafe { std::mem::transmute(old.sa_sigaction) };
+                let f = unsafe {
+                    std::mem::transmute::<
+                        usize,
+                        extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void),
+                    >(old.sa_sigaction)
+                };
                 f(sig, info, ctx);
             } else {
                 // SAFETY: a plain handler takes the signal number only.
-                let f: extern "C" fn(libc::c_int) =
-                    unsafe { std::mem::transmute(old.sa_sigaction) };
+                let f = unsafe {
+                    std::mem::transmute::<usize, extern "C" fn(libc::c_int)>(old.sa_sigaction)
+                };
                 f(sig);
             }
         }
