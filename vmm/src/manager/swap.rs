@@ -122,12 +122,15 @@ fn plan(cfg: &DaemonSwapConfig, pool_bytes: u64) -> Result<SwapFileConfig, Daemo
     plan_with(cfg, pool_bytes, &statfs, &ram_fallback_path)
 }
 
+/// `(f_type, free bytes)` of a directory.
+type FsProbe<'a> = dyn Fn(&Path) -> Result<(i64, u64), std::io::Error> + 'a;
+
 /// [`plan`] with the file system probe (`(f_type, free bytes)` of a directory) and the
 /// fallback for a runtime directory in RAM given (tests inject a tmpfs).
 fn plan_with(
     cfg: &DaemonSwapConfig,
     pool_bytes: u64,
-    statfs: &dyn Fn(&Path) -> Result<(i64, u64), std::io::Error>,
+    statfs: &FsProbe<'_>,
     fallback: &dyn Fn(&Path) -> PathBuf,
 ) -> Result<SwapFileConfig, DaemonSwapError> {
     let mut path = cfg.path.clone().unwrap_or_else(|| {

@@ -196,7 +196,9 @@ fn park(owner: u64) -> ! {
 
 extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: with SA_SIGINFO the kernel passes a valid siginfo for this SIGSEGV.
-    let addr = unsafe { (*info).si_addr() } as u64;
+    let si = unsafe { &*info };
+    // SAFETY: for SIGSEGV the kernel fills in the fault address.
+    let addr = unsafe { si.si_addr() } as u64;
     if let Some(owner) = failed_owner(addr) {
         park(owner);
     }
