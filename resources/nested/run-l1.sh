@@ -14,6 +14,8 @@
 #   -t, --timeout SECONDS   stop QEMU after this long (default 900); exit status 124 then
 #   -l, --log FILE          where to save the serial log (default: <cache>/nested/last-serial.log)
 #   -m, --mem MIB           L1 RAM (default 3072)
+#       --numa MIB,MIB[,...]    give L1 one NUMA node per size (QEMU memory-backend-ram + -numa node;
+#                           the vCPU on node 0); L1 RAM is their sum and --mem is ignored
 #       --cpu MODEL         QEMU CPU (default EPYC,+svm; TCG drops +invtsc)
 #       --append ARGS       extra L1 kernel command-line arguments
 #       --gzip              gzip the per-run payload archive (smaller, slower to unpack under TCG)
@@ -44,6 +46,7 @@ require_kvm=1
 quiet=0
 extra_modules=""
 qemu_args=()
+numa=""
 while [ $# -gt 0 ]; do
     case "$1" in
     -b | --binary) binaries+=("${2:?--binary needs a path}"); shift ;;
@@ -52,6 +55,7 @@ while [ $# -gt 0 ]; do
     -l | --log) log=${2:?--log needs a file}; shift ;;
     -m | --mem) mem=${2:?--mem needs MiB}; shift ;;
     --cpu) cpu=${2:?--cpu needs a model}; shift ;;
+    --numa) numa=${2:?--numa needs MIB,MIB}; shift ;;
     --append) append=${2:?--append needs arguments}; shift ;;
     --gzip) payload_comp=gzip ;;
     --no-require-kvm) require_kvm=0 ;;
@@ -69,6 +73,21 @@ while [ $# -gt 0 ]; do
 done
 [ $# -gt 0 ] || tp_die "no command given (usage: run-l1.sh [options] -- COMMAND [ARG...])"
 case "$timeout_s$mem" in *[!0-9]*) tp_die "--timeout and --mem take whole numbers" ;; esac
+if [ -n "$numa" ]; then
+    case "$numa" in *[!0-9,]* | ,* | *, | *,,*) tp_die "--numa takes sizes in MiB separated by commas" ;; esac
+    mem=0
+    node=0
+    for size in ${numa//,/ }; do
+        qemu_args+=(-object "memory-backend-ram,id=tp-node$node,size=${size}M")
+        if [ "$node" -eq 0 ]; then
+            qemu_args+=(-numa "node,nodeid=0,cpus=0,memdev=tp-node0")
+        else
+            qemu_args+=(-numa "node,nodeid=$node,memdev=tp-node$node")
+        fi
+        mem=$((mem + size))
+        node=$((node + 1))
+    done
+fi
 tp_need qemu-system-x86_64 qemu-system-x86
 tp_need timeout coreutils
 
@@ -161,7 +180,7 @@ cat "$base" "$work/payload.cpio" >"$work/l1.cpio"
 rm -f "$work/payload.cpio"
 
 cmdline="console=ttyS0 panic=-1 quiet${append:+ $append}"
-tp_log "booting L1: $TP_KVER, -cpu $cpu, -m $mem, initrd $(($(stat -c %s "$work/l1.cpio") / 1048576)) MiB; log $log"
+tp_log "booting L1: $TP_KVER, -cpu $cpu, -m $mem${numa:+ (NUMA nodes of $numa MiB)}, initrd $(($(stat -c %s "$work/l1.cpio") / 1048576)) MiB; log $log"
 : >"$log"
 t_init="$work/t_init"
 t0=$(date +%s.%N)

@@ -14,7 +14,13 @@
 # 3. virtio-mem: resize +512 MiB and back down; the guest's MemTotal (the balloon statistics'
 #    total memory, which is the guest's totalram, i.e. /proc/meminfo MemTotal) must follow and
 #    the daemon's pool counters must move by 512 MiB and come back;
-# 4. delete the VM: the pool is whole again.
+# 4. delete the VM: the pool is whole again;
+# 5. NUMA (L1 has two nodes, run-l1.sh --numa): `tidepool numa-check` boots a 512 MiB guest
+#    under `interleave:0,1` twice, on the anonymous and on the memfd backing. Each guest gets
+#    two guest nodes (SRAT, 256 MiB each, backed by host nodes 0 and 1), touches 300 (240)
+#    MiB so that guest node 1 is used, and numa-check asks L1's kernel where every page of
+#    every boot block is (move_pages): all must sit on their pool block's node, and node 1
+#    must hold some. Its NUMA-CHECK lines (numa_maps summary included) go to the console.
 #
 # Markers (one line each, `TIER3 <what> key=value ...`; times in centiseconds of L1 uptime):
 #   TIER3 boot rc= cs=
@@ -24,6 +30,8 @@
 #   TIER3 grow|shrink rc= plug_cs= memtotal_cs= total_before= total_after= plugged= requested=
 #                     pool_free_before= pool_free_after= assigned_before= assigned_after=
 #   TIER3 delete pool_total= pool_free=
+#   TIER3 numa-anonymous|numa-memfd rc= ok= host_nodes= guest_nodes= memtotal_kb= misplaced=
+#                     node0_pages= node1_pages=            (resident pages on their right node)
 #   TIER3 done failures=N
 set -u
 TP=./tidepool
@@ -199,5 +207,27 @@ wait "$serve_pid" 2>/dev/null
 echo "TIER3-SERVE-LOG-BEGIN"
 sed 's/\x1b\[[0-9;]*m//g' /tmp/serve.log | tail -n 40
 echo "TIER3-SERVE-LOG-END"
+
+# 5. NUMA placement on a 2-node L1.
+# numa_check BACKING ALLOC_MIB
+numa_check() {
+    out=/tmp/numa-$1.out
+    $TP numa-check --kernel vmlinux --initrd initramfs.cpio.gz --memory-mib 512 \
+        --numa interleave:0,1 --backing "$1" --timeout-s 120 \
+        --cmdline "tidepool.workload=alloc:$2:200" >"$out" 2>&1
+    rc=$?
+    grep -v -E 'guest\| TIDEPOOL-(MODULE|VIRTIO|STEP|MEMORY-BLOCKS|MEMFREE)' "$out"
+    res=$(grep 'NUMA-CHECK result' "$out" | tail -n1)
+    f() { echo "$res" | sed -n "s/.* $1=\([^ ]*\).*/\1/p"; }
+    on() { sed -n "s/.*NUMA-CHECK node pool_node=$1 .* on_node=\([0-9]*\) .*/\1/p" "$out" | tail -n1; }
+    echo "TIER3 numa-$1 rc=$rc ok=$(f ok) host_nodes=$(f host_nodes) guest_nodes=$(f guest_nodes) memtotal_kb=$(f memtotal_kb) misplaced=$(f misplaced) node0_pages=$(on 0) node1_pages=$(on 1)"
+    [ "$rc" -eq 0 ] || fail "numa-check on $1 exited $rc: $(f why)"
+}
+if [ "$(cat /sys/devices/system/node/online 2>/dev/null)" = 0-1 ]; then
+    numa_check anonymous 300
+    numa_check memfd 240
+else
+    echo "TIER3 numa-skipped online=$(cat /sys/devices/system/node/online 2>/dev/null)"
+fi
 echo "TIER3 done failures=$failures"
 [ "$failures" -eq 0 ]

@@ -12,7 +12,12 @@
 //!    30 s of the guest freeing it;
 //! 3. resizes the VM up by 512 MiB and back down: the guest's MemTotal follows and the
 //!    daemon's pool counters move by 512 MiB and come back;
-//! 4. deletes the VM: the pool is whole again.
+//! 4. deletes the VM: the pool is whole again;
+//! 5. NUMA: L1 has two nodes (2 GiB + 1 GiB, `run-l1.sh --numa`). `tidepool numa-check` boots
+//!    a 512 MiB guest under `interleave:0,1` on the anonymous and on the memfd backing: the
+//!    guest sees two NUMA nodes, reaches `/init` with a plausible MemTotal, and every resident
+//!    page of every boot block sits on the L1 node its pool block came from (node 1 holding
+//!    some), as L1's kernel reports it (`move_pages`).
 //!
 //! It prints the timings (L1 boot, L2 to `/init`, resize durations, reclaim drop and time). It
 //! skips (printing why) when qemu-system-x86_64 is missing or the guest image cannot be built
@@ -57,6 +62,18 @@ fn stock_debian_kernel_boots_to_init_in_nested_kvm() {
         eprintln!("SKIP nested_boot: qemu-system-x86_64 is not installed (resources/ci/install-deps.sh installs it)");
         return;
     }
+    // The image must carry the current /init (its NUMA markers): build.sh is a no-op when the
+    // cached image is up to date. If it cannot run, the cached image is used as it is.
+    let build = root.join("resources/guest/build.sh");
+    match Command::new(&build).output() {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => eprintln!(
+            "nested_boot: {} failed ({}); using the cached guest image",
+            build.display(),
+            o.status
+        ),
+        Err(e) => eprintln!("nested_boot: cannot run {}: {e}", build.display()),
+    }
     let guest = match guest_image(&root) {
         Ok(g) => g,
         Err(why) => {
@@ -68,7 +85,7 @@ fn stock_debian_kernel_boots_to_init_in_nested_kvm() {
     let log = std::env::temp_dir().join(format!("tidepool-nested-boot-{}.log", std::process::id()));
     let t0 = Instant::now();
     let out = Command::new(root.join("resources/nested/run-l1.sh"))
-        .args(["-q", "-t", "540", "--log"])
+        .args(["-q", "-t", "660", "--numa", "2048,1024", "--log"])
         .arg(&log)
         .arg("--binary")
         .arg(&bin)
@@ -175,6 +192,32 @@ fn stock_debian_kernel_boots_to_init_in_nested_kvm() {
         "the pool is not whole after deleting the VM"
     );
 
+    // 5. NUMA placement on the 2-node L1, anonymous and memfd backings.
+    for backing in ["anonymous", "memfd"] {
+        let what = format!("numa-{backing}");
+        let f = |key: &str| field(&serial, &what, key, &tail);
+        assert_eq!(f("rc"), 0, "{what}: numa-check failed:\n{tail}");
+        assert_eq!(f("ok"), 1, "{what}: placement check failed");
+        assert_eq!(
+            f("host_nodes"),
+            2,
+            "{what}: L1 does not have two NUMA nodes"
+        );
+        assert_eq!(
+            f("guest_nodes"),
+            2,
+            "{what}: the guest does not see two NUMA nodes"
+        );
+        let mt = f("memtotal_kb");
+        assert!(
+            (400 * 1024..=512 * 1024).contains(&mt),
+            "{what}: MemTotal {mt} kB is not plausible for 512 MiB"
+        );
+        assert_eq!(f("misplaced"), 0, "{what}: pages off their block's node");
+        assert!(f("node0_pages") > 0, "{what}: nothing resident on node 0");
+        assert!(f("node1_pages") > 0, "{what}: nothing resident on node 1");
+    }
+
     let l2_uptime = value_after(&serial, "TIDEPOOL-INIT-START uptime=").unwrap_or("?");
     let l2_wall = value_after(&serial, "TIDEPOOL-RUN-MARK TIDEPOOL-INIT-START ").unwrap_or("?");
     let l1_uptime = value_after(&serial, "TIDEPOOL-L1-INIT uptime=").unwrap_or("?");
@@ -198,6 +241,18 @@ fn stock_debian_kernel_boots_to_init_in_nested_kvm() {
          {} after the guest freed 512 MiB",
         cs(reclaim_cs)
     );
+    for backing in ["anonymous", "memfd"] {
+        let what = format!("numa-{backing}");
+        eprintln!(
+            "nested_boot: NUMA ({backing}, interleave:0,1 on a 2-node L1): guest nodes {}, \
+             MemTotal {} kB, resident pages on node 0: {}, on node 1: {}, misplaced {}",
+            field(&serial, &what, "guest_nodes", &tail),
+            field(&serial, &what, "memtotal_kb", &tail),
+            field(&serial, &what, "node0_pages", &tail),
+            field(&serial, &what, "node1_pages", &tail),
+            field(&serial, &what, "misplaced", &tail),
+        );
+    }
     for what in ["grow", "shrink"] {
         eprintln!(
             "nested_boot: virtio-mem {what}: plugged {} MiB in {} (vm resize), guest MemTotal \

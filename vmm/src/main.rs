@@ -93,6 +93,10 @@ enum Command {
     /// and prints one JSON report.
     #[command(hide = true)]
     Loadgen(bench::loadgen::LoadgenArgs),
+    /// Boot one Linux VM under a NUMA policy in this process and check that its boot RAM's
+    /// pages sit on the host nodes their pool blocks came from (the nested tier-3 test).
+    #[command(hide = true)]
+    NumaCheck(bench::numa_check::NumaCheckArgs),
 }
 
 #[derive(Debug, Args)]
@@ -240,6 +244,11 @@ fn main() -> ExitCode {
                     .map(|s| println!("{s}"))
                     .map_err(|e| e.to_string())
             }),
+        Command::NumaCheck(args) => match bench::numa_check::run(&args) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("numa-check: placement check failed (see NUMA-CHECK result)".into()),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,6 +12,7 @@ pub mod density;
 pub mod hotplug;
 pub mod latency;
 pub mod loadgen;
+pub mod numa_check;
 pub mod reclaim;
 pub mod trace;
 

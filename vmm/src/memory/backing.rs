@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use guest_mm::frame::{FrameId, NodeId};
 
 use super::layout::BLOCK_SIZE;
+use super::numa::{self, HostNuma, MemPolicy, ThreadPolicy};
 use super::MemoryError;
 
 /// The kinds of backing a VM's RAM can have.
@@ -159,7 +160,9 @@ pub trait Backing: Send + Sync + std::fmt::Debug {
     /// `from`, so that when this returns `Ok` no window maps `from` and it reads as zeros. The
     /// caller keeps every writer of the block (vCPUs, device models) stopped meanwhile. On an
     /// error the range still maps `from` with its data, and `to` holds nothing. The anonymous
-    /// backing's data never lives at a pool offset, so it has nothing to move: unsupported.
+    /// backing overrides this: its data lives in the window, so only a cross-node move on a
+    /// multi-node host has work to do (the pages migrate, `mbind` with `MPOL_MF_MOVE`). This
+    /// default refuses.
     fn relocate(&self, addr: usize, from: PoolBlock, to: PoolBlock) -> Result<(), MemoryError> {
         let _ = (addr, from, to);
         Err(MemoryError::Unsupported(format!(
@@ -215,22 +218,37 @@ impl Backing for AnonymousBacking {
         }
     }
 
-    fn place(&self, addr: usize, len: usize, _blocks: &[PoolBlock]) -> Result<(), MemoryError> {
+    fn place(&self, addr: usize, len: usize, blocks: &[PoolBlock]) -> Result<(), MemoryError> {
         mprotect(addr, len, libc::PROT_READ | libc::PROT_WRITE)?;
+        let mut r = Ok(());
         if self.thp {
-            if let Err(e) = madvise(addr, len, libc::MADV_HUGEPAGE, "madvise(MADV_HUGEPAGE)") {
-                let _ = mprotect(addr, len, libc::PROT_NONE);
-                return Err(e);
-            }
+            r = madvise(addr, len, libc::MADV_HUGEPAGE, "madvise(MADV_HUGEPAGE)");
+        }
+        // Before anything touches the range: its pages will come from the blocks' nodes.
+        if r.is_ok() && HostNuma::get().is_multi_node() {
+            r = bind_blocks(addr, len, blocks);
+        }
+        if let Err(e) = r {
+            let _ = mprotect(addr, len, libc::PROT_NONE);
+            return Err(e);
         }
         Ok(())
     }
 
-    fn remove(&self, addr: usize, len: usize, _blocks: &[PoolBlock]) -> Result<(), MemoryError> {
+    fn remove(&self, addr: usize, len: usize, blocks: &[PoolBlock]) -> Result<(), MemoryError> {
         // PROT_NONE first: nothing can fault pages back in (KVM's mappings go through the MMU
         // notifier); then the private pages are freed at once.
         mprotect(addr, len, libc::PROT_NONE)?;
-        madvise(addr, len, libc::MADV_DONTNEED, "madvise(MADV_DONTNEED)")
+        madvise(addr, len, libc::MADV_DONTNEED, "madvise(MADV_DONTNEED)")?;
+        if !blocks.is_empty() && HostNuma::get().is_multi_node() {
+            // The removed range holds no page; dropping its binding lets it merge with the
+            // rest of the reservation again. Failing here costs a VMA, not correctness: the
+            // next place binds the range anew.
+            if let Err(e) = numa::reset_range(addr, len) {
+                tracing::warn!(error = %e, "resetting the NUMA policy of a removed range");
+            }
+        }
+        Ok(())
     }
 
     fn discard(
@@ -242,9 +260,48 @@ impl Backing for AnonymousBacking {
         madvise(addr, len, libc::MADV_DONTNEED, "madvise(MADV_DONTNEED)")
     }
 
+    /// The data stays in the window. On a multi-node host a move to another node binds the
+    /// range to `to`'s node and migrates the pages already there (`MPOL_MF_MOVE |
+    /// MPOL_MF_STRICT`: [`numa::NumaError::NotMoved`] if some could not move; the binding is
+    /// then already `to`'s). Otherwise there is nothing to do.
+    fn relocate(&self, addr: usize, from: PoolBlock, to: PoolBlock) -> Result<(), MemoryError> {
+        if from.node != to.node && HostNuma::get().is_multi_node() {
+            numa::bind_range(addr, BLOCK_SIZE as usize, to.node, true)?;
+        }
+        Ok(())
+    }
+
     fn huge_page_size(&self) -> Option<u64> {
         self.thp.then_some(BLOCK_SIZE)
     }
+}
+
+/// Bind `[addr, addr+len)` to the nodes of `blocks` (one per 2 MiB, in order; each run of
+/// blocks from one node is one `mbind`). Nothing to do for an empty slice (no pool blocks
+/// given: the range keeps the process's policy).
+pub(crate) fn bind_blocks(
+    addr: usize,
+    len: usize,
+    blocks: &[PoolBlock],
+) -> Result<(), MemoryError> {
+    if blocks.is_empty() {
+        return Ok(());
+    }
+    if blocks.len() as u64 * BLOCK_SIZE != len as u64 {
+        return Err(MemoryError::PoolBlocks {
+            expected: len as u64 / BLOCK_SIZE,
+            got: blocks.len() as u64,
+        });
+    }
+    let step = BLOCK_SIZE as usize;
+    let mut i = 0;
+    while i < blocks.len() {
+        let node = blocks[i].node;
+        let n = blocks[i..].iter().take_while(|b| b.node == node).count();
+        numa::bind_range(addr + i * step, n * step, node, false)?;
+        i += n;
+    }
+    Ok(())
 }
 
 /// One node's pool file.
@@ -471,10 +528,20 @@ impl FileBacking {
         let off = first.file_offset()?;
         let len = blocks.len() as u64 * BLOCK_SIZE;
         file.ensure_size(off + len)?;
+        let multi_node = HostNuma::get().is_multi_node();
         if self.hugetlb() {
             // Allocate the huge pages now: a host without them answers ENOSPC here, not with a
-            // SIGBUS at the guest's first touch.
-            if let Err(e) = file.fallocate(0, off, len, "fallocate(hugetlbfs)") {
+            // SIGBUS at the guest's first touch. hugetlbfs's fallocate allocates under the
+            // calling thread's policy (no mapping is involved), so on a multi-node host the
+            // thread is bound to the file's node for the call.
+            let bound = if multi_node {
+                Some(ThreadPolicy::set(&MemPolicy::Bind(vec![first.node]))?)
+            } else {
+                None
+            };
+            let allocated = file.fallocate(0, off, len, "fallocate(hugetlbfs)");
+            drop(bound);
+            if let Err(e) = allocated {
                 let _ = file.punch_hole(off, len);
                 return Err(match e {
                     MemoryError::Host { source, .. } => {
@@ -509,6 +576,18 @@ impl FileBacking {
                 let _ = file.punch_hole(off, len);
             }
             return Err(e);
+        }
+        if multi_node {
+            // On a shared memfd mapping this sets the file's shared policy for these offsets:
+            // the pages of this node's pool file are allocated on the node, whichever window
+            // (or device model) faults them in. Before any touch of the new mapping.
+            if let Err(e) = numa::bind_range(addr, len as usize, first.node, false) {
+                let _ = unmap_to_reservation(addr, len as usize, self.spec.thp);
+                if self.hugetlb() {
+                    let _ = file.punch_hole(off, len);
+                }
+                return Err(e.into());
+            }
         }
         let advise = if self.spec.thp {
             madvise(
@@ -603,6 +682,14 @@ impl Backing for FileBacking {
         let dst = self.files.file(self.spec.kind, to.node)?;
         let (src_off, dst_off) = (from.file_offset()?, to.file_offset()?);
         dst.ensure_size(dst_off + BLOCK_SIZE)?;
+        // The target's pages are allocated by the fallocate (hugetlbfs) or the copy's own
+        // mapping, neither of which carries the node's binding yet: on a multi-node host the
+        // thread allocates on `to`'s node meanwhile.
+        let _bound = if HostNuma::get().is_multi_node() {
+            Some(ThreadPolicy::set(&MemPolicy::Bind(vec![to.node]))?)
+        } else {
+            None
+        };
         if self.hugetlb() {
             dst.fallocate(0, dst_off, BLOCK_SIZE, "fallocate(hugetlbfs)")
                 .map_err(|e| match e {

@@ -89,7 +89,8 @@ impl GuestWindow {
 
     /// Reserve the window for `layout` over `backing` and place all boot RAM. A file backing
     /// needs one pool block per 2 MiB of boot RAM in `boot` (in guest-physical order); the
-    /// anonymous backing takes an empty slice.
+    /// anonymous backing takes them too (it binds each block to its node on a multi-node
+    /// host) or an empty slice.
     pub fn with_backing(
         layout: Layout,
         backing: Arc<dyn Backing>,
@@ -153,7 +154,9 @@ impl GuestWindow {
             .iter()
             .map(|r| (r.end - r.start) / BLOCK_SIZE)
             .sum();
-        let file = window.backing.needs_pool_blocks();
+        // A file backing needs the blocks; the anonymous backing takes them when given (to bind
+        // them to their nodes on a multi-node host).
+        let file = window.backing.needs_pool_blocks() || !boot.is_empty();
         if file && boot.len() as u64 != boot_blocks {
             return Err(MemoryError::PoolBlocks {
                 expected: boot_blocks,
@@ -229,7 +232,9 @@ impl GuestWindow {
             return Err(MemoryError::AlreadyPlaced { gpa, len });
         }
         let file = self.backing.needs_pool_blocks();
-        if file && blocks.len() as u64 != len / BLOCK_SIZE {
+        // The anonymous backing takes the blocks when it has them (to bind the range to their
+        // nodes on a multi-node host) and works without.
+        if (file || !blocks.is_empty()) && blocks.len() as u64 != len / BLOCK_SIZE {
             return Err(MemoryError::PoolBlocks {
                 expected: len / BLOCK_SIZE,
                 got: blocks.len() as u64,
@@ -238,10 +243,8 @@ impl GuestWindow {
         self.backing.place(addr, n, blocks)?;
         for (i, b) in range.enumerate() {
             st.set(b, true);
-            if file {
-                if let Some(pb) = blocks.get(i) {
-                    st.blocks.insert(b, *pb);
-                }
+            if let Some(pb) = blocks.get(i) {
+                st.blocks.insert(b, *pb);
             }
         }
         st.placed_blocks += len / BLOCK_SIZE;
@@ -325,8 +328,10 @@ impl GuestWindow {
         Ok(())
     }
 
-    /// Move the placed 2 MiB block at `gpa` of a file-backed window from pool block `from` to
-    /// `to` ([`Backing::relocate`]: data copied, `to` mapped over the range, `from` punched).
+    /// Move the placed 2 MiB block at `gpa` from pool block `from` to `to`
+    /// ([`Backing::relocate`]: file backings copy the data, map `to` over the range and punch
+    /// `from`; the anonymous backing, whose blocks are recorded when they were given to
+    /// [`GuestWindow::place`], migrates the pages to `to`'s node on a multi-node host).
     /// Refused (nothing changed) when the block is not placed or is not backed by `from`. The
     /// caller keeps the block's writers stopped (vCPUs paused, device transports held). The
     /// host address range and the placement generation stay the same, so KVM's memslots and
@@ -356,7 +361,8 @@ impl GuestWindow {
             .push(o);
     }
 
-    /// The pool block behind the placed 2 MiB block holding `gpa` (file backings only).
+    /// The pool block behind the placed 2 MiB block holding `gpa` (file backings always; the
+    /// anonymous backing when the blocks were passed to [`GuestWindow::place`]).
     pub fn pool_block(&self, gpa: u64) -> Option<PoolBlock> {
         self.lock().blocks.get(&(gpa / BLOCK_SIZE)).copied()
     }

@@ -76,12 +76,14 @@ fn err(what: &str) -> impl FnOnce(String) -> MicrovmError + '_ {
 }
 
 /// Load `image` into `vm` with the devices on `bus` described in the DSDT, and set up
-/// `vcpus` vCPUs for its entry.
+/// `vcpus` vCPUs for its entry. `numa` is the SRAT's memory ranges (empty: no SRAT, one guest
+/// node).
 pub(super) fn prepare(
     vm: &Vm,
     image: &LinuxImage,
     vcpus: u8,
     bus: &MmioBus,
+    numa: Vec<crate::acpi::NumaMemory>,
 ) -> Result<PreparedLinux, MicrovmError> {
     let mut created = Vec::new();
     for id in 0..vcpus {
@@ -109,7 +111,7 @@ pub(super) fn prepare(
                     gsi: s.gsi,
                 })
                 .collect(),
-            numa: Vec::new(),
+            numa,
             entry: EntryPreference::Pvh,
         },
     )

@@ -14,6 +14,7 @@ mod balloon_tests;
 #[cfg(test)]
 mod driver_tests;
 pub mod exits;
+mod guest_numa;
 pub mod lifecycle;
 pub mod linux;
 mod setup;

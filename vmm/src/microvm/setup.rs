@@ -242,12 +242,39 @@ impl Microvm {
             .map_err(|e| MicrovmError::Config(format!("virtio-mem: {e}")))?;
         }
         config.backing.validate()?;
-        let boot_blocks = take_blocks(
-            &*pool,
-            config.boot_ram / POOL_BLOCK_BYTES,
-            MigrateType::Unmovable,
-            &config.policy,
-        )?;
+        // A Linux guest under a policy that names several host nodes gets one guest node per
+        // host node (SRAT), each backed by its node's blocks.
+        let guest_numa = linux.as_ref().and_then(|_| {
+            super::guest_numa::split(&config.policy, config.boot_ram / POOL_BLOCK_BYTES)
+        });
+        let boot_blocks = match &guest_numa {
+            None => take_blocks(
+                &*pool,
+                config.boot_ram / POOL_BLOCK_BYTES,
+                MigrateType::Unmovable,
+                &config.policy,
+            )?,
+            Some(parts) => {
+                let mut all: Vec<(FrameId, NodeId)> = Vec::new();
+                for part in parts {
+                    let policy = NumaPolicy::Bind(vec![part.node]);
+                    match take_blocks(&*pool, part.blocks, MigrateType::Unmovable, &policy) {
+                        Ok(b) => all.extend(b),
+                        Err(e) => {
+                            for (f, _) in all {
+                                let _ = pool.free_block(f);
+                            }
+                            return Err(e);
+                        }
+                    }
+                }
+                all
+            }
+        };
+        let srat = guest_numa
+            .as_ref()
+            .map(|parts| super::guest_numa::srat_ranges(&layout, parts))
+            .unwrap_or_default();
         let (events_tx, events_rx) = channel();
         // From here on, a failure drops `vm`, which returns the boot blocks.
         let mut vm = Microvm {
@@ -277,17 +304,16 @@ impl Microvm {
         };
         let files = config.pool_files.clone().unwrap_or_default();
         let backing = files.backing(config.backing)?;
-        let boot: Vec<PoolBlock> = if backing.needs_pool_blocks() {
-            vm.boot_blocks()
-                .iter()
-                .map(|(frame, node)| PoolBlock {
-                    frame: *frame,
-                    node: *node,
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
+        // Every backing gets the blocks: a file backing maps their offsets, and on a
+        // multi-node host the anonymous backing binds each block's range to its node.
+        let boot: Vec<PoolBlock> = vm
+            .boot_blocks()
+            .iter()
+            .map(|(frame, node)| PoolBlock {
+                frame: *frame,
+                node: *node,
+            })
+            .collect();
         let kvm_vm = Arc::new(Vm::with_backing(
             VmConfig {
                 layout: config.layout_config(),
@@ -416,7 +442,7 @@ impl Microvm {
                 }
             }
             (None, Some(image)) => {
-                let p = super::linux::prepare(&kvm_vm, &image, config.vcpus, &bus)?;
+                let p = super::linux::prepare(&kvm_vm, &image, config.vcpus, &bus, srat)?;
                 vm.pending = p.vcpus;
                 vm.legacy = Some(p.legacy);
                 vm.console = Some(p.console);
