@@ -264,26 +264,20 @@ impl FprDriver {
                 wait_for_host,
             } => {
                 let len = range.end - range.start;
-                a.mov(rdi, range.start)?;
-                a.mov(rsi, range.end)?;
-                a.call(touch)?;
+                call_over(a, range, touch)?;
                 a.mov(rax, len)?;
                 report(a, TAG_FPR_TOUCHED, rax)?;
                 if *wait_for_host {
                     wait_mailbox(a, 1)?;
                 }
-                a.mov(rdi, range.start)?;
-                a.mov(rsi, range.end)?;
-                a.call(report_free)?;
+                call_over(a, range, report_free)?;
                 report(a, TAG_FPR_CHAINS, r12)?;
                 a.mov(rax, len)?;
                 report(a, TAG_FPR_REPORTED, rax)?;
                 if *wait_for_host {
                     wait_mailbox(a, 2)?;
                 }
-                a.mov(rdi, range.start)?;
-                a.mov(rsi, range.end)?;
-                a.call(count_nonzero)?;
+                call_over(a, range, count_nonzero)?;
                 report(a, TAG_FPR_NONZERO, rax)?;
                 report(a, TAG_FPR_CHECKED, rcx)?;
             }
@@ -411,9 +405,7 @@ impl FprDriver {
         a.cmp(ebx, phases as i32)?;
         a.jae(done)?;
         rdtsc_into(a, r9)?;
-        a.mov(rdi, r13)?;
-        a.mov(rsi, window)?;
-        a.add(rsi, r13)?;
+        window_args(a, r13, window)?;
         a.call(touch)?;
         rdtsc_into(a, rax)?;
         a.mov(rcx, rax)?;
@@ -422,9 +414,7 @@ impl FprDriver {
         report(a, TAG_FPR_PHASE_TOUCH_TSC, rax)?;
         a.test(ebx, ebx)?;
         a.jz(first)?;
-        a.mov(rdi, r8)?;
-        a.mov(rsi, window)?;
-        a.add(rsi, r8)?;
+        window_args(a, r8, window)?;
         a.push(r8)?;
         a.push(r9)?;
         a.call(report_free)?;
@@ -447,9 +437,7 @@ impl FprDriver {
         a.jmp(top)?;
         a.set_label(&mut done)?;
         // The last window touched goes back too.
-        a.mov(rdi, r8)?;
-        a.mov(rsi, window)?;
-        a.add(rsi, r8)?;
+        window_args(a, r8, window)?;
         a.call(report_free)?;
         report(a, TAG_FPR_CHAINS, r12)?;
         report(a, TAG_FPR_PHASES_DONE, rbx)
@@ -462,6 +450,24 @@ struct PhaseParams {
     window: u64,
     windows: u32,
     phases: u32,
+}
+
+/// Call `routine` over [range.start, range.end) (in rdi, rsi).
+fn call_over(
+    a: &mut CodeAssembler,
+    range: &Range<u64>,
+    routine: CodeLabel,
+) -> Result<(), IcedError> {
+    a.mov(rdi, range.start)?;
+    a.mov(rsi, range.end)?;
+    a.call(routine)
+}
+
+/// rdi = `start`, rsi = `start` + `window`: a routine's range over the window at `start`.
+fn window_args(a: &mut CodeAssembler, start: AsmRegister64, window: u64) -> Result<(), IcedError> {
+    a.mov(rdi, start)?;
+    a.mov(rsi, window)?;
+    a.add(rsi, start)
 }
 
 /// `reg = rdtsc` (edx:eax combined). Clobbers rax, rdx.
@@ -567,16 +573,9 @@ pub fn fpr_density_program(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::{LayoutConfig, MIB};
+    use crate::memory::MIB;
+    use crate::tiny_guest::tests::layout;
     use crate::tiny_guest::virtq::{DEFAULT_MMIO_BASE, DEFAULT_SCRATCH};
-
-    fn layout(mib: u64) -> Layout {
-        Layout::new(LayoutConfig {
-            boot_ram: mib * MIB,
-            hotplug_size: 0,
-        })
-        .expect("layout")
-    }
 
     #[test]
     fn programs_assemble() {

@@ -246,7 +246,9 @@ mod tests {
     use super::*;
     use crate::memory::{LayoutConfig, MIB};
 
-    fn layout(mib: u64) -> Layout {
+    /// A layout of `mib` MiB of boot RAM and no hot-plug region (shared with the drivers'
+    /// tests).
+    pub(super) fn layout(mib: u64) -> Layout {
         Layout::new(LayoutConfig {
             boot_ram: mib * MIB,
             hotplug_size: 0,
