@@ -134,7 +134,8 @@ fn create_options_become_a_request() {
     assert!(!r.start);
     assert!(crate::validate::create_vm(&r).is_ok());
 
-    let r = create_args(&[
+    // A raw image, then the same with `--privilege user`.
+    let image_args = [
         "--memory",
         "256",
         "--image",
@@ -143,29 +144,19 @@ fn create_options_become_a_request() {
         "0x10000",
         "--entry",
         "0x10010",
-    ])
-    .to_request()
-    .unwrap_or_else(|e| panic!("{e}"));
+    ];
+    let r = create_args(&image_args)
+        .to_request()
+        .unwrap_or_else(|e| panic!("{e}"));
     let img = r.image.unwrap_or_else(|| panic!("no image"));
     assert!(img
         .path
         .is_some_and(|p| p.starts_with('/') && p.ends_with("img.bin")));
     assert_eq!((img.load_addr, img.entry), (0x10000, 0x10010));
     assert_eq!(img.privilege, ImagePrivilege::Kernel);
-    let r = create_args(&[
-        "--memory",
-        "256",
-        "--image",
-        "img.bin",
-        "--load-addr",
-        "0x10000",
-        "--entry",
-        "0x10010",
-        "--privilege",
-        "user",
-    ])
-    .to_request()
-    .unwrap_or_else(|e| panic!("{e}"));
+    let r = create_args(&[&image_args[..], &["--privilege", "user"]].concat())
+        .to_request()
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(r.image.map(|i| i.privilege), Some(ImagePrivilege::User));
     assert!(parse(&["vm", "create", "--memory", "1G", "--privilege", "user"]).is_err());
 
