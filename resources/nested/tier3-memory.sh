@@ -21,6 +21,7 @@
 #    MiB so that guest node 1 is used, and numa-check asks L1's kernel where every page of
 #    every boot block is (move_pages): all must sit on their pool block's node, and node 1
 #    must hold some. Its NUMA-CHECK lines (numa_maps summary included) go to the console.
+#    Then once more on hugetlbfs, with 136 huge pages reserved on each L1 node.
 #
 # Markers (one line each, `TIER3 <what> key=value ...`; times in centiseconds of L1 uptime):
 #   TIER3 boot rc= cs=
@@ -30,7 +31,7 @@
 #   TIER3 grow|shrink rc= plug_cs= memtotal_cs= total_before= total_after= plugged= requested=
 #                     pool_free_before= pool_free_after= assigned_before= assigned_after=
 #   TIER3 delete pool_total= pool_free=
-#   TIER3 numa-anonymous|numa-memfd rc= ok= host_nodes= guest_nodes= memtotal_kb= misplaced=
+#   TIER3 numa-anonymous|numa-memfd|numa-hugetlbfs rc= ok= host_nodes= guest_nodes= memtotal_kb= misplaced=
 #                     node0_pages= node1_pages=            (resident pages on their right node)
 #   TIER3 done failures=N
 set -u
@@ -209,11 +210,11 @@ sed 's/\x1b\[[0-9;]*m//g' /tmp/serve.log | tail -n 40
 echo "TIER3-SERVE-LOG-END"
 
 # 5. NUMA placement on a 2-node L1.
-# numa_check BACKING ALLOC_MIB
+# numa_check BACKING ALLOC_MIB [OPTION]
 numa_check() {
     out=/tmp/numa-$1.out
     $TP numa-check --kernel vmlinux --initrd initramfs.cpio.gz --memory-mib 512 \
-        --numa interleave:0,1 --backing "$1" --timeout-s 120 \
+        --numa interleave:0,1 --backing "$1" --timeout-s 120 ${3:-} \
         --cmdline "tidepool.workload=alloc:$2:200" >"$out" 2>&1
     rc=$?
     grep -v -E 'guest\| TIDEPOOL-(MODULE|VIRTIO|STEP|MEMORY-BLOCKS|MEMFREE)' "$out"
@@ -226,6 +227,12 @@ numa_check() {
 if [ "$(cat /sys/devices/system/node/online 2>/dev/null)" = 0-1 ]; then
     numa_check anonymous 300
     numa_check memfd 240
+    # hugetlbfs: 128 huge pages per guest node, reserved on each L1 node (and given back).
+    hp=/sys/devices/system/node/node%s/hugepages/hugepages-2048kB/nr_hugepages
+    for n in 0 1; do echo 136 >"$(printf "$hp" $n)"; done
+    echo "TIER3 hugepages node0=$(cat "$(printf "$hp" 0)") node1=$(cat "$(printf "$hp" 1)")"
+    numa_check hugetlbfs 240 --no-thp
+    for n in 0 1; do echo 0 >"$(printf "$hp" $n)"; done
 else
     echo "TIER3 numa-skipped online=$(cat /sys/devices/system/node/online 2>/dev/null)"
 fi

@@ -14,7 +14,7 @@
 //!    daemon's pool counters move by 512 MiB and come back;
 //! 4. deletes the VM: the pool is whole again;
 //! 5. NUMA: L1 has two nodes (2 GiB + 1 GiB, `run-l1.sh --numa`). `tidepool numa-check` boots
-//!    a 512 MiB guest under `interleave:0,1` on the anonymous and on the memfd backing: the
+//!    a 512 MiB guest under `interleave:0,1` on the anonymous, memfd and hugetlbfs backings: the
 //!    guest sees two NUMA nodes, reaches `/init` with a plausible MemTotal, and every resident
 //!    page of every boot block sits on the L1 node its pool block came from (node 1 holding
 //!    some), as L1's kernel reports it (`move_pages`).
@@ -192,8 +192,8 @@ fn stock_debian_kernel_boots_to_init_in_nested_kvm() {
         "the pool is not whole after deleting the VM"
     );
 
-    // 5. NUMA placement on the 2-node L1, anonymous and memfd backings.
-    for backing in ["anonymous", "memfd"] {
+    // 5. NUMA placement on the 2-node L1, anonymous, memfd and hugetlbfs backings.
+    for backing in ["anonymous", "memfd", "hugetlbfs"] {
         let what = format!("numa-{backing}");
         let f = |key: &str| field(&serial, &what, key, &tail);
         assert_eq!(f("rc"), 0, "{what}: numa-check failed:\n{tail}");
@@ -241,7 +241,7 @@ fn stock_debian_kernel_boots_to_init_in_nested_kvm() {
          {} after the guest freed 512 MiB",
         cs(reclaim_cs)
     );
-    for backing in ["anonymous", "memfd"] {
+    for backing in ["anonymous", "memfd", "hugetlbfs"] {
         let what = format!("numa-{backing}");
         eprintln!(
             "nested_boot: NUMA ({backing}, interleave:0,1 on a 2-node L1): guest nodes {}, \
