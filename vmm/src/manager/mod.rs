@@ -12,7 +12,7 @@ mod swap;
 #[cfg(test)]
 mod tests;
 
-pub use mover::{host_memory_nodes, VmPoolActions};
+pub use mover::VmPoolActions;
 pub use reclaim::{DaemonReclaimConfig, ReclaimRuntime};
 pub use request::{config_from_request, info_from_request, RequestError};
 pub use swap::{

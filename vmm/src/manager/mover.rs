@@ -46,13 +46,6 @@ impl std::fmt::Debug for VmPoolActions {
     }
 }
 
-/// NUMA nodes with memory on this host (1 when sysfs cannot tell).
-pub fn host_memory_nodes() -> usize {
-    guest_mm::topology::Topology::from_sysfs(std::path::Path::new("/sys/devices/system/node"))
-        .map(|t| t.nodes().iter().filter(|n| n.has_memory).count().max(1))
-        .unwrap_or(1)
-}
-
 fn failed(e: impl std::fmt::Display) -> ActionError {
     ActionError::Failed(e.to_string())
 }
@@ -65,7 +58,7 @@ impl VmPoolActions {
             pool,
             manager,
             counters,
-            physical: PhysicalMove::for_host(host_memory_nodes()),
+            physical: PhysicalMove::for_host(),
         }
     }
 
@@ -155,7 +148,7 @@ impl VmPoolActions {
         mut round: impl FnMut(VmBlockMover<'_>) -> Result<(ActionOutcome, Vec<usize>), ActionError>,
     ) -> Result<ActionOutcome, ActionError> {
         let node_of = |f: FrameId| -> Option<NodeId> { self.pool.node_of(f) };
-        let new_mover = || VmBlockMover::new(vms, &node_of, &self.counters, self.physical.clone());
+        let new_mover = || VmBlockMover::new(vms, &node_of, &self.counters, self.physical);
         let (first, wanted) = round(new_mover())?;
         let mut out = first;
         for vi in wanted.into_iter().take(MAX_QUIESCE_ROUNDS) {

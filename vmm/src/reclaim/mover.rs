@@ -5,7 +5,8 @@
 //!
 //! - **anonymous backing**: the pool block is accounting only (the data lives in the VM's
 //!   private window), so the record is repointed, nothing is copied. A move to another node
-//!   also moves the pages ([`PhysicalMove`]); on a host with one NUMA node that step is a
+//!   also moves the pages ([`PhysicalMove`]: `mbind` with `MPOL_MF_MOVE` of the block's window
+//!   range, before the record is repointed); on a host with one NUMA node that step is a
 //!   no-op and is counted as such (`cross_node_single_host_node`).
 //! - **memfd / hugetlbfs backing**: the data lives at the pool-file offset, so the block's
 //!   data is copied to the new offset, the new offset is mapped over the window range and the
@@ -150,26 +151,24 @@ impl MoveCounters {
 }
 
 /// The physical side of a move to another node.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PhysicalMove {
     /// The host has one NUMA node: the pool's nodes are accounting only, there is nothing to
     /// move (counted `cross_node_single_host_node`).
     SingleHostNode,
-    /// The host has several nodes but the VMM cannot bind a window range to a node: the move is
-    /// refused (`refused_no_mbind`), so the accounting never claims a placement the pages do
-    /// not have.
-    Unsupported(String),
+    /// The host has several nodes: the block's window range is bound to the new node with
+    /// `mbind(MPOL_BIND, MPOL_MF_MOVE)` ([`crate::memory::numa::bind_range`]), which migrates
+    /// its present pages (and, for a pool file, sets the file's policy at those offsets).
+    Mbind,
 }
 
 impl PhysicalMove {
-    /// What a cross-node move can do on a host with `host_nodes` NUMA nodes with memory.
-    pub fn for_host(host_nodes: usize) -> PhysicalMove {
-        if host_nodes <= 1 {
-            PhysicalMove::SingleHostNode
+    /// What a cross-node move does on this host.
+    pub fn for_host() -> PhysicalMove {
+        if crate::memory::numa::HostNuma::get().is_multi_node() {
+            PhysicalMove::Mbind
         } else {
-            PhysicalMove::Unsupported(format!(
-                "{host_nodes} host NUMA nodes and no mbind of window ranges"
-            ))
+            PhysicalMove::SingleHostNode
         }
     }
 }
@@ -312,6 +311,20 @@ impl<'a> VmBlockMover<'a> {
     }
 }
 
+impl VmBlockMover<'_> {
+    /// Bind the block's window range to `node`, moving its present pages.
+    fn bind(&self, vi: usize, what: BlockRef, node: NodeId) -> Result<(), String> {
+        let vm = &self.vms[vi];
+        let gpa = match what {
+            BlockRef::Boot(i) => vm.boot_gpas.get(i).copied().ok_or("no such boot block")?,
+            BlockRef::Hot(gpa) => gpa,
+        };
+        let addr = vm.window.host_addr(gpa).ok_or("block outside the window")?;
+        crate::memory::numa::bind_range(addr, POOL_BLOCK_BYTES as usize, node, true)
+            .map_err(|e| e.to_string())
+    }
+}
+
 impl Mover for VmBlockMover<'_> {
     fn move_block(&mut self, from: FrameId, to: FrameId, order: u8) -> Result<(), MoveError> {
         let Some(&(vi, what)) = self.index.get(&from).filter(|_| order == BLOCK_ORDER) else {
@@ -335,13 +348,15 @@ impl Mover for VmBlockMover<'_> {
             return self.refuse("refused_needs_quiesce", MoveError::Busy(from));
         }
         let cross = from_pb.node != to_pb.node;
-        if cross {
-            if let PhysicalMove::Unsupported(why) = &self.physical {
+        let bind = cross && self.physical == PhysicalMove::Mbind;
+        if bind && !file {
+            // Anonymous: the pages move first; if they cannot, the record stays.
+            if let Err(e) = self.bind(vi, what, to_pb.node) {
                 let e = MoveError::Failed {
                     frame: from,
-                    reason: why.clone(),
+                    reason: e,
                 };
-                return self.refuse("refused_no_mbind", e);
+                return self.refuse("refused_physical_move_failed", e);
             }
         }
         self.try_move(vi, what, from_pb, to_pb)?;
@@ -353,7 +368,20 @@ impl Mover for VmBlockMover<'_> {
             "moved_repointed"
         });
         if cross {
-            self.counters.count("cross_node_single_host_node");
+            let physical = match self.physical {
+                PhysicalMove::SingleHostNode => "cross_node_single_host_node",
+                // File: the data is at the new offset already and the old one is punched, so
+                // the move stands even if the pages cannot be migrated; counted.
+                PhysicalMove::Mbind if file => match self.bind(vi, what, to_pb.node) {
+                    Ok(()) => "cross_node_pages_moved",
+                    Err(e) => {
+                        tracing::warn!(error = %e, "moved block's pages left on their node");
+                        "cross_node_pages_not_moved"
+                    }
+                },
+                PhysicalMove::Mbind => "cross_node_pages_moved",
+            };
+            self.counters.count(physical);
         }
         Ok(())
     }
