@@ -9,8 +9,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use guest_mm::frame::{FrameId, NodeId};
+use guest_mm::frame::{FrameId, MigrateType, NodeId};
 use guest_mm::monitor::Thresholds;
+use guest_mm::policy::NumaPolicy;
 use guest_mm::pool::Pool;
 use guest_mm::slab::TypedSlab;
 use guest_mm::topology::Topology;
@@ -21,7 +22,6 @@ use tidepool_api::ApiBackend;
 use tidepool_hotplug::MemoryBackend;
 use tidepool_vmm::devices::BlockRecord;
 use tidepool_vmm::hostpool::{build_pool, FramePool, POOL_BLOCK_BYTES};
-use tidepool_vmm::manager::images::idle_guest;
 use tidepool_vmm::manager::{VmManager, VmPoolActions};
 use tidepool_vmm::memory::{BackingKind, Layout, LayoutConfig};
 use tidepool_vmm::reclaim::{MonitorConfig, MonitorTask, MoveCounters};
@@ -139,35 +139,25 @@ fn plug(m: &VmManager, id: &str, gpa: u64) -> bool {
     .expect("virtio-mem")
 }
 
-/// The filler VM takes every free block, then gives back each of its blocks whose buddy (the
-/// other half of its 4 MiB region) it does not hold: every such region then holds one used
-/// block (the guest's, or boot RAM) and one free block, so no 4 MiB block is free.
-fn refragment(m: &VmManager, filler: &str) {
-    let region = layout().hotplug().expect("region");
-    let mut gpa = region.start;
-    let held: BTreeSet<u64> = records(m, filler).iter().map(|r| r.gpa).collect();
-    while gpa < region.end {
-        if !held.contains(&gpa) && !plug(m, filler, gpa) {
-            break;
-        }
-        gpa += POOL_BLOCK_BYTES;
+/// Another user of the pool (UNMOVABLE blocks, which compaction never moves) takes every free
+/// block, then gives back each whose buddy (the other half of its 4 MiB region) is one of the
+/// guest's blocks: those regions then hold one guest block and one free block, so no 4 MiB
+/// block is free and only the guest's blocks can be moved to make one.
+fn refragment(pool: &Pool, filler: &mut Vec<FrameId>, guest: &BTreeSet<FrameId>) {
+    while let Ok((f, _)) = pool.alloc(9, MigrateType::Unmovable, &NumaPolicy::Local, NodeId(0)) {
+        filler.push(f);
     }
-    let recs = records(m, filler);
-    let mine: BTreeSet<FrameId> = recs.iter().map(|r| r.frame).collect();
-    let give: Vec<u64> = recs
-        .iter()
-        .filter(|r| !mine.contains(&FrameId(r.frame.0 ^ 512)))
-        .map(|r| r.gpa)
-        .collect();
-    m.call(filler, move |vm| {
-        vm.with_memory_backend(|b| {
-            for g in give {
-                b.unplug(g, POOL_BLOCK_BYTES).expect("unplug");
-            }
-        })
-    })
-    .expect("call")
-    .expect("virtio-mem");
+    filler.retain(|f| {
+        let free = guest.contains(&FrameId(f.0 ^ 512));
+        if free {
+            pool.free(*f, 9).expect("free");
+        }
+        !free
+    });
+}
+
+fn guest_frames(m: &VmManager, id: &str) -> BTreeSet<FrameId> {
+    records(m, id).iter().map(|r| r.frame).collect()
 }
 
 fn frag10(pool: &Pool) -> Option<f64> {
@@ -180,8 +170,8 @@ fn compaction_moves_a_running_guests_memfd_blocks_and_its_data_stays() {
         eprintln!("skipping: {why}");
         return;
     }
-    // 128 MiB: 64 blocks, 16 of them boot RAM of the two VMs.
-    let pool = Arc::new(build_pool(Topology::single(1 << 30), Some(128 * MIB)).expect("pool"));
+    // 64 MiB: 32 blocks, 8 of them the guest's boot RAM.
+    let pool = Arc::new(build_pool(Topology::single(1 << 30), Some(64 * MIB)).expect("pool"));
     let fp: Arc<dyn FramePool> = Arc::clone(&pool) as Arc<dyn FramePool>;
     let m = Arc::new(VmManager::new(
         fp,
@@ -193,19 +183,17 @@ fn compaction_moves_a_running_guests_memfd_blocks_and_its_data_stays() {
     req.image = Some(image());
     (req.hotplug, req.backing) = hot(ApiKind::Memfd);
     let guest = m.create_vm(req).expect("guest").id;
-    let mut req = CreateVmRequest::with_memory(BOOT_MIB);
-    req.image = Some(idle_guest(BOOT_MIB).expect("image"));
-    (req.hotplug, req.backing) = hot(ApiKind::Anonymous);
-    let filler = m.create_vm(req).expect("filler").id;
 
-    // The guest's blocks alternate with the filler's, so they end up scattered.
-    let mut filler_gpa = layout().hotplug().expect("region").start;
+    // The guest's blocks alternate with the other user's, so they end up scattered.
+    let mut filler = Vec::new();
     for g in data().step_by(POOL_BLOCK_BYTES as usize) {
         assert!(plug(&m, &guest, g), "guest plug");
-        assert!(plug(&m, &filler, filler_gpa), "filler plug");
-        filler_gpa += POOL_BLOCK_BYTES;
+        let (f, _) = pool
+            .alloc(9, MigrateType::Unmovable, &NumaPolicy::Local, NodeId(0))
+            .expect("filler");
+        filler.push(f);
     }
-    refragment(&m, &filler);
+    refragment(&pool, &mut filler, &guest_frames(&m, &guest));
     let before = records(&m, &guest);
     assert_eq!(before.len() as u64, DATA_BLOCKS);
     m.call(&guest, |vm| {
@@ -242,7 +230,7 @@ fn compaction_moves_a_running_guests_memfd_blocks_and_its_data_stays() {
         }
         task.tick().expect("tick");
         rounds += 1;
-        refragment(&m, &filler);
+        refragment(&pool, &mut filler, &guest_frames(&m, &guest));
     }
     let verified_at_moves = reports(&m, &guest, TAG_MISMATCHES).len();
     let c = task.counters();
@@ -276,7 +264,9 @@ fn compaction_moves_a_running_guests_memfd_blocks_and_its_data_stays() {
     assert!(moved >= 1, "the guest's records point to new frames");
 
     m.delete(&guest).expect("delete guest");
-    m.delete(&filler).expect("delete filler");
+    for f in filler {
+        pool.free(f, 9).expect("free");
+    }
     assert!(
         pool.figures().expect("figures").is_whole(),
         "every frame back"
