@@ -5,9 +5,9 @@
 //!
 //! - **anonymous backing**: the pool block is accounting only (the data lives in the VM's
 //!   private window), so the record is repointed, nothing is copied. A move to another node
-//!   also moves the pages ([`PhysicalMove`]: `mbind` with `MPOL_MF_MOVE` of the block's window
-//!   range, before the record is repointed); on a host with one NUMA node that step is a
-//!   no-op and is counted as such (`cross_node_single_host_node`).
+//!   also moves the pages ([`GuestWindow::relocate`]: `mbind` with `MPOL_MF_MOVE` of the
+//!   block's window range, before the record is repointed); on a host with one NUMA node that
+//!   step is a no-op and is counted as such (`cross_node_single_host_node`).
 //! - **memfd / hugetlbfs backing**: the data lives at the pool-file offset, so the block's
 //!   data is copied to the new offset, the new offset is mapped over the window range and the
 //!   old one punched ([`GuestWindow::relocate`]), with the VM quiesced (vCPUs paused, device
@@ -156,9 +156,10 @@ pub enum PhysicalMove {
     /// The host has one NUMA node: the pool's nodes are accounting only, there is nothing to
     /// move (counted `cross_node_single_host_node`).
     SingleHostNode,
-    /// The host has several nodes: the block's window range is bound to the new node with
-    /// `mbind(MPOL_BIND, MPOL_MF_MOVE)` ([`crate::memory::numa::bind_range`]), which migrates
-    /// its present pages (and, for a pool file, sets the file's policy at those offsets).
+    /// The host has several nodes: [`GuestWindow::relocate`] binds the block's window range
+    /// to the new node with `mbind(MPOL_BIND, MPOL_MF_MOVE)`, which migrates its present pages
+    /// (anonymous), or allocates the copy on the new node (pool files); if the pages cannot
+    /// move the move is refused (`refused_failed`). Counted `cross_node_pages_moved`.
     Mbind,
 }
 
@@ -248,7 +249,6 @@ impl<'a> VmBlockMover<'a> {
     ) -> Result<(), MoveError> {
         let (vms, counters) = (self.vms, self.counters);
         let vm = &vms[vi];
-        let file = vm.file_backed();
         let busy = MoveError::Busy(from.frame);
         let gone = MoveError::Pinned(from.frame);
         let failed = |e: crate::memory::MemoryError| MoveError::Failed {
@@ -266,10 +266,8 @@ impl<'a> VmBlockMover<'a> {
                 if boot.get(i).map(|b| b.0) != Some(from.frame) {
                     return self.refuse("refused_unowned", gone);
                 }
-                if file {
-                    if let Err(e) = vm.window.relocate(gpa, from, to) {
-                        return self.refuse("refused_failed", failed(e));
-                    }
+                if let Err(e) = vm.window.relocate(gpa, from, to) {
+                    return self.refuse("refused_failed", failed(e));
                 }
                 boot[i] = (to.frame, to.node);
             }
@@ -297,31 +295,15 @@ impl<'a> VmBlockMover<'a> {
                     counters.count("refused_unowned");
                     return Err(gone);
                 }
-                if file {
-                    if let Err(e) = vm.window.relocate(gpa, from, to) {
-                        counters.count("refused_failed");
-                        return Err(failed(e));
-                    }
+                if let Err(e) = vm.window.relocate(gpa, from, to) {
+                    counters.count("refused_failed");
+                    return Err(failed(e));
                 }
                 // The record was checked under the same lock, so this cannot miss.
                 backend.repoint(gpa, from.frame, to.frame, to.node);
             }
         }
         Ok(())
-    }
-}
-
-impl VmBlockMover<'_> {
-    /// Bind the block's window range to `node`, moving its present pages.
-    fn bind(&self, vi: usize, what: BlockRef, node: NodeId) -> Result<(), String> {
-        let vm = &self.vms[vi];
-        let gpa = match what {
-            BlockRef::Boot(i) => vm.boot_gpas.get(i).copied().ok_or("no such boot block")?,
-            BlockRef::Hot(gpa) => gpa,
-        };
-        let addr = vm.window.host_addr(gpa).ok_or("block outside the window")?;
-        crate::memory::numa::bind_range(addr, POOL_BLOCK_BYTES as usize, node, true)
-            .map_err(|e| e.to_string())
     }
 }
 
@@ -347,18 +329,6 @@ impl Mover for VmBlockMover<'_> {
             self.wanted.insert(vi);
             return self.refuse("refused_needs_quiesce", MoveError::Busy(from));
         }
-        let cross = from_pb.node != to_pb.node;
-        let bind = cross && self.physical == PhysicalMove::Mbind;
-        if bind && !file {
-            // Anonymous: the pages move first; if they cannot, the record stays.
-            if let Err(e) = self.bind(vi, what, to_pb.node) {
-                let e = MoveError::Failed {
-                    frame: from,
-                    reason: e,
-                };
-                return self.refuse("refused_physical_move_failed", e);
-            }
-        }
         self.try_move(vi, what, from_pb, to_pb)?;
         self.index.remove(&from);
         self.index.insert(to, (vi, what));
@@ -367,21 +337,11 @@ impl Mover for VmBlockMover<'_> {
         } else {
             "moved_repointed"
         });
-        if cross {
-            let physical = match self.physical {
+        if from_pb.node != to_pb.node {
+            self.counters.count(match self.physical {
                 PhysicalMove::SingleHostNode => "cross_node_single_host_node",
-                // File: the data is at the new offset already and the old one is punched, so
-                // the move stands even if the pages cannot be migrated; counted.
-                PhysicalMove::Mbind if file => match self.bind(vi, what, to_pb.node) {
-                    Ok(()) => "cross_node_pages_moved",
-                    Err(e) => {
-                        tracing::warn!(error = %e, "moved block's pages left on their node");
-                        "cross_node_pages_not_moved"
-                    }
-                },
                 PhysicalMove::Mbind => "cross_node_pages_moved",
-            };
-            self.counters.count(physical);
+            });
         }
         Ok(())
     }
