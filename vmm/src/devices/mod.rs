@@ -16,7 +16,7 @@ pub use bus::{BusDevice, DeviceSlot, MmioBus, SharedTransport};
 
 pub use irq::{IrqMode, IrqfdTrigger, PolledIrq};
 pub use mem_backend::{BlockRecord, PoolMemoryBackend, RamChange, RamListener, VmMemoryHandle};
-pub use notifier::{NotifierStats, NotifyThread};
+pub use notifier::{DeviceWork, NotifierStats, NotifyThread};
 pub use reclaim::WindowReclaim;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -34,6 +34,9 @@ struct Source {
     queue: u32,
 }
 
+/// Work handed to the device thread (see [`NotifyThread::post`]).
+pub type DeviceWork = Box<dyn FnOnce() + Send>;
+
 /// The device thread of one VM. Dropping it stops and joins the thread.
 #[derive(Debug)]
 pub struct NotifyThread {
@@ -43,9 +46,12 @@ pub struct NotifyThread {
     registered: usize,
     /// The thread's id (0 until it started).
     tid: Arc<AtomicI32>,
+    work_tx: Mutex<Sender<DeviceWork>>,
+    work_evt: EventFd,
 }
 
 const STOP_TOKEN: u64 = u64::MAX;
+const WORK_TOKEN: u64 = u64::MAX - 1;
 
 fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> DeviceSetupError {
     move |source| DeviceSetupError::Os { what, source }
@@ -63,6 +69,16 @@ impl NotifyThread {
                 EpollEvent::new(EventSet::IN, STOP_TOKEN),
             )
             .map_err(os("epoll_ctl"))?;
+        let work_evt = EventFd::new(EFD_NONBLOCK).map_err(os("eventfd"))?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                work_evt.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, WORK_TOKEN),
+            )
+            .map_err(os("epoll_ctl"))?;
+        let (work_tx, work_rx) = channel::<DeviceWork>();
+        let work = (work_evt.try_clone().map_err(os("eventfd dup"))?, work_rx);
         let mut sources = Vec::new();
         for slot in bus.slots() {
             let pairs = lock(&slot.transport).ioeventfds(slot.base);
@@ -98,7 +114,7 @@ impl NotifyThread {
             .name(format!("{name}-dev"))
             .spawn(move || {
                 tid2.store(crate::swap::guard::gettid(), Ordering::Release);
-                serve(epoll, stop2, sources, &stats2, &failed)
+                serve(epoll, stop2, work, sources, &stats2, &failed)
             })
             .map_err(os("spawning the device thread"))?;
         Ok(NotifyThread {
@@ -107,12 +123,26 @@ impl NotifyThread {
             stats,
             registered,
             tid,
+            work_tx: Mutex::new(work_tx),
+            work_evt,
         })
     }
 
     /// Number of ioeventfds registered.
     pub fn registered(&self) -> usize {
         self.registered
+    }
+
+    /// Run `work` on the device thread, after the notifications it is serving now. Device
+    /// requests that touch guest memory (returning the balloon's stats buffer) go here, so
+    /// the VM thread never touches guest memory: if that memory cannot be read back (a failed
+    /// swap-in), the thread that touched it is parked for good (see `swap::guard`), and the VM
+    /// thread must stay free to stop and delete the VM. `Err` gives the work back when the
+    /// thread is gone.
+    pub fn post(&self, work: DeviceWork) -> Result<(), DeviceWork> {
+        lock(&self.work_tx).send(work).map_err(|e| e.0)?;
+        let _ = self.work_evt.write(1);
+        Ok(())
     }
 
     /// The thread's counters.
@@ -124,11 +154,12 @@ impl NotifyThread {
 fn serve(
     epoll: Epoll,
     stop: EventFd,
+    work: (EventFd, Receiver<DeviceWork>),
     sources: Vec<Source>,
     stats: &NotifierStats,
     failed: &AtomicBool,
 ) {
-    let mut events = vec![EpollEvent::default(); sources.len() + 1];
+    let mut events = vec![EpollEvent::default(); sources.len() + 2];
     loop {
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
@@ -143,6 +174,13 @@ fn serve(
             if token == STOP_TOKEN {
                 let _ = stop.read();
                 return;
+            }
+            if token == WORK_TOKEN {
+                let _ = work.0.read();
+                while let Ok(w) = work.1.try_recv() {
+                    w();
+                }
+                continue;
             }
             let Some(src) = usize::try_from(token).ok().and_then(|i| sources.get(i)) else {
                 continue;

@@ -491,15 +491,25 @@ fn vm_thread(mut vm: Microvm, rx: &Receiver<Msg>, published: &Mutex<Published>, 
         // Only a balloon with a stats queue needs the device here (its lock is not taken
         // every tick for nothing); a failed VM's held device is skipped.
         if let Some(dev) = vm.balloon_device().filter(|_| stats) {
-            let Some(mut t) = vm.bus().lock_live(dev) else {
-                continue;
-            };
-            let b = t.device_mut();
-            if let Some(every) = b.stats_interval() {
-                if last_stats.elapsed() >= every && tidepool_virtio::VirtioDevice::is_activated(&*b)
-                {
-                    last_stats = Instant::now();
-                    let _ = b.request_stats();
+            let due = vm.bus().lock_live(dev).is_some_and(|t| {
+                let b = t.device();
+                b.stats_interval()
+                    .is_some_and(|every| last_stats.elapsed() >= every)
+                    && tidepool_virtio::VirtioDevice::is_activated(b)
+            });
+            if due {
+                last_stats = Instant::now();
+                // Returning the stats buffer writes the used ring (guest memory): the device
+                // thread does it, never this thread (see NotifyThread::post).
+                let dev = Arc::clone(dev);
+                let failed = Arc::clone(vm.bus().failed_flag());
+                let posted = vm.post_device_work(Box::new(move || {
+                    if let Some(mut t) = crate::devices::lock_live(&dev, &failed) {
+                        let _ = t.device_mut().request_stats();
+                    }
+                }));
+                if posted.is_err() {
+                    tracing::debug!(vm = %vm.id(), "no device thread: stats not requested");
                 }
             }
         }

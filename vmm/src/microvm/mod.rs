@@ -233,6 +233,18 @@ impl Microvm {
         &self.exit_counters
     }
 
+    /// Run `work` on the VM's device thread ([`NotifyThread::post`]); `Err` gives it back
+    /// when the VM has no device thread.
+    pub fn post_device_work(
+        &self,
+        work: crate::devices::DeviceWork,
+    ) -> Result<(), crate::devices::DeviceWork> {
+        match &self.notifier {
+            Some(n) => n.post(work),
+            None => Err(work),
+        }
+    }
+
     /// Counters of the device thread serving the ioeventfds (None without devices).
     pub fn notifier_stats(&self) -> Option<&crate::devices::NotifierStats> {
         self.notifier.as_ref().map(|n| n.stats())
