@@ -132,3 +132,45 @@ fn ioeventfd_notify_skips_the_exit_and_unmatched_notify_exits() {
     drop(vm);
     assert!(pool.figures().expect("figures").is_whole());
 }
+
+#[test]
+fn device_work_runs_on_the_device_thread() {
+    if !kvm_or_skip("device_work_runs_on_the_device_thread") {
+        return;
+    }
+    let pool = pool(256);
+    let config = MicrovmConfig {
+        balloon: Some(BalloonSpec::default()),
+        irq: IrqMode::Irqfd,
+        ..base_config("work", 64 * MIB)
+    };
+    let vm = Microvm::new(config, pool.clone(), slab("work-test"), 1).expect("microvm");
+    let (tx, rx) = std::sync::mpsc::channel();
+    vm.post_device_work(Box::new(move || {
+        let name = std::thread::current().name().map(str::to_string);
+        let _ = tx.send((crate::swap::guard::gettid(), name));
+    }))
+    .map_err(|_| "no device thread")
+    .expect("posted");
+    let (tid, name) = rx.recv_timeout(Duration::from_secs(30)).expect("work ran");
+    assert_ne!(
+        tid,
+        crate::swap::guard::gettid(),
+        "not on the caller's thread"
+    );
+    assert_eq!(
+        name.as_deref(),
+        Some("work-dev"),
+        "on the VM's device thread"
+    );
+    drop(vm);
+    // A VM without devices has no device thread: the work comes back.
+    let bare = MicrovmConfig {
+        hotplug: None,
+        ..base_config("bare", 64 * MIB)
+    };
+    let bare = Microvm::new(bare, pool.clone(), slab("bare-test"), 1).expect("microvm");
+    assert!(bare.post_device_work(Box::new(|| {})).is_err());
+    drop(bare);
+    assert!(pool.figures().expect("figures").is_whole());
+}
