@@ -256,6 +256,23 @@ async fn bad_requests_are_json_4xx_and_change_nothing() {
     h.stop().await;
 }
 
+/// An HTTP/1 connection over `stream` for requests built by hand (its connection task
+/// spawned).
+async fn http1_sender<S, B>(stream: S) -> hyper::client::conn::http1::SendRequest<B>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(conn);
+    sender
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_content_type_is_415() {
     let h = Harness::start().await;
@@ -263,11 +280,7 @@ async fn missing_content_type_is_415() {
     let stream = tokio::net::UnixStream::connect(&h.socket)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-    tokio::spawn(conn);
+    let mut sender = http1_sender(stream).await;
     let req = hyper::Request::post("/v1/vms")
         .header("host", "localhost")
         .body(http_body_util::Full::new(hyper::body::Bytes::from_static(
@@ -328,11 +341,7 @@ async fn tcp_requires_the_token_and_401_changes_nothing() {
     let stream = tokio::net::TcpStream::connect(h.tcp_addr)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-    tokio::spawn(conn);
+    let mut sender = http1_sender(stream).await;
     let req = hyper::Request::delete(format!("/v1/vms/{}", vm.id))
         .header("host", "localhost")
         .body(http_body_util::Empty::<hyper::body::Bytes>::new())
