@@ -129,6 +129,9 @@ fn resolve(inner: &Inner, st: &mut PageTable, f: Fault, buf: &mut AlignedBuf, ze
             }
         }
         Some(Page::BusyDirty) | Some(Page::Resident) => {
+            // Any fault here makes the page writable or maps it without write protection
+            // (the shared zero page): it leaves the hint epoch (see `super::hint`).
+            st.disarm(p);
             if f.is_wp() {
                 unprotect();
             } else {

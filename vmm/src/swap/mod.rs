@@ -25,6 +25,7 @@ mod congestion;
 mod file;
 pub mod guard;
 mod handler;
+mod hint;
 mod hook;
 mod pages;
 mod slots;
@@ -34,12 +35,15 @@ mod vm;
 #[cfg(test)]
 mod guard_tests;
 #[cfg(test)]
+mod hint_tests;
+#[cfg(test)]
 mod tests;
 
 use std::path::PathBuf;
 
 pub use congestion::{Advice, CongestionConfig};
 pub use file::{AlignedBuf, IoMode, SwapFile, SwapFileConfig, SwapFileCounters, MAX_SLOTS};
+pub use hint::{HintArmStats, HintDiscardStats, HintEpoch};
 pub use slots::Slot;
 pub use vm::{SwapInFailure, SwapOutStats, VmSwap, VmSwapCounters};
 
@@ -112,6 +116,16 @@ pub enum SwapError {
     /// The VM's swap was shut down (the VM is being deleted).
     #[error("swap for this VM is shut down")]
     Closed,
+    /// Hinted ranges were offered under a hint epoch that is no longer current (the RAM was
+    /// armed again since): they may come from a pass that began before the current epoch, so
+    /// they are not discarded.
+    #[error("hint epoch {given} is not the current one ({current})")]
+    StaleHintEpoch {
+        /// The epoch given.
+        given: u64,
+        /// The current epoch.
+        current: u64,
+    },
     /// The VM's memory backing cannot be swapped (only the anonymous backing can: discarding
     /// a shared memfd mapping frees nothing, and hugetlbfs pages are not split).
     #[error("swap is unsupported for the {0} backing (anonymous only)")]

@@ -66,6 +66,10 @@ pub struct Block {
     /// Changes when the block is dropped and registered again, so that a write-out that
     /// started before a `remove_block` does not commit into the new incarnation.
     pub epoch: u64,
+    /// Hint-armed pages (one bit each): write-protected continuously since the current hint
+    /// epoch began, so not written since (see `super::hint`). Cleared by every transition to
+    /// a writable state.
+    armed: [u64; PAGES_PER_BLOCK / 64],
 }
 
 /// The table of registered blocks and page counts.
@@ -73,6 +77,8 @@ pub struct Block {
 pub struct PageTable {
     blocks: BTreeMap<u64, Block>,
     next_epoch: u64,
+    /// The current hint epoch (see `super::hint`); 0 before the first.
+    pub hint_epoch: u64,
     swapped: u64,
     clean: u64,
     busy: u64,
@@ -106,6 +112,7 @@ impl PageTable {
             Block {
                 pages: vec![0; PAGES_PER_BLOCK].into_boxed_slice(),
                 epoch,
+                armed: [0; PAGES_PER_BLOCK / 64],
             },
         );
         epoch
@@ -153,9 +160,45 @@ impl PageTable {
         let block = self.blocks.get_mut(&b)?;
         let old = Page::decode(block.pages[i]);
         block.pages[i] = new.encode();
+        if matches!(new, Page::Resident | Page::BusyDirty) {
+            // Writable from here on (or written): no longer unwritten since the epoch.
+            block.armed[i / 64] &= !(1 << (i % 64));
+        }
         self.count(old, -1);
         self.count(new, 1);
         Some(old)
+    }
+
+    /// Mark page `p` hint-armed (the caller has write-protected it or knows it unpopulated
+    /// under a registered block). No-op if its block is not registered.
+    pub fn arm(&mut self, p: u64) {
+        let (b, i) = Self::split(p);
+        if let Some(block) = self.blocks.get_mut(&b) {
+            block.armed[i / 64] |= 1 << (i % 64);
+        }
+    }
+
+    /// Clear page `p`'s hint-armed bit (it was, or may be about to be, written).
+    pub fn disarm(&mut self, p: u64) {
+        let (b, i) = Self::split(p);
+        if let Some(block) = self.blocks.get_mut(&b) {
+            block.armed[i / 64] &= !(1 << (i % 64));
+        }
+    }
+
+    /// Whether page `p` is hint-armed.
+    pub fn is_armed(&self, p: u64) -> bool {
+        let (b, i) = Self::split(p);
+        self.blocks
+            .get(&b)
+            .is_some_and(|x| x.armed[i / 64] & (1 << (i % 64)) != 0)
+    }
+
+    /// Clear every hint-armed bit (a new epoch begins, or the old one is abandoned).
+    pub fn disarm_all(&mut self) {
+        for block in self.blocks.values_mut() {
+            block.armed = [0; PAGES_PER_BLOCK / 64];
+        }
     }
 
     /// Pages swapped out now.

@@ -70,6 +70,8 @@ pub struct VmSwapCounters {
     pub swap_in_errors: u64,
     /// Pages made inaccessible after a failed swap-in or at shutdown.
     pub poisoned_pages: u64,
+    /// Pages discarded because a guest hinted them free (see [`VmSwap::hint_discard`]).
+    pub hint_discarded_pages: u64,
 }
 
 #[derive(Debug, Default)]
@@ -85,6 +87,7 @@ pub(super) struct Counters {
     pub zero_fills: AtomicU64,
     pub swap_in_errors: AtomicU64,
     pub poisoned_pages: AtomicU64,
+    pub hint_discarded_pages: AtomicU64,
 }
 
 pub(super) fn bump(a: &AtomicU64, n: u64) {
@@ -158,7 +161,7 @@ impl Inner {
         self.base + p * PAGE
     }
 
-    fn madvise(&self, pages: Range<u64>, advice: i32) -> Result<(), SwapError> {
+    pub(super) fn madvise(&self, pages: Range<u64>, advice: i32) -> Result<(), SwapError> {
         let len = (pages.end - pages.start) * PAGE;
         // SAFETY: the pages lie inside the window mapping, which `self.window` keeps alive; no
         // Rust reference points into guest memory.
@@ -192,7 +195,7 @@ impl Inner {
     }
 
     /// Residency of each page of `pages` (mincore).
-    fn mincore(&self, pages: Range<u64>) -> Result<Vec<bool>, SwapError> {
+    pub(super) fn mincore(&self, pages: Range<u64>) -> Result<Vec<bool>, SwapError> {
         let n = (pages.end - pages.start) as usize;
         let mut v = vec![0u8; n];
         // SAFETY: the range lies inside the window mapping; `v` has one byte per page.
@@ -209,7 +212,7 @@ impl Inner {
         Ok(v.into_iter().map(|b| b & 1 != 0).collect())
     }
 
-    fn check_range(&self, r: &Range<u64>) -> Result<(), SwapError> {
+    pub(super) fn check_range(&self, r: &Range<u64>) -> Result<(), SwapError> {
         if r.start % PAGE != 0 || r.end % PAGE != 0 || r.start > r.end || r.end > self.size {
             return Err(SwapError::Range {
                 start: r.start,
@@ -226,7 +229,7 @@ impl Inner {
         Ok(())
     }
 
-    fn ensure_block(&self, st: &mut PageTable, b: u64) -> Result<u64, SwapError> {
+    pub(super) fn ensure_block(&self, st: &mut PageTable, b: u64) -> Result<u64, SwapError> {
         if let Some(e) = st.epoch(b) {
             return Ok(e);
         }
@@ -381,7 +384,7 @@ impl BlockObserver for Inner {
 /// inaccessible, so call [`VmSwap::swap_in_all`] first if the VM is to keep running.
 #[derive(Debug)]
 pub struct VmSwap {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -639,6 +642,7 @@ impl VmSwap {
             zero_fills: l(&c.zero_fills),
             swap_in_errors: l(&c.swap_in_errors),
             poisoned_pages: l(&c.poisoned_pages),
+            hint_discarded_pages: l(&c.hint_discarded_pages),
         }
     }
 
