@@ -1,6 +1,8 @@
 //! Tests of write-tracked hint discard ([`VmSwap::hint_arm`] / [`VmSwap::hint_discard`]) over
 //! real [`GuestWindow`]s: host threads play the guest writing its memory.
 
+#![allow(clippy::single_range_in_vec_init)]
+
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
@@ -103,7 +105,7 @@ fn pages_written_after_the_epoch_began_are_kept() {
     assert_eq!(rd(&w, 7 * PAGE + 8), 0x1234);
     assert_eq!(
         rd(&w, 7 * PAGE),
-        7 * PAGE | 1,
+        (7 * PAGE) | 1,
         "the rest of a kept page too"
     );
     assert_eq!(rd(&w, 4 * PAGE), 0);
@@ -199,7 +201,7 @@ fn swapped_out_pages_in_a_hint_lose_their_slot_and_read_zero() {
     assert_eq!(used, 2 * MIB);
     let arm = s.hint_arm(0..16 * MIB).expect("arm");
     // One swapped page comes back read-only (clean: still armed), one is written (kept).
-    assert_eq!(rd(&w, 10 * PAGE), 10 * PAGE | 1);
+    assert_eq!(rd(&w, 10 * PAGE), (10 * PAGE) | 1);
     wr(&w, 20 * PAGE, 5);
     let d = s.hint_discard(arm.epoch, &[0..2 * MIB]).expect("discard");
     assert_eq!(d.kept_pages, 1, "the written page");
