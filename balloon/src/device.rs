@@ -5,7 +5,7 @@ use crate::accounting::{AccountingSnapshot, InputErrors, Ledger, ResidencySample
 use crate::backend::{RamMap, ReclaimBackend, ResidencyProbe};
 use crate::config::{mib_to_pages, BalloonConfig, ConfigSpace};
 use crate::error::{BackendError, BalloonError};
-use crate::hinting::{HintAction, HintState, HintStatus, Hinting};
+use crate::hinting::{HintAction, HintMode, HintState, HintStatus, Hinting};
 use crate::inflate::{parse_pfns, MAX_PFNS_PER_BUFFER};
 use crate::reporting::{ReportOutcome, ReportedRange};
 use crate::stats::{GuestStats, MAX_STATS_BYTES};
@@ -302,7 +302,8 @@ impl Balloon {
 
     /// Start a free page hinting pass: write a fresh command id into the config and raise a
     /// config-change interrupt. The guest then hints free blocks on the hint queue, which are
-    /// recorded and counted but **never discarded** (see [`crate::hinting`] for why); when the
+    /// recorded and counted; the device never discards them itself (the VMM may, with write
+    /// tracking armed before this call, see [`crate::hinting`]); when the
     /// guest ends the pass the device writes DONE so it gets its blocks back. Returns the id.
     ///
     /// Refused when the guest did not negotiate FREE_PAGE_HINT, before activation, and while a
@@ -364,6 +365,16 @@ impl Balloon {
         self.hinting.ranges()
     }
 
+    /// Record what the VMM does with hinted pages (shown in [`Balloon::hinting`]).
+    pub fn set_hint_mode(&mut self, mode: HintMode) {
+        self.hinting.set_mode(mode);
+    }
+
+    /// The VMM discarded `bytes` of host memory because of hints (write-tracked).
+    pub fn note_hint_discarded(&mut self, bytes: u64) {
+        self.hinting.note_discarded(bytes);
+    }
+
     /// Copy the hinting command id into the config space and tell the guest.
     fn sync_cmd_id(&mut self) -> Result<(), BalloonError> {
         self.config.free_page_hint_cmd_id = self.hinting.status().config_cmd_id;
@@ -386,7 +397,9 @@ impl Balloon {
         self.ledger.sample_residency(probe)
     }
 
-    fn poisoned(&self) -> bool {
+    /// The guest poisons free pages with a non-zero value (PAGE_POISON negotiated): its free
+    /// pages must keep that content, so reported or hinted pages must not be discarded.
+    pub fn poisoned(&self) -> bool {
         self.acked(VIRTIO_BALLOON_F_PAGE_POISON) && self.config.poison_val != 0
     }
 

@@ -1,5 +1,5 @@
-//! Free page hinting (VIRTIO_BALLOON_F_FREE_PAGE_HINT, feature bit 3), host-started and
-//! **report only**.
+//! Free page hinting (VIRTIO_BALLOON_F_FREE_PAGE_HINT, feature bit 3), host-started. The device
+//! itself only records; discarding is the VMM's, with write tracking (see [`HintMode`]).
 //!
 //! The host starts a pass by writing a fresh command id into `free_page_hint_cmd_id` and
 //! raising a config-change interrupt. A Linux driver then sends, on the hint queue, the id as a
@@ -12,14 +12,17 @@
 //! other id, as the spec requires) and only until the guest writes the page. Linux can give
 //! hinted blocks back to its allocator before DONE (its shrinker does so under memory pressure)
 //! without telling the host, so a hinted page may already hold new data when the host gets to
-//! it. Discarding on receipt is therefore only safe with write tracking that covers the time
-//! from the hint to the discard (a KVM dirty log cleared before the pass and checked after the
+//! it. Discarding is therefore only safe with write tracking that covers the time from before
+//! the pass starts to the discard (a KVM dirty log cleared before the pass and checked after the
 //! discard could not tell a write just before the discard from one just after it, so it is not
-//! enough either; a write-protect scheme or userfaultfd-wp would be). This device has neither, so
-//! it **never discards hinted memory**: it validates and records the hinted ranges of the current
+//! enough either; a write-protect scheme or userfaultfd-wp is). The device itself **never
+//! discards hinted memory**: it validates and records the hinted ranges of the current
 //! pass and counts them, and writes DONE as soon as the guest ends a pass, so the guest gets its
 //! blocks back at once. The reclaim engine can use the figures (how much of the guest is free
-//! right now) and the ranges (candidates for its own, write-tracked reclaim).
+//! right now) and the ranges, which the VMM discards with its own write tracking when it has
+//! it (the VMM swap's hint epochs, `vmm/src/swap/hint.rs`; the status then says
+//! [`HintMode::Discard`] and counts [`HintStatus::discarded_bytes`]), and otherwise says why
+//! not ([`HintMode::ReportOnly`]).
 
 use std::time::{Duration, Instant};
 
@@ -52,6 +55,39 @@ pub enum HintState {
     Stopping,
     /// The config holds DONE: the guest may free every hinted block.
     Done,
+}
+
+/// Why hinted pages are not discarded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportOnlyReason {
+    /// The VMM has no write tracking for this VM's memory (no VMM swap: `--no-swap`, or a
+    /// backing swap does not support), so a hinted page the guest reused could not be told
+    /// from one still free.
+    #[default]
+    NoWriteTracking,
+    /// Arming the write tracking before the last pass failed (that pass is report only).
+    ArmFailed,
+    /// The guest poisons free pages with a non-zero value: discarding would replace the
+    /// poison with zeros.
+    PagePoison,
+}
+
+/// What happens to hinted pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "mode", content = "reason")]
+pub enum HintMode {
+    /// Recorded and counted, never discarded.
+    ReportOnly(ReportOnlyReason),
+    /// The VMM write-protects guest RAM before each pass and discards hinted pages not
+    /// written since.
+    Discard,
+}
+
+impl Default for HintMode {
+    fn default() -> Self {
+        HintMode::ReportOnly(ReportOnlyReason::default())
+    }
 }
 
 /// A finished pass.
@@ -96,7 +132,10 @@ pub struct HintStatus {
     pub stale_cmd_ids: u64,
     /// Device-readable buffers too short to hold a command id.
     pub bad_cmd_buffers: u64,
-    /// Bytes discarded because of hints: always 0 (hinting is report only).
+    /// Whether hinted pages are discarded, and if not, why.
+    pub mode: HintMode,
+    /// Bytes of host memory the VMM released because of hints (write-tracked discard, see
+    /// [`crate::Balloon::note_hint_discarded`]); 0 while the mode is report only.
     pub discarded_bytes: u64,
     /// The last finished pass.
     pub last_pass: Option<PassSummary>,
@@ -262,6 +301,16 @@ impl Hinting {
             self.status.hint_buffers += 1;
             self.pass_buffers += 1;
         }
+    }
+
+    /// The VMM's hint mode (see [`HintMode`]).
+    pub(crate) fn set_mode(&mut self, mode: HintMode) {
+        self.status.mode = mode;
+    }
+
+    /// The VMM discarded `bytes` because of hints.
+    pub(crate) fn note_discarded(&mut self, bytes: u64) {
+        self.status.discarded_bytes += bytes;
     }
 
     /// Device reset: the driver forgets its pass (and frees its blocks); so does the device.

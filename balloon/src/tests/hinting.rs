@@ -111,6 +111,11 @@ fn a_pass_is_recorded_counted_and_answered_with_done_without_discarding() {
     // Report only: nothing was discarded or counted as reclaimed.
     assert!(fake.discards().is_empty());
     assert_eq!(s.discarded_bytes, 0);
+    assert_eq!(
+        s.mode,
+        crate::HintMode::ReportOnly(crate::ReportOnlyReason::NoWriteTracking),
+        "no VMM write tracking attached: report only, and the status says why"
+    );
     let a = vm.dev.accounting();
     assert_eq!(a.reported_bytes + a.ballooned_bytes, 0);
     assert_eq!(fake.resident_bytes(), RAM);

@@ -175,8 +175,8 @@ impl VmManager {
             }
         };
         let mut t = WindowTarget::new(id, &window);
-        if let Some(b) = balloon {
-            t = t.with_balloon(b);
+        if let Some(b) = &balloon {
+            t = t.with_balloon(Arc::clone(b) as _);
         }
         if let Some(file) = swap.file() {
             match VmSwap::new(Arc::clone(&window), file) {
@@ -191,6 +191,10 @@ impl VmManager {
                     };
                     if let Some(published) = published {
                         failure_hook(&s, id, Arc::clone(&bus), published, manager);
+                        if let Some(b) = &balloon {
+                            // Hinted pages become discardable under the swap's write tracking.
+                            b.set_hint_swap(Arc::clone(&s));
+                        }
                         t = t.with_swap(s);
                     } else {
                         // Deleted meanwhile.

@@ -8,7 +8,15 @@ use super::window::BalloonHook;
 use crate::devices::{lock, lock_live};
 use crate::memory::MIB;
 use crate::microvm::BalloonTransport;
-use tidepool_balloon::BalloonError;
+use crate::swap::{HintEpoch, VmSwap};
+use tidepool_balloon::{BalloonError, HintMode, HintState, ReportOnlyReason};
+
+/// A hinting pass started under a hint epoch whose ranges were not discarded yet.
+#[derive(Clone, Copy, Debug)]
+struct ArmedPass {
+    cmd_id: u32,
+    epoch: HintEpoch,
+}
 
 /// A VM's balloon device as the engine uses it.
 #[derive(Debug)]
@@ -21,6 +29,13 @@ pub struct DeviceBalloon {
     /// The VM's failed flag (see `MmioBus::mark_failed`): once set, a held device lock is
     /// not waited for and the hook answers [`TargetError::Gone`].
     failed: Arc<AtomicBool>,
+    /// The VM's swap, whose write tracking makes hinted pages discardable (none: hinting is
+    /// report only).
+    hint_swap: Mutex<Option<Arc<VmSwap>>>,
+    /// The pass whose hints may be discarded once it ends.
+    armed: Mutex<Option<ArmedPass>>,
+    /// Bytes discarded because of hints and not yet returned by `take_reported`.
+    hint_freed: Mutex<u64>,
 }
 
 impl DeviceBalloon {
@@ -36,6 +51,61 @@ impl DeviceBalloon {
             seen_reported: Mutex::new(seen),
             engine_mib: Mutex::new(0),
             failed: Arc::new(AtomicBool::new(false)),
+            hint_swap: Mutex::new(None),
+            armed: Mutex::new(None),
+            hint_freed: Mutex::new(0),
+        }
+    }
+
+    /// Discard hinted pages with `swap`'s write tracking from the next pass on (see
+    /// `docs/balloon.md`, "Free page hinting"). Without it hinting stays report only, and the
+    /// balloon's `HintStatus::mode` says why.
+    pub fn set_hint_swap(&self, swap: Arc<VmSwap>) {
+        *lock(&self.hint_swap) = Some(swap);
+        if let Ok(mut t) = self.dev() {
+            t.device_mut().set_hint_mode(HintMode::Discard);
+        }
+    }
+
+    /// If the armed pass has ended, discard its hinted pages that were not written since
+    /// the epoch began; the bytes go to `hint_freed`. Called with the device locked, so no
+    /// new pass can start meanwhile.
+    fn settle(&self, b: &mut tidepool_balloon::Balloon) {
+        let mut armed = lock(&self.armed);
+        let Some(pass) = *armed else {
+            return;
+        };
+        let st = b.hinting();
+        if st.pass_cmd_id != pass.cmd_id {
+            // A pass this hook did not arm replaced it: its hints are not ours to discard.
+            *armed = None;
+            return;
+        }
+        if !matches!(st.state, HintState::Done | HintState::Idle) {
+            return;
+        }
+        *armed = None;
+        let Some(swap) = lock(&self.hint_swap).clone() else {
+            return;
+        };
+        let ranges: Vec<std::ops::Range<u64>> = b
+            .hinted_ranges()
+            .into_iter()
+            .map(|(gpa, len)| gpa..gpa.saturating_add(len))
+            .collect();
+        match swap.hint_discard(pass.epoch, &ranges) {
+            Ok(d) => {
+                tracing::debug!(
+                    cmd_id = pass.cmd_id,
+                    discarded = d.discarded_pages,
+                    kept = d.kept_pages,
+                    freed_slots = d.freed_slots,
+                    "hinted pages discarded"
+                );
+                b.note_hint_discarded(d.discarded_bytes());
+                *lock(&self.hint_freed) += d.discarded_bytes();
+            }
+            Err(e) => tracing::warn!(error = %e, "hinted pages not discarded"),
         }
     }
 
@@ -104,27 +174,62 @@ impl BalloonHook for DeviceBalloon {
         Ok(back * MIB)
     }
 
+    /// Newly reported bytes, plus the bytes discarded for a hinting pass that has ended.
     fn take_reported(&self) -> Result<u64, TargetError> {
-        let total = self
-            .dev()?
-            .device()
-            .accounting()
-            .counters
-            .reported_bytes_total;
+        let mut t = self.dev()?;
+        self.settle(t.device_mut());
+        let total = t.device().accounting().counters.reported_bytes_total;
         let mut seen = lock(&self.seen_reported);
         let delta = total.saturating_sub(*seen);
         *seen = total;
-        Ok(delta)
+        let hinted = std::mem::take(&mut *lock(&self.hint_freed));
+        Ok(delta + hinted)
     }
 
-    /// Start a pass when the guest negotiated FREE_PAGE_HINT. Hinting is report only (the
-    /// device never discards hinted pages, see docs/balloon.md), so nothing is expected back:
-    /// the pass's figures are in the balloon's `HintStatus`.
+    /// Start a pass when the guest negotiated FREE_PAGE_HINT. With the VM's swap attached
+    /// ([`DeviceBalloon::set_hint_swap`]) a new hint epoch is armed first (all guest RAM
+    /// write-protected), and once the pass ends its hinted pages not written since are
+    /// discarded (counted by the next `take_reported`). Without it the pass is report only.
+    /// Nothing is promised up front (the guest decides how much it hints).
     fn start_hinting(&self) -> Result<u64, TargetError> {
         let mut t = self.dev()?;
-        match t.device_mut().start_hinting() {
+        let b = t.device_mut();
+        self.settle(b);
+        let swap = lock(&self.hint_swap).clone();
+        let idle = !matches!(
+            b.hinting().state,
+            HintState::Requested | HintState::Running | HintState::Stopping
+        );
+        let negotiated =
+            b.acked_features() & (1 << tidepool_balloon::VIRTIO_BALLOON_F_FREE_PAGE_HINT) != 0;
+        // Arm only when a pass can start now (under the device lock, so none starts
+        // meanwhile): the epoch must begin before the pass whose hints it covers.
+        let can_start = idle && negotiated && tidepool_virtio::VirtioDevice::is_activated(&*b);
+        if can_start && swap.is_some() && b.poisoned() {
+            b.set_hint_mode(HintMode::ReportOnly(ReportOnlyReason::PagePoison));
+        }
+        let epoch = match (&swap, can_start && !b.poisoned()) {
+            (Some(s), true) => match s.hint_arm(s.hint_range()) {
+                Ok(a) => {
+                    b.set_hint_mode(HintMode::Discard);
+                    Some(a.epoch)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "hint epoch not armed: this pass is report only");
+                    b.set_hint_mode(HintMode::ReportOnly(ReportOnlyReason::ArmFailed));
+                    None
+                }
+            },
+            _ => None,
+        };
+        match b.start_hinting() {
             Ok(id) => {
-                tracing::debug!(cmd_id = id, "free page hinting pass started");
+                tracing::debug!(
+                    cmd_id = id,
+                    armed = epoch.is_some(),
+                    "free page hinting pass started"
+                );
+                *lock(&self.armed) = epoch.map(|epoch| ArmedPass { cmd_id: id, epoch });
                 Ok(0)
             }
             // A pass is still running: nothing new to start.
@@ -168,6 +273,22 @@ mod tests {
         )
         .expect("transport");
         let hook = DeviceBalloon::new(Arc::new(std::sync::Mutex::new(t)));
+        assert_eq!(
+            hook.dev().expect("dev").device().hinting().mode,
+            HintMode::ReportOnly(ReportOnlyReason::NoWriteTracking),
+            "no swap attached: report only, with the reason"
+        );
+        let path = std::env::temp_dir().join(format!("tidepool-hint-hook-{}", std::process::id()));
+        let file = Arc::new(
+            crate::swap::SwapFile::create(crate::swap::SwapFileConfig::new(path, 8 * MIB))
+                .expect("swap file"),
+        );
+        let swap = Arc::new(VmSwap::new(Arc::clone(&window), file).expect("vm swap"));
+        hook.set_hint_swap(Arc::clone(&swap));
+        assert_eq!(
+            hook.dev().expect("dev").device().hinting().mode,
+            HintMode::Discard
+        );
         assert!(matches!(
             hook.inflate(4 * MIB),
             Err(TargetError::Unsupported(_))
@@ -179,5 +300,10 @@ mod tests {
         ));
         assert_eq!(hook.deflate(4 * MIB), Ok(0), "nothing the engine added");
         assert_eq!(hook.engine_inflated_mib(), 0);
+        assert!(
+            lock(&hook.armed).is_none(),
+            "no pass could start: nothing armed, no write protection left behind"
+        );
+        assert_eq!(swap.counters().wp_faults, 0);
     }
 }

@@ -64,6 +64,12 @@ impl HintDiscardStats {
 }
 
 impl VmSwap {
+    /// The whole window (boot and hot-pluggable RAM), as guest-physical addresses: the range
+    /// to arm before a pass (unplaced and never-touched blocks are skipped cheaply).
+    pub fn hint_range(&self) -> Range<u64> {
+        0..self.inner.size
+    }
+
     /// Begin a new hint epoch over `range` (guest-physical, 4 KiB aligned): write-protect and
     /// arm its pages. Ends the previous epoch (its token no longer discards anything).
     pub fn hint_arm(&self, range: Range<u64>) -> Result<HintArmStats, SwapError> {

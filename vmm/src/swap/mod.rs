@@ -9,6 +9,9 @@
 //!   [`VmSwap::drop_clean`] (discard pages whose slot copy is still current, without I/O), and a
 //!   handler thread that resolves userfaultfd faults (vCPUs through KVM and VMM threads alike)
 //!   with `UFFDIO_COPY` from the slot.
+//! * Hint epochs ([`VmSwap::hint_arm`], [`VmSwap::hint_discard`]): the same write protection
+//!   lets the balloon's free page hints be discarded safely (only pages not written since the
+//!   epoch began; see `docs/balloon.md`).
 //!
 //! Write tracking uses userfaultfd write-protect, not KVM's dirty log: a page with a valid slot
 //! copy is mapped write-protected, so the first write to it, whether by a vCPU (KVM's
