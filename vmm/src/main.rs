@@ -123,6 +123,14 @@ struct ServeCmd {
     /// Run without swap (reclaim phases 3-4 answer unsupported).
     #[arg(long)]
     no_swap: bool,
+    /// Contiguous free block size the pool monitor keeps available by compacting, in MiB: a
+    /// power of two from 2 (one pool block: compaction never fires; the default) to 1024.
+    #[arg(long)]
+    compact_order_mib: Option<u64>,
+    /// Compact when the fragmentation index at that size exceeds this, in (0, 1]
+    /// (default 0.5).
+    #[arg(long)]
+    compact_threshold: Option<f64>,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
@@ -140,6 +148,10 @@ fn serve(cmd: &ServeCmd) -> Result<(), String> {
     reclaim.swap.path = cmd.swap_path.clone();
     reclaim.swap.runtime_dir = cfg.socket_path.parent().map(|d| d.to_path_buf());
     reclaim.swap.max_bytes = cmd.swap_max_mib.map(|m| m << 20);
+    reclaim
+        .monitor
+        .set_compaction(cmd.compact_order_mib, cmd.compact_threshold)
+        .map_err(|e| e.to_string())?;
     let manager = tidepool_vmm::up::daemon::build_manager_with(
         cmd.pool_mib.map(|m| m << 20),
         Duration::from_secs(cmd.vm_timeout),

@@ -8,6 +8,7 @@
 //! device transport's lock held, virtio-mem's giving the mover the hot-plug records). The
 //! quiesce is taken before the zone lock, in the same order as a plug (transport, then zone).
 
+use std::collections::BTreeMap;
 use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -142,33 +143,59 @@ impl VmPoolActions {
 
     /// Run `round` once with no VM quiesced, then once per VM it names (at most
     /// [`MAX_QUIESCE_ROUNDS`]) with that VM quiesced, until it reports success.
+    ///
+    /// `round` returns its outcome and the moves its mover deferred for want of a quiesce, by
+    /// VM ([`VmBlockMover::deferred`], counted `deferred_to_quiesce`). A deferred move gets
+    /// its final count here only when it stays undone: if the goal is still unmet at the end,
+    /// the deferrals of VMs that got no quiesced round count as `refused_needs_quiesce`, those
+    /// of VMs whose quiesce failed as `refused_quiesce_failed`. A VM that got its round has its
+    /// moves counted there (`moved_copied`, `refused_*`); a goal reached makes the remaining
+    /// deferrals moot (no refusal).
     fn rounds(
         &self,
         vms: &[VmBlocks],
-        mut round: impl FnMut(VmBlockMover<'_>) -> Result<(ActionOutcome, Vec<usize>), ActionError>,
+        mut round: impl FnMut(
+            VmBlockMover<'_>,
+        ) -> Result<(ActionOutcome, BTreeMap<usize, u64>), ActionError>,
     ) -> Result<ActionOutcome, ActionError> {
         let node_of = |f: FrameId| -> Option<NodeId> { self.pool.node_of(f) };
         let new_mover = || VmBlockMover::new(vms, &node_of, &self.counters, self.physical);
-        let (first, wanted) = round(new_mover())?;
+        let (first, deferred) = round(new_mover())?;
         let mut out = first;
-        for vi in wanted.into_iter().take(MAX_QUIESCE_ROUNDS) {
+        let order: Vec<usize> = deferred.keys().copied().collect();
+        // Deferred moves not yet settled, by VM.
+        let mut pending = deferred;
+        let mut quiesce_failed = 0u64;
+        for vi in order.into_iter().take(MAX_QUIESCE_ROUNDS) {
             if out.succeeded {
                 break;
             }
             let Some(vm) = vms.get(vi) else { continue };
+            let n = pending.remove(&vi).unwrap_or(0);
             let r = self.quiesced(vm, |backend| round(new_mover().with_quiesced(vi, backend)));
             match r {
                 Ok(r) => {
-                    let (o, _) = r?;
+                    let (o, more) = r?;
                     out.frames_moved += o.frames_moved;
                     out.refused = o.refused;
                     out.succeeded = o.succeeded;
+                    // Other VMs' moves this round deferred again.
+                    for (v, m) in more {
+                        if v != vi {
+                            *pending.entry(v).or_insert(0) += m;
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(vm = %vm.id, error = %e, "quiesce for moving blocks failed");
-                    self.counters.count("refused_quiesce_failed");
+                    quiesce_failed += n.max(1);
                 }
             }
+        }
+        if !out.succeeded {
+            self.counters
+                .add("refused_needs_quiesce", pending.values().sum());
+            self.counters.add("refused_quiesce_failed", quiesce_failed);
         }
         Ok(out)
     }
@@ -199,7 +226,7 @@ impl PoolActions for VmPoolActions {
                     frames_moved: r.frames_moved,
                     refused: r.moves_refused,
                 },
-                mover.wanted(),
+                mover.deferred(),
             ))
         })
     }
@@ -217,7 +244,11 @@ impl PoolActions for VmPoolActions {
                     .pool
                     .migrate_misplaced(&blocks, &vm.policy, &mut mover)
                     .map_err(failed)?;
-                let wanted = mover.wanted().into_iter().filter(|w| *w == i).collect();
+                let wanted = mover
+                    .deferred()
+                    .into_iter()
+                    .filter(|(w, _)| *w == i)
+                    .collect();
                 Ok((
                     ActionOutcome {
                         succeeded: st.mover_refused == 0 && st.no_room == 0,

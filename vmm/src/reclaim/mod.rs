@@ -30,8 +30,9 @@ pub use engine::{
 
 pub use balloon::DeviceBalloon;
 pub use monitor::{
-    ActionError, ActionOutcome, GuestMmActions, MonitorConfig, MonitorCounters, MonitorHandle,
-    MonitorTask, PinnedBlocks, Placement, PoolActions,
+    compact_order_of_mib, ActionError, ActionOutcome, CompactConfigError, GuestMmActions,
+    MonitorConfig, MonitorCounters, MonitorHandle, MonitorTask, PinnedBlocks, Placement,
+    PoolActions, DEFAULT_COMPACT_ORDER_MIB,
 };
 pub use mover::{BlockRef, MoveCounters, PhysicalMove, VmBlockMover, VmBlocks};
 pub use pressure::{

@@ -179,6 +179,72 @@ impl Default for MonitorConfig {
     }
 }
 
+/// The daemon's default compaction order, in MiB: one pool block (order 9), so compaction
+/// never fires by default. Every allocation the daemon makes from its pool is one 2 MiB
+/// block (boot RAM and virtio-mem plugs of any `block_mib` take their blocks one by one), so
+/// free runs larger than 2 MiB serve no allocation, while forming them moves blocks and
+/// pauses file-backed VMs. See docs/reclaim.md ("Which order to compact").
+pub const DEFAULT_COMPACT_ORDER_MIB: u64 = 2;
+
+/// Why compaction settings (`--compact-order-mib`, `--compact-threshold`) are invalid.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CompactConfigError {
+    /// The size is not a power of two of at least one pool block.
+    #[error("compact order {0} MiB is not a power of two of at least 2 MiB (one pool block)")]
+    NotPowerOfTwo(u64),
+    /// The size is above the allocator's largest block.
+    #[error("compact order {mib} MiB exceeds the allocator's largest block ({max_mib} MiB)")]
+    TooLarge {
+        /// The size asked for.
+        mib: u64,
+        /// The largest block.
+        max_mib: u64,
+    },
+    /// The fragmentation threshold is not in (0, 1].
+    #[error("compact threshold {0} is not in (0, 1]")]
+    Threshold(f64),
+}
+
+/// The allocator order of a block of `mib` MiB (2 MiB: order 9), checked: a power of two of
+/// at least 2 MiB and at most the allocator's largest block (`MAX_ORDER`).
+pub fn compact_order_of_mib(mib: u64) -> Result<u8, CompactConfigError> {
+    let max_mib = (guest_mm::FRAME_SIZE << guest_mm::MAX_ORDER) >> 20;
+    if mib < 2 || !mib.is_power_of_two() {
+        return Err(CompactConfigError::NotPowerOfTwo(mib));
+    }
+    if mib > max_mib {
+        return Err(CompactConfigError::TooLarge { mib, max_mib });
+    }
+    // mib is a power of two <= max_mib, so the order is at most MAX_ORDER.
+    let frames = (mib << 20) / guest_mm::FRAME_SIZE;
+    Ok(frames.trailing_zeros() as u8)
+}
+
+impl MonitorConfig {
+    /// Set the compaction order (as a block size in MiB) and the fragmentation index above
+    /// which the monitor compacts; `None` keeps the current value. Checked: see
+    /// [`compact_order_of_mib`]; the threshold must be in (0, 1].
+    pub fn set_compaction(
+        &mut self,
+        order_mib: Option<u64>,
+        threshold: Option<f64>,
+    ) -> Result<(), CompactConfigError> {
+        let order = order_mib.map(compact_order_of_mib).transpose()?;
+        if let Some(t) = threshold {
+            if !(t > 0.0 && t <= 1.0) {
+                return Err(CompactConfigError::Threshold(t));
+            }
+        }
+        if let Some(o) = order {
+            self.thresholds.compact_order = o;
+        }
+        if let Some(t) = threshold {
+            self.thresholds.fragmentation_threshold = t;
+        }
+        Ok(())
+    }
+}
+
 /// Counters of the monitor task.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MonitorCounters {

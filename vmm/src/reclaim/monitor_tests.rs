@@ -262,3 +262,43 @@ fn a_low_pool_is_noted_without_waking_the_engine() {
         "engine not woken"
     );
 }
+
+#[test]
+fn compaction_settings_are_checked() {
+    assert_eq!(compact_order_of_mib(2), Ok(9));
+    assert_eq!(compact_order_of_mib(4), Ok(10));
+    assert_eq!(compact_order_of_mib(128), Ok(15));
+    assert_eq!(compact_order_of_mib(1024), Ok(guest_mm::MAX_ORDER));
+    for bad in [0, 1, 3, 6, 100] {
+        assert_eq!(
+            compact_order_of_mib(bad),
+            Err(CompactConfigError::NotPowerOfTwo(bad))
+        );
+    }
+    assert_eq!(
+        compact_order_of_mib(2048),
+        Err(CompactConfigError::TooLarge {
+            mib: 2048,
+            max_mib: 1024
+        })
+    );
+    let mut c = MonitorConfig::default();
+    assert_eq!(
+        c.thresholds.compact_order,
+        compact_order_of_mib(DEFAULT_COMPACT_ORDER_MIB).unwrap()
+    );
+    for t in [0.0, -0.1, 1.5, f64::NAN] {
+        assert!(matches!(
+            c.set_compaction(Some(4), Some(t)),
+            Err(CompactConfigError::Threshold(_))
+        ));
+    }
+    // A refused setting changes nothing.
+    assert_eq!(c, MonitorConfig::default());
+    c.set_compaction(Some(4), Some(0.3)).unwrap();
+    assert_eq!(c.thresholds.compact_order, 10);
+    assert_eq!(c.thresholds.fragmentation_threshold, 0.3);
+    c.set_compaction(None, Some(1.0)).unwrap();
+    assert_eq!(c.thresholds.compact_order, 10);
+    assert_eq!(c.thresholds.fragmentation_threshold, 1.0);
+}

@@ -12,9 +12,10 @@
 //!   data is copied to the new offset, the new offset is mapped over the window range and the
 //!   old one punched ([`GuestWindow::relocate`]), with the VM quiesced (vCPUs paused, device
 //!   transports held): the caller quiesces a VM and gives the mover its held virtio-mem
-//!   backend ([`VmBlockMover::with_quiesced`]). Without that, the move is refused
-//!   (`needs_quiesce`) and the VM is remembered ([`VmBlockMover::wanted`]) so the caller can
-//!   retry under quiesce.
+//!   backend ([`VmBlockMover::with_quiesced`]). Without that, the move is deferred (counted
+//!   `deferred_to_quiesce`, not a refusal) and the VM is remembered ([`VmBlockMover::wanted`])
+//!   so the caller can retry under quiesce; the caller counts `refused_needs_quiesce` only
+//!   for deferred moves whose VM never got that round ([`VmBlockMover::deferred`]).
 //!
 //! The mover runs under the zone lock during compaction ([`guest_mm::compaction`]), while a
 //! VM's plug and unplug take the VM's memory lock (its virtio-mem transport) *then* the zone
@@ -23,7 +24,7 @@
 //! holds the source block (it may have been unplugged since the VMs were listed); a stale
 //! entry is refused (`unowned`). See `docs/reclaim.md` ("Moving VM blocks").
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
@@ -136,7 +137,14 @@ pub struct MoveCounters {
 impl MoveCounters {
     /// Count one `outcome`.
     pub fn count(&self, outcome: &'static str) {
-        *lock(&self.counts).entry(outcome).or_insert(0) += 1;
+        self.add(outcome, 1);
+    }
+
+    /// Count `n` of `outcome`.
+    pub fn add(&self, outcome: &'static str, n: u64) {
+        if n > 0 {
+            *lock(&self.counts).entry(outcome).or_insert(0) += n;
+        }
     }
 
     /// All counts.
@@ -182,7 +190,7 @@ pub struct VmBlockMover<'a> {
     counters: &'a MoveCounters,
     physical: PhysicalMove,
     quiesced: Option<(usize, Option<&'a mut PoolMemoryBackend>)>,
-    wanted: BTreeSet<usize>,
+    wanted: BTreeMap<usize, u64>,
 }
 
 impl std::fmt::Debug for VmBlockMover<'_> {
@@ -218,7 +226,7 @@ impl<'a> VmBlockMover<'a> {
             counters,
             physical,
             quiesced: None,
-            wanted: BTreeSet::new(),
+            wanted: BTreeMap::new(),
         }
     }
 
@@ -230,9 +238,15 @@ impl<'a> VmBlockMover<'a> {
         self
     }
 
-    /// VMs (indices) with file-backed blocks whose moves were refused for want of a quiesce.
+    /// VMs (indices) with file-backed blocks whose moves were deferred for want of a quiesce.
     pub fn wanted(&self) -> Vec<usize> {
-        self.wanted.iter().copied().collect()
+        self.wanted.keys().copied().collect()
+    }
+
+    /// Moves deferred for want of a quiesce, by VM (index). Each is counted
+    /// `deferred_to_quiesce`; whoever runs the rounds decides their final outcome.
+    pub fn deferred(&self) -> BTreeMap<usize, u64> {
+        self.wanted.clone()
     }
 
     fn refuse(&self, outcome: &'static str, e: MoveError) -> Result<(), MoveError> {
@@ -326,8 +340,9 @@ impl Mover for VmBlockMover<'_> {
         );
         let file = self.vms[vi].file_backed();
         if file && self.quiesced.as_ref().map(|q| q.0) != Some(vi) {
-            self.wanted.insert(vi);
-            return self.refuse("refused_needs_quiesce", MoveError::Busy(from));
+            *self.wanted.entry(vi).or_insert(0) += 1;
+            // Not a refusal yet: the VM may get a quiesced round (see `deferred`).
+            return self.refuse("deferred_to_quiesce", MoveError::Busy(from));
         }
         self.try_move(vi, what, from_pb, to_pb)?;
         self.index.remove(&from);

@@ -52,7 +52,7 @@ pub enum Mode {
 }
 
 /// Daemon settings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DaemonConfig {
     /// Unix socket path; None: the runtime directory (see [`super::paths::default_socket`]).
@@ -63,6 +63,11 @@ pub struct DaemonConfig {
     pub pool_percent: u8,
     /// Seconds the daemon waits for a VM's thread before answering 504.
     pub vm_timeout_s: u64,
+    /// Free block size the pool monitor compacts for, in MiB (a power of two, 2..=1024; 2:
+    /// one pool block, compaction never fires). See docs/reclaim.md.
+    pub compact_order_mib: u64,
+    /// Fragmentation index above which the monitor compacts, in (0, 1].
+    pub compact_threshold: f64,
 }
 
 /// The default VM.
@@ -104,7 +109,7 @@ pub struct NestedConfig {
 }
 
 /// The whole configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpConfig {
     /// Daemon settings.
@@ -187,6 +192,11 @@ impl UpConfig {
         }
         if d.vm_timeout_s == 0 {
             return bad("daemon.vm_timeout_s must be positive".into());
+        }
+        if let Err(e) = crate::reclaim::MonitorConfig::default()
+            .set_compaction(Some(d.compact_order_mib), Some(d.compact_threshold))
+        {
+            return bad(format!("daemon.compact_*: {e}"));
         }
         let v = &self.vm;
         if v.vcpus == 0 || v.vcpus > 64 {
@@ -345,6 +355,11 @@ mod tests {
             r#"{"vm": {"balloon": false}}"#,
             r#"{"daemon": {"pool_percent": 0}}"#,
             r#"{"daemon": {"pool_mib": 256}}"#,
+            r#"{"daemon": {"compact_order_mib": 3}}"#,
+            r#"{"daemon": {"compact_order_mib": 1}}"#,
+            r#"{"daemon": {"compact_order_mib": 2048}}"#,
+            r#"{"daemon": {"compact_threshold": 0.0}}"#,
+            r#"{"daemon": {"compact_threshold": 1.5}}"#,
             r#"{"nested": {"l1_memory_mib": 600}}"#,
         ];
         for c in cases {
@@ -357,6 +372,12 @@ mod tests {
         )
         .unwrap();
         ok.validate().unwrap();
+        let compact = UpConfig::with_overrides(
+            r#"{"daemon": {"compact_order_mib": 128, "compact_threshold": 0.3}}"#,
+            "t",
+        )
+        .unwrap();
+        compact.validate().unwrap();
     }
 
     #[test]

@@ -70,9 +70,14 @@ pub fn build_manager_with(
     Ok(manager)
 }
 
-/// A manager whose pool holds `pool_mib` in total, split evenly over the nodes with memory.
-pub fn build_manager_total(pool_mib: u64, vm_timeout: Duration) -> Result<Arc<VmManager>, String> {
+/// A manager whose pool holds `pool_mib` in total, split evenly over the nodes with memory,
+/// with reclaim settings `reclaim`.
+pub fn build_manager_total(
+    pool_mib: u64,
+    vm_timeout: Duration,
+    reclaim: DaemonReclaimConfig,
+) -> Result<Arc<VmManager>, String> {
     let topo = host_topology()?;
     let with_mem = topo.nodes().iter().filter(|n| n.has_memory).count().max(1) as u64;
-    build_manager(Some((pool_mib << 20) / with_mem), vm_timeout)
+    build_manager_with(Some((pool_mib << 20) / with_mem), vm_timeout, reclaim)
 }

@@ -238,9 +238,20 @@ pub fn run(
         "starting the daemon: pool {pool_mib} MiB of {host_mib} MiB host RAM, THP {}",
         if cfg.vm.thp { "on" } else { "off" }
     );
-    let manager =
-        daemon::build_manager_total(pool_mib, Duration::from_secs(cfg.daemon.vm_timeout_s))
-            .map_err(UpError::Failed)?;
+    let mut reclaim = crate::manager::DaemonReclaimConfig::default();
+    reclaim
+        .monitor
+        .set_compaction(
+            Some(cfg.daemon.compact_order_mib),
+            Some(cfg.daemon.compact_threshold),
+        )
+        .map_err(|e| UpError::Failed(e.to_string()))?;
+    let manager = daemon::build_manager_total(
+        pool_mib,
+        Duration::from_secs(cfg.daemon.vm_timeout_s),
+        reclaim,
+    )
+    .map_err(UpError::Failed)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

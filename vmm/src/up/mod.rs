@@ -55,6 +55,14 @@ pub struct UpArgs {
     /// virtio-mem region of the default VM in MiB (multiple of 128; 0: none).
     #[arg(long)]
     pub hotplug_mib: Option<u64>,
+    /// Free block size the pool monitor compacts for, in MiB (power of two, 2..=1024; 2, the
+    /// default: compaction never fires). Sets `daemon.compact_order_mib`.
+    #[arg(long)]
+    pub compact_order_mib: Option<u64>,
+    /// Compact when the fragmentation index exceeds this, in (0, 1] (default 0.5). Sets
+    /// `daemon.compact_threshold`.
+    #[arg(long)]
+    pub compact_threshold: Option<f64>,
     /// Run the daemon in a nested L1 VM (QEMU TCG with emulated SVM), whatever the probe says.
     #[arg(long, conflicts_with = "direct")]
     pub nested: bool,
@@ -115,6 +123,12 @@ impl UpArgs {
         }
         if let Some(m) = self.memory_mib {
             c.vm.memory_mib = m;
+        }
+        if let Some(o) = self.compact_order_mib {
+            c.daemon.compact_order_mib = o;
+        }
+        if let Some(t) = self.compact_threshold {
+            c.daemon.compact_threshold = t;
         }
         if let Some(v) = self.vcpus {
             c.vm.vcpus = v;
