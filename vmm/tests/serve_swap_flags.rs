@@ -205,3 +205,44 @@ fn socket_dir_on_tmpfs_puts_the_default_swap_file_on_disk() {
     let _ = std::fs::remove_file(&expected);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `--compact-order-mib` and `--compact-threshold` are checked before the daemon starts: a
+/// size that is not a power of two of at least 2 MiB, one above the allocator's largest block,
+/// and a threshold outside (0, 1] each end `serve` with an error naming the problem.
+#[test]
+fn bad_compaction_flags_are_refused() {
+    let dir = fresh_dir(&std::env::temp_dir(), "compact");
+    for (flags, says) in [
+        (["--compact-order-mib", "3"], "power of two"),
+        (["--compact-order-mib", "2048"], "largest block"),
+        (["--compact-threshold", "0"], "(0, 1]"),
+    ] {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--pool-mib", "64", "--socket"])
+            .arg(dir.join("tp.sock"))
+            .args(flags)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tidepool serve");
+        let until = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                break s;
+            }
+            if Instant::now() > until {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("serve {flags:?} kept running");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+            .expect("stderr");
+        assert!(!status.success(), "{flags:?}");
+        assert!(err.contains(says), "{flags:?}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
