@@ -30,6 +30,18 @@ pub trait ApiBackend: Send + Sync + 'static {
     /// plugs or unplugs asynchronously. `Conflict` for "driver not ready", "below boot RAM",
     /// "above the hotplug region" and the like.
     fn resize_memory(&self, id: &str, requested_mib: u64) -> Result<MemoryInfo, ApiError>;
+    /// [`ApiBackend::resize_memory`] for a backend that records a resize without blocking:
+    /// the handler calls this first, on the async worker itself, so an implementation must
+    /// not wait for the VM's thread, the guest, or any lock that is held across slow work.
+    /// `None` (the default) sends the call to a blocking thread through
+    /// [`ApiBackend::resize_memory`] instead.
+    fn resize_memory_now(
+        &self,
+        _id: &str,
+        _requested_mib: u64,
+    ) -> Option<Result<MemoryInfo, ApiError>> {
+        None
+    }
     /// Guest memory figures and resize progress.
     fn get_memory(&self, id: &str) -> Result<MemoryInfo, ApiError>;
     /// Set the balloon target.

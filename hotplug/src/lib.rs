@@ -7,6 +7,6 @@
 pub mod virtio_mem;
 
 pub use virtio_mem::{
-    BackendError, ConfigError, HotplugError, MemStatus, MemoryBackend, ResizeError, VirtioMem,
-    VirtioMemConfig, VirtioMemCounters,
+    BackendError, ConfigError, ControlSnapshot, HotplugError, MemControl, MemStatus, MemoryBackend,
+    ResizeError, VirtioMem, VirtioMemConfig, VirtioMemCounters,
 };

@@ -10,7 +10,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 /// Sets the requested total guest RAM. Asynchronous: answers 202 at once, with `Location`
-/// pointing at `GET /v1/vms/{id}/memory`, where the progress shows.
+/// pointing at `GET /v1/vms/{id}/memory`, where the progress shows. A backend that records
+/// the target without blocking ([`crate::ApiBackend::resize_memory_now`]) answers on the
+/// async worker; otherwise the call goes to a blocking thread like every other.
 #[utoipa::path(
     put,
     path = "/v1/vms/{id}/memory",
@@ -37,12 +39,17 @@ pub async fn resize_memory(
     validate::resize(&req)?;
     let requested = req.requested_mib;
     let id2 = id.clone();
-    let info = st
-        .call_vm(&id, move |b| b.resize_memory(&id2, requested))
-        .await
-        .inspect_err(|e| {
-            tracing::warn!(vm_id = %id, requested_mib = requested, error = %e, "resize refused");
-        })?;
+    let now = st.backend.resize_memory_now(&id, requested);
+    let result = match now {
+        Some(r) => r,
+        None => {
+            st.call_vm(&id, move |b| b.resize_memory(&id2, requested))
+                .await
+        }
+    };
+    let info = result.inspect_err(|e| {
+        tracing::warn!(vm_id = %id, requested_mib = requested, error = %e, "resize refused");
+    })?;
     tracing::info!(
         vm_id = %id,
         requested_mib = requested,

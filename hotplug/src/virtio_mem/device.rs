@@ -1,12 +1,13 @@
 //! The virtio-mem device model.
 
+use super::control::{usable_for, ControlSnapshot, MemControl};
 use super::request::{BlockRangeState, Request, RequestError, Response, ResponseType};
 use super::request::{REQUEST_SIZE, RESPONSE_SIZE};
 use super::state::{BlockRange, BlockState, RangeError};
 use super::{
     BackendError, ConfigError, HotplugError, MemoryBackend, ResizeError, VirtioMemConfig,
-    CONFIG_SIZE, QUEUE_SIZE, REGION_ALIGN, USABLE_EXTENT, VIRTIO_F_VERSION_1, VIRTIO_ID_MEM,
-    VIRTIO_MEM_F_ACPI_PXM, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
+    CONFIG_SIZE, QUEUE_SIZE, VIRTIO_F_VERSION_1, VIRTIO_ID_MEM, VIRTIO_MEM_F_ACPI_PXM,
+    VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
 };
 use std::fmt;
 use std::sync::Arc;
@@ -82,13 +83,43 @@ pub struct MemStatus {
     pub progress: f64,
 }
 
+impl MemStatus {
+    /// The status from a device's static configuration and a [`MemControl`] snapshot alone
+    /// (the host's view without the device's lock: the plugged size is the one the device
+    /// last published, the usable region the one the requests need).
+    pub fn from_control(config: &VirtioMemConfig, c: &ControlSnapshot) -> MemStatus {
+        let plugged = c.plugged_size;
+        let requested = c.requested_size;
+        let progress = if plugged == requested || requested == c.resize_from {
+            1.0
+        } else {
+            let done = plugged as f64 - c.resize_from as f64;
+            let todo = requested as f64 - c.resize_from as f64;
+            (done / todo).clamp(0.0, 1.0)
+        };
+        MemStatus {
+            boot_ram: config.boot_ram,
+            region_addr: config.addr,
+            region_size: config.region_size,
+            block_size: config.block_size,
+            usable_region_size: usable_for(config, requested),
+            plugged_size: plugged,
+            requested_size: requested,
+            driver_ready: c.driver_ready,
+            progress,
+        }
+    }
+}
+
 /// The virtio-mem device over a [`MemoryBackend`].
+///
+/// The requested size lives in the device's [`MemControl`], which the host may hold apart
+/// from the device (and from whatever lock the device sits behind) to resize without waiting
+/// for a plug in progress.
 pub struct VirtioMem<B: MemoryBackend> {
     config: VirtioMemConfig,
     state: BlockState,
-    requested_size: u64,
-    /// Plugged size when the last resize was requested (for progress).
-    resize_from: u64,
+    control: Arc<MemControl>,
     backend: B,
     acked_features: u64,
     mem: Option<GuestMem>,
@@ -102,7 +133,7 @@ impl<B: MemoryBackend> fmt::Debug for VirtioMem<B> {
         f.debug_struct("VirtioMem")
             .field("config", &self.config)
             .field("plugged_size", &self.state.plugged_size())
-            .field("requested_size", &self.requested_size)
+            .field("requested_size", &self.control.requested_size())
             .field("usable_region_size", &self.state.usable_region_size())
             .field("activated", &self.queue.is_some())
             .field("counters", &self.counters)
@@ -125,13 +156,11 @@ impl<B: MemoryBackend> VirtioMem<B> {
     pub fn new(config: VirtioMemConfig, backend: B) -> Result<Self, ConfigError> {
         config.validate()?;
         let mut state = BlockState::new(config.addr, config.region_size, config.block_size);
-        let requested_size = config.initial_requested;
-        state.set_usable_region_size(usable_for(&config, requested_size));
+        state.set_usable_region_size(usable_for(&config, config.initial_requested));
         Ok(VirtioMem {
             config,
             state,
-            requested_size,
-            resize_from: 0,
+            control: Arc::new(MemControl::new(config)),
             backend,
             acked_features: 0,
             mem: None,
@@ -144,6 +173,11 @@ impl<B: MemoryBackend> VirtioMem<B> {
     /// The static configuration.
     pub fn config(&self) -> &VirtioMemConfig {
         &self.config
+    }
+
+    /// The host's handle: resize and read the figures without this device's lock.
+    pub fn control(&self) -> &Arc<MemControl> {
+        &self.control
     }
 
     /// The plugged bitmap and sizes.
@@ -163,12 +197,15 @@ impl<B: MemoryBackend> VirtioMem<B> {
 
     /// Counters.
     pub fn counters(&self) -> VirtioMemCounters {
-        self.counters
+        VirtioMemCounters {
+            config_interrupts: self.control.snapshot().config_interrupts,
+            ..self.counters
+        }
     }
 
     /// Bytes the host asked the guest to plug.
     pub fn requested_size(&self) -> u64 {
-        self.requested_size
+        self.control.requested_size()
     }
 
     /// Bytes plugged.
@@ -178,77 +215,42 @@ impl<B: MemoryBackend> VirtioMem<B> {
 
     /// Host view: sizes and progress of the last resize.
     pub fn status(&self) -> MemStatus {
-        let plugged = self.state.plugged_size();
-        let progress = if plugged == self.requested_size || self.requested_size == self.resize_from
-        {
-            1.0
-        } else {
-            let done = plugged as f64 - self.resize_from as f64;
-            let todo = self.requested_size as f64 - self.resize_from as f64;
-            (done / todo).clamp(0.0, 1.0)
-        };
+        let c = self.control.snapshot();
+        let (_, floor) = self.control.peek_request();
         MemStatus {
-            boot_ram: self.config.boot_ram,
-            region_addr: self.config.addr,
-            region_size: self.config.region_size,
-            block_size: self.config.block_size,
-            usable_region_size: self.state.usable_region_size(),
-            plugged_size: plugged,
-            requested_size: self.requested_size,
+            usable_region_size: self.state.usable_region_size().max(floor),
+            plugged_size: self.state.plugged_size(),
             driver_ready: self.queue.is_some(),
-            progress,
+            ..MemStatus::from_control(&self.config, &c)
         }
     }
 
-    /// Ask for a guest RAM total of `total_bytes` (boot RAM plus hot-plugged memory).
+    /// Publish the plugged size to the control (after every change of the block state).
+    fn publish(&self) {
+        self.control.publish_plugged(self.state.plugged_size());
+    }
+
+    /// Take in what the host asked for since the last look: the usable region grows to what
+    /// the requests need. Returns the requested size.
+    fn sync_request(&mut self) -> u64 {
+        let (requested, floor) = self.control.take_request();
+        if floor > self.state.usable_region_size() {
+            self.state.set_usable_region_size(floor);
+        }
+        requested
+    }
+
+    /// Ask for a guest RAM total of `total_bytes` (boot RAM plus hot-plugged memory). Same as
+    /// [`MemControl::set_requested_total`] on [`VirtioMem::control`].
     pub fn set_requested_total(&mut self, total_bytes: u64) -> Result<(), ResizeError> {
-        let boot_ram = self.config.boot_ram;
-        let hotplug = total_bytes
-            .checked_sub(boot_ram)
-            .ok_or(ResizeError::BelowBootRam {
-                total: total_bytes,
-                boot_ram,
-            })?;
-        self.request_size(hotplug).map_err(|e| match e {
-            ResizeError::AboveMaximum { max, .. } => ResizeError::AboveMaximum {
-                requested: total_bytes,
-                max: boot_ram + max,
-            },
-            other => other,
-        })
+        self.control.set_requested_total(total_bytes)
     }
 
     /// Ask the guest to plug `bytes` in this device's region (0 = unplug everything). The
     /// target is kept until changed, whether or not the guest reaches it, and announced with a
-    /// config-change interrupt.
+    /// config-change interrupt. Same as [`MemControl::request_size`].
     pub fn request_size(&mut self, bytes: u64) -> Result<(), ResizeError> {
-        let bs = self.config.block_size;
-        if bytes > self.config.region_size {
-            return Err(ResizeError::AboveMaximum {
-                requested: bytes,
-                max: self.config.region_size,
-            });
-        }
-        if bytes % bs != 0 {
-            return Err(ResizeError::Unaligned {
-                bytes,
-                block_size: bs,
-            });
-        }
-        let Some(interrupt) = self.interrupt.clone().filter(|_| self.queue.is_some()) else {
-            return Err(ResizeError::DriverNotReady);
-        };
-        self.requested_size = bytes;
-        self.resize_from = self.state.plugged_size();
-        let usable = self
-            .state
-            .usable_region_size()
-            .max(usable_for(&self.config, bytes));
-        self.state.set_usable_region_size(usable);
-        self.counters.config_interrupts += 1;
-        interrupt
-            .signal(InterruptKind::ConfigChange)
-            .map_err(|e| ResizeError::Notify(e.to_string()))
+        self.control.request_size(bytes)
     }
 
     /// A system reset (VM reboot): the device resets and every plugged block is unplugged
@@ -258,10 +260,11 @@ impl<B: MemoryBackend> VirtioMem<B> {
     pub fn system_reset(&mut self) -> Result<(), HotplugError> {
         let _ = self.drop_driver_link();
         let result = self.unplug_everything();
-        self.resize_from = 0;
+        self.control.reset_progress();
+        let requested = self.sync_request();
         if self.state.plugged_blocks() == 0 {
             self.state
-                .set_usable_region_size(usable_for(&self.config, self.requested_size));
+                .set_usable_region_size(usable_for(&self.config, requested));
         }
         result
     }
@@ -271,6 +274,7 @@ impl<B: MemoryBackend> VirtioMem<B> {
         self.acked_features = 0;
         self.mem = None;
         self.interrupt = None;
+        self.control.detach();
         self.queue.take()
     }
 
@@ -285,20 +289,23 @@ impl<B: MemoryBackend> VirtioMem<B> {
                 }
             }
         }
+        self.publish();
         first_err.map_or(Ok(()), Err)
     }
 
-    /// The 56-byte config space.
+    /// The 56-byte config space, with what the host asked for up to now.
     fn config_bytes(&self) -> [u8; CONFIG_SIZE] {
+        let (requested, floor) = self.control.peek_request();
+        let usable = self.state.usable_region_size().max(floor);
         let mut c = [0u8; CONFIG_SIZE];
         let mut put = |at: usize, v: &[u8]| c[at..at + v.len()].copy_from_slice(v);
         put(0, &self.config.block_size.to_le_bytes());
         put(8, &self.config.node_id.unwrap_or(0).to_le_bytes());
         put(16, &self.config.addr.to_le_bytes());
         put(24, &self.config.region_size.to_le_bytes());
-        put(32, &self.state.usable_region_size().to_le_bytes());
+        put(32, &usable.to_le_bytes());
         put(40, &self.state.plugged_size().to_le_bytes());
-        put(48, &self.requested_size.to_le_bytes());
+        put(48, &requested.to_le_bytes());
         c
     }
 
@@ -319,12 +326,13 @@ impl<B: MemoryBackend> VirtioMem<B> {
             .map_err(|e| self.range_error(e))
     }
 
-    /// Execute one parsed request.
+    /// Execute one parsed request, against the host's request as of now.
     pub(super) fn handle(&mut self, req: Request) -> Response {
+        let requested = self.sync_request();
         match req {
-            Request::Plug { addr, nb_blocks } => self.plug(addr, nb_blocks),
+            Request::Plug { addr, nb_blocks } => self.plug(addr, nb_blocks, requested),
             Request::Unplug { addr, nb_blocks } => self.unplug(addr, nb_blocks),
-            Request::UnplugAll => self.unplug_all(),
+            Request::UnplugAll => self.unplug_all(requested),
             Request::State { addr, nb_blocks } => match self.checked(addr, nb_blocks) {
                 Ok(r) => {
                     self.counters.state_acked += 1;
@@ -335,7 +343,7 @@ impl<B: MemoryBackend> VirtioMem<B> {
         }
     }
 
-    fn plug(&mut self, addr: u64, nb_blocks: u16) -> Response {
+    fn plug(&mut self, addr: u64, nb_blocks: u16, requested: u64) -> Response {
         let r = match self.checked(addr, nb_blocks) {
             Ok(r) => r,
             Err(resp) => return resp,
@@ -347,13 +355,14 @@ impl<B: MemoryBackend> VirtioMem<B> {
         let (gpa, len) = self.state.range_gpa(r);
         // NACK, not ERROR: a shrink can race a plug the driver had already decided on, and
         // Linux marks the device broken on ERROR but re-reads the config on NACK.
-        if self.state.plugged_size().saturating_add(len) > self.requested_size {
+        if self.state.plugged_size().saturating_add(len) > requested {
             self.counters.nack_over_requested += 1;
             return Response::of(ResponseType::Nack);
         }
         match self.backend.plug(gpa, len) {
             Ok(()) => {
                 self.state.set_range(r, true);
+                self.publish();
                 self.counters.plug_acked += 1;
                 Response::of(ResponseType::Ack)
             }
@@ -374,6 +383,7 @@ impl<B: MemoryBackend> VirtioMem<B> {
         match self.backend.unplug(gpa, len) {
             Ok(()) => {
                 self.state.set_range(r, false);
+                self.publish();
                 self.counters.unplug_acked += 1;
                 Response::of(ResponseType::Ack)
             }
@@ -397,7 +407,7 @@ impl<B: MemoryBackend> VirtioMem<B> {
         }
     }
 
-    fn unplug_all(&mut self) -> Response {
+    fn unplug_all(&mut self, requested: u64) -> Response {
         if self.unplug_everything().is_err() {
             // What was unplugged stays unplugged; the driver retries the rest.
             self.counters.busy_backend += 1;
@@ -406,7 +416,7 @@ impl<B: MemoryBackend> VirtioMem<B> {
         // Shrink the usable region back to what the request needs (no config interrupt for
         // UNPLUG_ALL, as the spec says).
         self.state
-            .set_usable_region_size(usable_for(&self.config, self.requested_size));
+            .set_usable_region_size(usable_for(&self.config, requested));
         self.counters.unplug_all_acked += 1;
         Response::of(ResponseType::Ack)
     }
@@ -509,15 +519,6 @@ impl<B: MemoryBackend> VirtioMem<B> {
     }
 }
 
-/// The usable region for `requested`: the requested size plus some room to choose blocks,
-/// in whole 128 MiB steps, capped at the region.
-fn usable_for(config: &VirtioMemConfig, requested: u64) -> u64 {
-    let want = requested.saturating_add(USABLE_EXTENT);
-    want.div_ceil(REGION_ALIGN)
-        .saturating_mul(REGION_ALIGN)
-        .min(config.region_size)
-}
-
 impl<B: MemoryBackend + Send> VirtioDevice for VirtioMem<B> {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_MEM
@@ -574,6 +575,7 @@ impl<B: MemoryBackend + Send> VirtioDevice for VirtioMem<B> {
         }
         self.queue = queues.pop();
         self.mem = Some(mem);
+        self.control.attach(Arc::clone(&interrupt));
         self.interrupt = Some(interrupt);
         Ok(())
     }

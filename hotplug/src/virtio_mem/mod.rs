@@ -9,12 +9,15 @@
 //! - [`request`]: the wire format (24-byte requests, 10-byte responses), parsed with bounds checks.
 //! - [`state`]: the per-block plugged bitmap and the region's sizes.
 //! - [`device`]: the [`tidepool_virtio::VirtioDevice`] implementation.
+//! - [`control`]: the host's handle ([`MemControl`]): resize and read the figures without
+//!   the device's lock, which the VMM's device thread holds while it plugs.
 //!
 //! Answers follow the spec and what Linux's driver does with them: ERROR only for malformed
 //! requests (the driver marks the device broken), NACK for a plug beyond `requested_size` (the
 //! driver re-reads the config and retries at once), BUSY when the host cannot serve a valid
 //! request right now (the driver retries on a backoff timer).
 
+pub mod control;
 pub mod device;
 pub mod request;
 pub mod state;
@@ -26,6 +29,7 @@ pub mod test_utils;
 #[cfg(test)]
 mod tests;
 
+pub use control::{ControlSnapshot, MemControl};
 pub use device::{MemStatus, VirtioMem, VirtioMemCounters};
 pub use request::{BlockRangeState, Request, RequestError, Response, ResponseType};
 pub use state::{BlockState, RangeError};

@@ -4,6 +4,7 @@
 use super::request::{BlockRangeState as S, Request, Response, ResponseType as T};
 use super::test_utils::*;
 use super::*;
+use std::sync::Arc;
 use tidepool_virtio::{DeviceError, VirtioDevice};
 use virtio_bindings::virtio_mmio as r;
 use vm_memory::{Bytes, GuestAddress};
@@ -586,4 +587,85 @@ fn bogus_ring_entry_needs_reset_without_panic() {
 fn device_is_send() {
     fn assert_send<T: Send>() {}
     assert_send::<VirtioMem<FakeBackend>>();
+}
+
+/// Shrinks the host's request through the device's control in the middle of every plug, as
+/// a host resize arriving while the device thread is busy plugging would.
+struct ResizingBackend {
+    inner: FakeBackend,
+    control: Arc<std::sync::OnceLock<Arc<MemControl>>>,
+    shrink_to: u64,
+    resized: Vec<Result<(), ResizeError>>,
+}
+
+impl MemoryBackend for ResizingBackend {
+    fn plug(&mut self, gpa: u64, len: u64) -> Result<(), BackendError> {
+        self.inner.plug(gpa, len)?;
+        if let Some(c) = self.control.get() {
+            self.resized.push(c.request_size(self.shrink_to));
+        }
+        Ok(())
+    }
+    fn unplug(&mut self, gpa: u64, len: u64) -> Result<(), BackendError> {
+        self.inner.unplug(gpa, len)
+    }
+}
+
+#[test]
+fn the_control_resizes_without_the_device_even_during_a_plug() {
+    let cell = Arc::new(std::sync::OnceLock::new());
+    let backend = ResizingBackend {
+        inner: FakeBackend::new(),
+        control: Arc::clone(&cell),
+        shrink_to: 2 * BS,
+        resized: Vec::new(),
+    };
+    let mut g = Guest::booted_with(config(), backend);
+    let control = Arc::clone(g.dev().control());
+    // The handle is shared with other threads while the device sits behind its own lock.
+    let c2 = Arc::clone(&control);
+    std::thread::spawn(move || c2.set_requested_total(BOOT + 8 * BS))
+        .join()
+        .expect("thread")
+        .expect("grow from another thread");
+    assert_eq!(g.cfg(CFG_REQUESTED), 8 * BS);
+    assert_eq!(control.snapshot().config_interrupts, 1);
+    cell.set(Arc::clone(&control)).expect("set once");
+    // The host shrinks to 2 blocks while the device is plugging 4: that plug completes
+    // (it was decided against the request as it stood), the new target shows at once.
+    assert_eq!(g.request(plug(BASE, 4)), ack());
+    assert_eq!(g.dev().backend().resized, vec![Ok(())]);
+    let snap = control.snapshot();
+    assert_eq!(snap.requested_size, 2 * BS);
+    assert_eq!(snap.plugged_size, 4 * BS, "the device published its plug");
+    assert_eq!(
+        snap.resize_from, 0,
+        "the shrink was asked before the plug ended"
+    );
+    assert_eq!(g.cfg(CFG_REQUESTED), 2 * BS);
+    assert_eq!(g.cfg(CFG_PLUGGED), 4 * BS);
+    assert_eq!(g.dev().counters().config_interrupts, 2);
+    // A further plug is over the new target: NACK, and the driver unplugs back to it.
+    assert_eq!(g.request(plug(BASE + 4 * BS, 1)), Response::of(T::Nack));
+    assert_eq!(g.request(unplug(BASE + 2 * BS, 2)), ack());
+    let st = g.dev().status();
+    assert_eq!((st.plugged_size, st.requested_size), (2 * BS, 2 * BS));
+    assert_eq!(st.progress, 1.0);
+    assert_eq!(
+        MemStatus::from_control(g.dev().config(), &control.snapshot()),
+        MemStatus {
+            usable_region_size: st.usable_region_size,
+            ..st
+        }
+    );
+    // A device reset detaches the driver from the control too.
+    g.wr(r::VIRTIO_MMIO_STATUS, 0);
+    assert!(!control.snapshot().driver_ready);
+    assert_eq!(control.request_size(BS), Err(ResizeError::DriverNotReady));
+}
+
+#[test]
+fn control_is_send_and_sync() {
+    fn assert_sync<T: Send + Sync>() {}
+    assert_sync::<MemControl>();
 }

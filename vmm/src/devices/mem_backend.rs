@@ -4,6 +4,7 @@
 //! returns the frames to the pool. One record per plugged block lives in a guest-mm slab.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use guest_mm::frame::{FrameId, MigrateType, NodeId};
@@ -114,6 +115,8 @@ pub struct PoolMemoryBackend {
     slab_nodes: u16,
     records: BTreeMap<u64, OwnedSlabBox<BlockRecord>>,
     listener: Option<RamListener>,
+    /// `plugged_bytes()`, published for readers that must not take the device's lock.
+    plugged: Arc<AtomicU64>,
 }
 
 fn pool_err(e: PoolError) -> BackendError {
@@ -148,6 +151,7 @@ impl PoolMemoryBackend {
             slab_nodes: slab_nodes.max(1),
             records: BTreeMap::new(),
             listener: None,
+            plugged: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -171,6 +175,16 @@ impl PoolMemoryBackend {
     /// Bytes plugged through this backend.
     pub fn plugged_bytes(&self) -> u64 {
         self.records.len() as u64 * POOL_BLOCK_BYTES
+    }
+
+    /// A counter that always holds [`PoolMemoryBackend::plugged_bytes`], for readers that
+    /// must not wait for the device (whose lock is held while it plugs).
+    pub fn plugged_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.plugged)
+    }
+
+    fn publish(&self) {
+        self.plugged.store(self.plugged_bytes(), Ordering::Release);
     }
 
     /// The record of the block at `gpa`, if plugged.
@@ -290,6 +304,7 @@ impl MemoryBackend for PoolMemoryBackend {
                 }
             }
         }
+        self.publish();
         self.notify(RamChange::Plugged { gpa, len });
         self.handle
             .refresh()
@@ -325,6 +340,7 @@ impl MemoryBackend for PoolMemoryBackend {
                 self.give_back(&[rec.frame]);
             }
         }
+        self.publish();
         refreshed.map_err(|e| BackendError::Failed(e.to_string()))
     }
 }

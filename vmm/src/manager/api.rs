@@ -225,14 +225,19 @@ impl ApiBackend for VmManager {
         let total = requested_mib
             .checked_mul(MIB)
             .ok_or_else(|| ApiError::bad_request("requested_mib overflows"))?;
-        let m = self
-            .call(id, move |vm| {
-                vm.resize_total(total)?;
-                vm.memory()
-            })
-            .map_err(api_err)?
-            .map_err(|e| api_err(e.into()))?;
+        // Not through the VM thread: the target is set and the guest told from here, and the
+        // 202 carries the current resize figures with the VM's last memory sample.
+        let m = self.resize(id, total).map_err(api_err)?;
         Ok(self.with_swap_figures(id, memory_info(&m)))
+    }
+
+    fn resize_memory_now(
+        &self,
+        id: &str,
+        requested_mib: u64,
+    ) -> Option<Result<MemoryInfo, ApiError>> {
+        // `resize_memory` waits for nothing (no VM thread, no device lock, no guest).
+        Some(self.resize_memory(id, requested_mib))
     }
 
     fn get_memory(&self, id: &str) -> Result<MemoryInfo, ApiError> {
@@ -240,6 +245,7 @@ impl ApiBackend for VmManager {
             .call(id, |vm| vm.memory())
             .map_err(api_err)?
             .map_err(|e| api_err(e.into()))?;
+        self.store_memory_sample(id, m);
         Ok(self.with_swap_figures(id, memory_info(&m)))
     }
 

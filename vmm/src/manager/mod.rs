@@ -32,7 +32,9 @@ use tidepool_api::types::VmInfo;
 use crate::devices::{lock, BlockRecord, IrqMode};
 use crate::hostpool::FramePool;
 use crate::memory::PoolFiles;
-use crate::microvm::{Microvm, MicrovmConfig, MicrovmError, NodeResidency, VmLifecycle};
+use crate::microvm::{
+    MemoryFigures, Microvm, MicrovmConfig, MicrovmError, NodeResidency, ResizeHandle, VmLifecycle,
+};
 use crate::swap::VmSwap;
 
 /// A VM's swap, shared by the manager (figures, reclaim) and the VM thread (which shuts it
@@ -97,6 +99,9 @@ pub struct Published {
     /// then stops the VM): the API reports the VM stopped with this reason from then on,
     /// even before (or if never) the VM thread gets to it.
     pub failure: Option<String>,
+    /// The last full memory figures (refreshed with the residency, and by every
+    /// `GET /memory`), for answers that must not wait for the VM thread.
+    pub memory: Option<MemoryFigures>,
 }
 
 impl Published {
@@ -123,6 +128,8 @@ struct Entry {
     published: Arc<Mutex<Published>>,
     join: Option<JoinHandle<()>>,
     swap: SwapCell,
+    /// Resizes the VM without its thread (VMs with virtio-mem).
+    resize: Option<ResizeHandle>,
 }
 
 /// Manages the VMs of one daemon.
@@ -209,7 +216,8 @@ impl VmManager {
             config.pool_files = Some(Arc::clone(&self.files));
         }
         let (tx, rx) = channel::<Msg>();
-        let (ready_tx, ready_rx) = sync_channel::<Result<Published, MicrovmError>>(1);
+        type Ready = Result<(Published, Option<ResizeHandle>), MicrovmError>;
+        let (ready_tx, ready_rx) = sync_channel::<Ready>(1);
         let pool = Arc::clone(&self.pool);
         let slab = self.slab.clone();
         let nodes = self.slab_nodes;
@@ -218,6 +226,7 @@ impl VmManager {
             residency: Vec::new(),
             window: 0..0,
             failure: None,
+            memory: None,
         }));
         let pub2 = Arc::clone(&published);
         let swap: SwapCell = Arc::new(Mutex::new(None));
@@ -240,7 +249,8 @@ impl VmManager {
                 }
                 publish(&mut vm, &pub2, true);
                 let snapshot = lock(&pub2).clone();
-                if ready_tx.send(Ok(snapshot)).is_err() {
+                let resize = vm.resize_handle().cloned();
+                if ready_tx.send(Ok((snapshot, resize))).is_err() {
                     // The manager gave up waiting: nobody will ever talk to this VM.
                     return;
                 }
@@ -257,7 +267,7 @@ impl VmManager {
             }
         };
         match ready {
-            Ok(p) => {
+            Ok((p, resize)) => {
                 let info = p.apply(info);
                 lock(&self.vms).insert(
                     id.clone(),
@@ -267,6 +277,7 @@ impl VmManager {
                         published,
                         join: Some(join),
                         swap,
+                        resize,
                     },
                 );
                 self.reclaim_attach(&id);
@@ -308,6 +319,45 @@ impl VmManager {
             },
             RecvTimeoutError::Disconnected => ManagerError::Gone(id.into()),
         })
+    }
+
+    /// Set VM `id`'s requested total guest RAM without going through its thread: the target
+    /// is recorded and the guest told, and the answer is built from what the device
+    /// published (resize fields, current) and the VM's last memory sample (residency and
+    /// balloon figures, at most [`RESIDENCY_REFRESH`] old). Waits for neither the VM thread,
+    /// the device (which may be plugging) nor the guest.
+    pub fn resize(&self, id: &str, total: u64) -> Result<MemoryFigures, ManagerError> {
+        let (handle, published) = {
+            let vms = lock(&self.vms);
+            let e = vms
+                .get(id)
+                .ok_or_else(|| ManagerError::NotFound(id.into()))?;
+            (e.resize.clone(), Arc::clone(&e.published))
+        };
+        let handle = handle.ok_or(ManagerError::Vm(MicrovmError::NoHotplug))?;
+        handle.resize_total(total)?;
+        let sample = lock(&published).memory;
+        let sample = sample.unwrap_or(MemoryFigures {
+            boot: 0,
+            region: 0,
+            plugged: 0,
+            requested: 0,
+            resident: 0,
+            reported: 0,
+            ballooned: 0,
+            refaulted: 0,
+            driver_ready: false,
+            resize_from: 0,
+        });
+        Ok(handle.overlay(sample))
+    }
+
+    /// Keep `m`, just measured on VM `id`'s thread, as its latest memory sample.
+    pub(crate) fn store_memory_sample(&self, id: &str, m: MemoryFigures) {
+        let published = lock(&self.vms).get(id).map(|e| Arc::clone(&e.published));
+        if let Some(p) = published {
+            lock(&p).memory = Some(m);
+        }
     }
 
     /// Queue `f` on VM `id`'s thread without waiting for it.
@@ -422,16 +472,17 @@ impl Drop for VmManager {
 
 fn publish(vm: &mut Microvm, published: &Mutex<Published>, residency: bool) {
     let state = vm.state().clone();
-    let res = if residency {
-        match vm.residency_by_node() {
+    let (res, memory) = if residency {
+        let r = match vm.residency_by_node() {
             Ok(r) => Some(r),
             Err(e) => {
                 tracing::warn!(vm = %vm.id(), error = %e, "residency probe failed");
                 None
             }
-        }
+        };
+        (r, vm.memory().ok())
     } else {
-        None
+        (None, None)
     };
     let window = vm.vm().map(|v| v.window().host_range()).unwrap_or(0..0);
     let mut p = lock(published);
@@ -439,6 +490,9 @@ fn publish(vm: &mut Microvm, published: &Mutex<Published>, residency: bool) {
     p.window = window;
     if let Some(r) = res {
         p.residency = r;
+    }
+    if memory.is_some() {
+        p.memory = memory;
     }
 }
 

@@ -17,6 +17,7 @@ pub mod exits;
 mod guest_numa;
 pub mod lifecycle;
 pub mod linux;
+pub mod resize;
 mod setup;
 #[cfg(test)]
 pub(crate) mod test_rig;
@@ -26,6 +27,7 @@ pub mod vcpus;
 
 pub use exits::{ExitCounters, GuestWake, ReportLog, VmExitHandler, MAX_GUEST_WAIT};
 pub use lifecycle::{LifecycleOp, StopCause, TransitionError, VmLifecycle};
+pub use resize::ResizeHandle;
 pub use setup::{BalloonSpec, BootImage, HotplugSpec, MicrovmConfig};
 pub use vcpus::{VcpuEvent, VcpuStuck, VcpuThread};
 
@@ -150,6 +152,8 @@ pub struct Microvm {
     events_rx: Receiver<VcpuEvent>,
     notifier: Option<NotifyThread>,
     mem_dev: Option<MemTransport>,
+    /// Resizes without the device's lock (present with `mem_dev`).
+    resize: Option<ResizeHandle>,
     balloon_dev: Option<BalloonTransport>,
     probe: Option<WindowReclaim>,
     bus: Arc<MmioBus>,
@@ -157,7 +161,6 @@ pub struct Microvm {
     exit_counters: Arc<ExitCounters>,
     /// Wakes vCPUs blocked in a guest wait request when the host has news for the guest.
     wake: Arc<GuestWake>,
-    resize_from: u64,
     handle: Option<VmMemoryHandle>,
     legacy: Option<Arc<Mutex<crate::legacy::LegacyDevices>>>,
     console: Option<linux::ConsoleLog>,
@@ -253,6 +256,11 @@ impl Microvm {
     /// The virtio-mem transport, if the VM has one.
     pub fn mem_device(&self) -> Option<&MemTransport> {
         self.mem_dev.as_ref()
+    }
+
+    /// The handle that resizes this VM from any thread, if it has virtio-mem.
+    pub fn resize_handle(&self) -> Option<&ResizeHandle> {
+        self.resize.as_ref()
     }
 
     /// The balloon transport, if the VM has one.
@@ -419,23 +427,18 @@ impl Microvm {
         Ok(&self.state)
     }
 
-    /// virtio-mem's host-side status.
+    /// virtio-mem's host-side status, as the device last published it (without its lock).
     pub fn mem_status(&self) -> Option<MemStatus> {
-        self.mem_dev
-            .as_ref()
-            .and_then(|d| self.bus.lock_live(d).map(|t| t.device().status()))
+        self.resize.as_ref().map(ResizeHandle::status)
     }
 
-    /// Set the requested total guest RAM (boot RAM plus hot-plugged memory).
+    /// Set the requested total guest RAM (boot RAM plus hot-plugged memory). Does not wait
+    /// for the device or the guest ([`ResizeHandle::resize_total`]).
     pub fn resize_total(&mut self, total: u64) -> Result<(), MicrovmError> {
-        let dev = self.mem_dev.as_ref().ok_or(MicrovmError::NoHotplug)?;
-        let mut t = self.dev(dev, "virtio-mem")?;
-        let before = t.device().status();
-        t.device_mut().set_requested_total(total)?;
-        drop(t);
-        self.resize_from = before.boot_ram + before.plugged_size;
-        self.wake.wake();
-        Ok(())
+        self.resize
+            .as_ref()
+            .ok_or(MicrovmError::NoHotplug)?
+            .resize_total(total)
     }
 
     /// Run `f` on the virtio-mem device's backend (host-side plug and unplug, for tests and
@@ -461,19 +464,6 @@ impl Microvm {
             resident += window.resident_bytes(r.start, r.end - r.start)?;
         }
         let boot = self.config.boot_ram;
-        let st = self.mem_status();
-        let (region, plugged_hot, requested_hot, driver_ready) = st.map_or((0, 0, 0, false), |s| {
-            (
-                s.region_size,
-                s.plugged_size,
-                s.requested_size,
-                s.driver_ready,
-            )
-        });
-        // Blocks plugged from the host side go through the backend without the device's
-        // bitmap; count what the backend holds.
-        let backend_plugged = self.with_memory_backend(|b| b.plugged_bytes()).unwrap_or(0);
-        let plugged_hot = plugged_hot.max(backend_plugged);
         let (reported, ballooned, refaulted) = match (&self.balloon_dev, &self.probe) {
             (Some(dev), Some(probe)) => {
                 let mut t = self.dev(dev, "virtio-balloon")?;
@@ -486,21 +476,23 @@ impl Microvm {
             }
             _ => (0, 0, 0),
         };
-        Ok(MemoryFigures {
+        let m = MemoryFigures {
             boot,
-            region,
-            plugged: boot + plugged_hot,
-            requested: boot + requested_hot,
+            region: 0,
+            plugged: boot,
+            requested: boot,
             resident,
             reported,
             ballooned,
             refaulted,
-            driver_ready,
-            resize_from: if self.resize_from == 0 {
-                boot + plugged_hot
-            } else {
-                self.resize_from
-            },
+            driver_ready: false,
+            resize_from: boot,
+        };
+        // The resize figures come from what virtio-mem published (blocks plugged from the
+        // host side count through the backend's counter), without the device's lock.
+        Ok(match &self.resize {
+            Some(h) => h.overlay(m),
+            None => m,
         })
     }
 
@@ -546,6 +538,7 @@ impl Drop for Microvm {
             }
         }
         self.mem_dev = None;
+        self.resize = None;
         self.balloon_dev = None;
         self.probe = None;
         self.bus = Arc::new(MmioBus::new());

@@ -293,7 +293,7 @@ impl Microvm {
             reports: Arc::new(Mutex::new(Vec::new())),
             exit_counters: Arc::new(ExitCounters::default()),
             wake: Arc::new(super::exits::GuestWake::default()),
-            resize_from: 0,
+            resize: None,
             handle: None,
             legacy: None,
             console: None,
@@ -345,6 +345,7 @@ impl Microvm {
                 records,
                 slab_nodes,
             );
+            let backend_plugged = backend.plugged_counter();
             let dev = VirtioMem::new(
                 VirtioMemConfig {
                     addr: region.start,
@@ -357,6 +358,11 @@ impl Microvm {
                 backend,
             )
             .map_err(|e| MicrovmError::Config(format!("virtio-mem: {e}")))?;
+            vm.resize = Some(super::ResizeHandle::new(
+                Arc::clone(dev.control()),
+                backend_plugged,
+                Arc::clone(&vm.wake),
+            ));
             let t = MmioTransport::new(
                 Box::new(dev),
                 handle.guest_mem(),
