@@ -10,9 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 /// Sets the requested total guest RAM. Asynchronous: answers 202 at once, with `Location`
-/// pointing at `GET /v1/vms/{id}/memory`, where the progress shows. A backend that records
-/// the target without blocking ([`crate::ApiBackend::resize_memory_now`]) answers on the
-/// async worker; otherwise the call goes to a blocking thread like every other.
+/// pointing at `GET /v1/vms/{id}/memory`, where the progress shows.
 #[utoipa::path(
     put,
     path = "/v1/vms/{id}/memory",
@@ -39,6 +37,8 @@ pub async fn resize_memory(
     validate::resize(&req)?;
     let requested = req.requested_mib;
     let id2 = id.clone();
+    // A backend that records the target without blocking answers here, on the async worker
+    // (no thread hand-off); otherwise the call goes to a blocking thread like every other.
     let now = st.backend.resize_memory_now(&id, requested);
     let result = match now {
         Some(r) => r,

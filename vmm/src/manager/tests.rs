@@ -230,6 +230,65 @@ fn resize_through_the_api_is_served_by_the_guest_driver() {
     assert!(pool.figures().expect("figures").is_whole());
 }
 
+#[test]
+fn a_resize_waits_neither_for_the_vm_thread_nor_the_device() {
+    let Some((m, _pool)) = manager() else { return };
+    let mut req = CreateVmRequest::with_memory(64);
+    req.image = Some(super::images::virtio_mem_guest(64, 128).expect("image"));
+    req.hotplug = Some(HotplugConfig {
+        region_mib: 128,
+        block_mib: 2,
+        memslots: Default::default(),
+    });
+    let v = m.create_vm(req).expect("create");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !m.get_memory(&v.id).expect("memory").resize.driver_ready {
+        assert!(Instant::now() < deadline, "driver never came up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Occupy the VM thread, and hold the virtio-mem device's lock on it, as a long plug
+    // would: the resize must still be answered.
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    m.post(&v.id, move |vm| {
+        let dev = vm.mem_device().cloned();
+        let _held = dev.as_ref().map(|d| crate::devices::lock(d));
+        let _ = entered_tx.send(());
+        let _ = release_rx.recv_timeout(Duration::from_secs(60));
+    })
+    .expect("post");
+    entered_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("VM thread took the call");
+    let mem = m
+        .resize_memory_now(&v.id, 80)
+        .expect("the manager resizes without a blocking thread")
+        .expect("resize");
+    assert_eq!(mem.requested_mib, 80);
+    assert_eq!(mem.boot_mib, 64);
+    assert!(mem.resize.driver_ready);
+    assert_eq!(
+        m.resize_memory(&v.id, 32).expect_err("below boot RAM").kind,
+        ErrorKind::Conflict
+    );
+    assert_eq!(
+        m.resize_memory("vm-none", 80).expect_err("unknown").kind,
+        ErrorKind::NotFound
+    );
+    release_tx.send(()).expect("release");
+    // Once the device is free again the guest follows the target.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let mem = m.get_memory(&v.id).expect("memory");
+        if mem.plugged_mib == 80 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not plugged: {mem:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    m.delete_vm(&v.id).expect("delete");
+}
+
 /// The guest image `resources/guest/build.sh` leaves in the cache, if it is there.
 fn guest_image() -> Option<std::path::PathBuf> {
     let cache = std::env::var_os("XDG_CACHE_HOME")

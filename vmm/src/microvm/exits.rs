@@ -108,8 +108,9 @@ impl ExitCounters {
     }
 }
 
-/// Reports the guest wrote, shared by all vCPUs of the VM.
-pub type ReportLog = Arc<Mutex<Vec<GuestReport>>>;
+/// Reports the guest wrote, shared by all vCPUs of the VM: the most recent ones, with a
+/// count of the dropped ([`super::reports::ReportRing`]).
+pub type ReportLog = Arc<Mutex<super::reports::ReportRing>>;
 
 /// One vCPU's exit handler.
 #[derive(Debug, Clone)]

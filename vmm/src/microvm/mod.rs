@@ -17,6 +17,7 @@ pub mod exits;
 mod guest_numa;
 pub mod lifecycle;
 pub mod linux;
+pub mod reports;
 pub mod resize;
 mod setup;
 #[cfg(test)]
@@ -27,6 +28,7 @@ pub mod vcpus;
 
 pub use exits::{ExitCounters, GuestWake, ReportLog, VmExitHandler, MAX_GUEST_WAIT};
 pub use lifecycle::{LifecycleOp, StopCause, TransitionError, VmLifecycle};
+pub use reports::{ReportRing, REPORT_LOG_CAPACITY};
 pub use resize::ResizeHandle;
 pub use setup::{BalloonSpec, BootImage, HotplugSpec, MicrovmConfig};
 pub use vcpus::{VcpuEvent, VcpuStuck, VcpuThread};
@@ -226,9 +228,14 @@ impl Microvm {
         self.boot_info.as_ref()
     }
 
-    /// Reports the guest wrote so far.
+    /// The reports the guest wrote, oldest first: the most recent [`REPORT_LOG_CAPACITY`].
     pub fn reports(&self) -> Vec<GuestReport> {
-        lock(&self.reports).clone()
+        lock(&self.reports).to_vec()
+    }
+
+    /// Reports dropped from the log to keep it bounded.
+    pub fn reports_dropped(&self) -> u64 {
+        lock(&self.reports).dropped()
     }
 
     /// Exit counters.

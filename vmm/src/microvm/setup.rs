@@ -290,7 +290,7 @@ impl Microvm {
             balloon_dev: None,
             probe: None,
             bus: Arc::new(MmioBus::new()),
-            reports: Arc::new(Mutex::new(Vec::new())),
+            reports: Arc::new(Mutex::new(super::ReportRing::default())),
             exit_counters: Arc::new(ExitCounters::default()),
             wake: Arc::new(super::exits::GuestWake::default()),
             resize: None,
