@@ -11,6 +11,7 @@ use tidepool_api::types::VmState;
 use tidepool_api::{ApiBackend, ServeConfig, Server};
 
 use super::config::UpConfig;
+use super::console::{follow, ConsoleFollower, VmConsole, INIT_PATIENCE};
 use super::paths::GuestImage;
 use super::{daemon, relay, UpArgs, UpError};
 use crate::manager::VmManager;
@@ -71,28 +72,12 @@ impl DefaultGuest {
     }
 }
 
-/// How long the guest may take to print `TIDEPOOL-INIT-START` before `up` says it looks stuck.
-const INIT_PATIENCE: Duration = Duration::from_secs(90);
-
 fn failed(what: &str) -> impl FnOnce(String) -> UpError + '_ {
     move |e| UpError::Failed(format!("{what}: {e}"))
 }
 
-/// The new part of `now` after `seen` (the console log is a bounded ring, so match on the
-/// tail printed last rather than on lengths).
-pub fn console_delta<'a>(seen_tail: &str, now: &'a str) -> &'a str {
-    if seen_tail.is_empty() {
-        return now;
-    }
-    match now.rfind(seen_tail) {
-        Some(i) => &now[i + seen_tail.len()..],
-        None => now,
-    }
-}
-
-/// Follows the guest console on a thread until `stop`: prints markers (or every line with
-/// `all`), reports when `/init` is reached, and warns when it is not reached in time or the
-/// VM stops.
+/// Follows the guest console on a thread until `stop` ([`super::console::follow`] over the
+/// VM's serial console, printing to stdout).
 fn follow_console(
     manager: Arc<VmManager>,
     id: String,
@@ -101,56 +86,9 @@ fn follow_console(
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let mut tail = String::new();
-        let mut partial = String::new();
-        let mut init_seen = false;
-        let mut warned = false;
-        while !stop.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(500));
-            let Ok(Some(text)) = manager.call(&id, |vm| vm.console()) else {
-                continue;
-            };
-            let delta = console_delta(&tail, &text).to_string();
-            tail = text
-                .char_indices()
-                .rev()
-                .nth(255)
-                .map(|(i, _)| text[i..].to_string())
-                .unwrap_or_else(|| text.clone());
-            partial.push_str(&delta);
-            while let Some(nl) = partial.find('\n') {
-                let line: String = partial.drain(..=nl).collect();
-                let line = line.trim_end();
-                if all || line.contains("TIDEPOOL-") {
-                    println!("  guest| {line}");
-                }
-                if !init_seen && line.contains("TIDEPOOL-INIT-START") {
-                    init_seen = true;
-                    println!(
-                        "{GUEST_INIT_MARKER} vm={id} after={:.1}s (the guest's /init started)",
-                        t0.elapsed().as_secs_f64()
-                    );
-                }
-            }
-            if !init_seen && !warned && t0.elapsed() > INIT_PATIENCE {
-                warned = true;
-                println!(
-                    "warning: the guest has not reached /init after {} s; if this host's KVM \
-                     cannot run a stock kernel, stop with Ctrl-C and run `tidepool up --nested`",
-                    INIT_PATIENCE.as_secs()
-                );
-            }
-            if let Ok(info) = manager.get_vm(&id) {
-                if info.state == VmState::Stopped {
-                    println!(
-                        "the VM {id} stopped (the guest powered off or failed{}); \
-                         the daemon keeps running",
-                        if init_seen { "" } else { " before /init" }
-                    );
-                    return;
-                }
-            }
-        }
+        let follower = ConsoleFollower::new(&id, all, t0, std::io::stdout());
+        let source = VmConsole { manager, id };
+        follow(source, follower, Duration::from_millis(500), &stop);
     })
 }
 
@@ -357,19 +295,4 @@ async fn serve_with_vm(
     }
     println!("{STOPPED_MARKER} socket {} removed", socket.display());
     served.map_err(|e| failed("serving the API")(e.to_string()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn console_delta_follows_a_ring() {
-        assert_eq!(console_delta("", "abc\n"), "abc\n");
-        assert_eq!(console_delta("abc\n", "abc\ndef\n"), "def\n");
-        // The ring dropped its head: the tail seen last is still found.
-        assert_eq!(console_delta("c\nd", "b\nc\nde\n"), "e\n");
-        // Nothing new.
-        assert_eq!(console_delta("xyz", "wxyz"), "");
-    }
 }

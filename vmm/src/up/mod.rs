@@ -14,6 +14,7 @@
 //!    socket is relayed to it ([`relay`]).
 
 pub mod config;
+pub mod console;
 pub mod daemon;
 pub mod direct;
 pub mod nested;
@@ -234,36 +235,62 @@ pub fn ensure_guest(args: &UpArgs) -> Result<GuestImage, UpError> {
     Ok(g)
 }
 
-/// Picks direct or nested mode, saying why.
+/// Picks direct or nested mode, saying why on stdout; runs the KVM probe
+/// ([`probe::gather`]) only when the config leaves the choice to it.
 fn choose_mode(c: &UpConfig) -> Mode {
+    let mut out = std::io::stdout().lock();
+    decide_mode(c, probe::gather, &mut out)
+}
+
+/// The mode choice with the probe injected: a mode set in the config wins (and `probe` is
+/// not run); otherwise `probe`'s evidence decides ([`probe::decide`]): a capable host runs
+/// direct, any other runs nested, with the reasons written plainly to `out`.
+pub fn decide_mode(
+    c: &UpConfig,
+    probe: impl FnOnce() -> probe::Evidence,
+    out: &mut impl std::io::Write,
+) -> Mode {
     match c.nested.mode {
         Mode::Direct => return Mode::Direct,
         Mode::Nested => return Mode::Nested,
         Mode::Auto => {}
     }
-    println!("checking whether this host's KVM can run a stock Linux guest kernel...");
-    let evidence = probe::gather();
+    // Messages only: a closed stdout must not change the choice.
+    let _ = writeln!(
+        out,
+        "checking whether this host's KVM can run a stock Linux guest kernel..."
+    );
+    let evidence = probe();
     match probe::decide(&evidence) {
         probe::Verdict::Capable => {
-            println!(
-                "  yes: KVM modules {:?}, every probed CPL0 instruction works",
+            let _ = writeln!(
+                out,
+                "  yes: KVM modules {:?}, every probed CPL0 instruction works: running the \
+                 daemon directly on this host's KVM",
                 evidence.kvm_modules
             );
             Mode::Direct
         }
         probe::Verdict::Incapable(reasons) => {
-            println!("  no: this host's KVM cannot run the stock guest kernel:");
+            let _ = writeln!(
+                out,
+                "  no: this host's KVM cannot run the stock guest kernel:"
+            );
             for r in reasons {
-                println!("    - {r}");
+                let _ = writeln!(out, "    - {r}");
             }
-            println!(
+            let _ = writeln!(
+                out,
                 "  so the daemon runs nested, inside an L1 VM under QEMU TCG with emulated SVM \
                  (a real KVM there), and this process relays its API socket (--direct overrides)"
             );
             Mode::Nested
         }
         probe::Verdict::NoKvm(why) => {
-            println!("  no usable /dev/kvm here ({why}): running nested under QEMU TCG");
+            let _ = writeln!(
+                out,
+                "  no usable /dev/kvm here ({why}): running nested under QEMU TCG"
+            );
             Mode::Nested
         }
     }
@@ -337,6 +364,108 @@ mod tests {
         let t = T::parse_from(["t", "--memory-mib", "513"]);
         assert!(matches!(t.up.effective_config(), Err(UpError::Config(_))));
         assert!(T::try_parse_from(["t", "--nested", "--direct"]).is_err());
+    }
+
+    fn auto() -> UpConfig {
+        let c = T::parse_from(["t"]).up.effective_config().unwrap();
+        assert_eq!(
+            c.nested.mode,
+            Mode::Auto,
+            "the embedded config lets the probe decide"
+        );
+        c
+    }
+
+    fn evidence(modules: &[&str], probes: &[(&str, Result<bool, &str>)]) -> probe::Evidence {
+        probe::Evidence {
+            kvm_modules: modules.iter().map(|m| m.to_string()).collect(),
+            probes: probes
+                .iter()
+                .map(|(n, r)| (n.to_string(), r.map_err(|e| e.to_string())))
+                .collect(),
+            open_error: None,
+        }
+    }
+
+    fn decide_with(c: &UpConfig, e: probe::Evidence) -> (Mode, String, bool) {
+        let mut out = Vec::new();
+        let mut probed = false;
+        let mode = decide_mode(
+            c,
+            || {
+                probed = true;
+                e
+            },
+            &mut out,
+        );
+        (mode, String::from_utf8(out).unwrap(), probed)
+    }
+
+    #[test]
+    fn a_capable_probe_chooses_direct_mode() {
+        let works: Vec<(&str, Result<bool, &str>)> = probe::STOCK_KERNEL_NEEDS
+            .iter()
+            .map(|n| (*n, Ok(true)))
+            .collect();
+        let (mode, out, probed) = decide_with(&auto(), evidence(&["kvm_intel"], &works));
+        assert!(probed);
+        assert_eq!(mode, Mode::Direct);
+        assert!(out.contains("yes:"), "{out}");
+        assert!(out.contains("kvm_intel"), "{out}");
+        assert!(out.contains("directly on this host's KVM"), "{out}");
+    }
+
+    #[test]
+    fn a_failing_probe_chooses_nested_mode_and_says_why() {
+        let e = evidence(
+            &["kvm_pvm"],
+            &[
+                ("int3", Ok(false)),
+                ("pxor", Ok(true)),
+                ("xrstor64", Err("KVM emulation failure (suberror 1)")),
+            ],
+        );
+        let (mode, out, _) = decide_with(&auto(), e);
+        assert_eq!(mode, Mode::Nested);
+        assert!(
+            out.contains("no: this host's KVM cannot run the stock guest kernel"),
+            "{out}"
+        );
+        // Every reason on its own line, in words.
+        assert!(out.contains("    - the KVM module is kvm_pvm"), "{out}");
+        assert!(
+            out.contains("    - `int3` does not work at guest CPL0"),
+            "{out}"
+        );
+        assert!(
+            out.contains("    - `xrstor64` could not be probed: KVM emulation failure"),
+            "{out}"
+        );
+        assert!(
+            !out.contains("pxor"),
+            "working instructions are not reasons: {out}"
+        );
+        assert!(out.contains("runs nested"), "{out}");
+
+        let mut e = evidence(&[], &[]);
+        e.open_error = Some("/dev/kvm: No such file or directory".into());
+        let (mode, out, _) = decide_with(&auto(), e);
+        assert_eq!(mode, Mode::Nested);
+        assert!(
+            out.contains("no usable /dev/kvm here (/dev/kvm: No such file"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn a_mode_in_the_config_skips_the_probe() {
+        for (flag, want) in [("--direct", Mode::Direct), ("--nested", Mode::Nested)] {
+            let c = T::parse_from(["t", flag]).up.effective_config().unwrap();
+            let (mode, out, probed) = decide_with(&c, evidence(&["kvm_pvm"], &[]));
+            assert_eq!(mode, want);
+            assert!(!probed, "{flag} must not run the probe");
+            assert!(out.is_empty());
+        }
     }
 
     #[test]
