@@ -11,6 +11,7 @@ use tidepool_api::types::VmState;
 use tidepool_api::{ApiBackend, ServeConfig, Server};
 
 use super::config::UpConfig;
+pub use super::console::console_delta;
 use super::console::{follow, ConsoleFollower, VmConsole, INIT_PATIENCE};
 use super::paths::GuestImage;
 use super::{daemon, relay, UpArgs, UpError};
