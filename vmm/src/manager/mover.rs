@@ -21,6 +21,7 @@ use guest_mm::pool::Pool;
 use super::VmManager;
 use crate::devices::{lock, PoolMemoryBackend};
 use crate::microvm::{LifecycleOp, VmLifecycle};
+use crate::reclaim::monitor::{evaluate_pool, failed};
 use crate::reclaim::{
     ActionError, ActionOutcome, MoveCounters, PhysicalMove, PoolActions, VmBlockMover, VmBlocks,
 };
@@ -45,10 +46,6 @@ impl std::fmt::Debug for VmPoolActions {
             .field("physical", &self.physical)
             .finish_non_exhaustive()
     }
-}
-
-fn failed(e: impl std::fmt::Display) -> ActionError {
-    ActionError::Failed(e.to_string())
 }
 
 impl VmPoolActions {
@@ -203,14 +200,7 @@ impl VmPoolActions {
 
 impl PoolActions for VmPoolActions {
     fn evaluate(&self, th: &Thresholds) -> Result<(Vec<Action>, u64), ActionError> {
-        let actions = self.pool.evaluate(th).map_err(failed)?;
-        let failures = self
-            .pool
-            .monitor()
-            .snapshot(Vec::new(), Vec::new())
-            .totals
-            .failures;
-        Ok((actions, failures))
+        evaluate_pool(&self.pool, th)
     }
 
     fn compact(&self, node: NodeId, order: u8) -> Result<ActionOutcome, ActionError> {

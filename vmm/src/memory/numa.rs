@@ -199,6 +199,39 @@ impl HostNuma {
     fn maxnode(&self) -> u64 {
         self.mask_bits() as u64 + 1
     }
+
+    /// The mode, node mask and `maxnode` arguments `mbind`/`set_mempolicy` take for `policy`.
+    fn policy_args(&self, policy: &MemPolicy) -> Result<PolicyArgs, NumaError> {
+        let (mode, nodes) = policy.mode_and_nodes();
+        let mask = self.mask_of(&nodes)?;
+        let maxnode = if nodes.is_empty() { 0 } else { self.maxnode() };
+        Ok(PolicyArgs {
+            mode,
+            nodes,
+            mask,
+            maxnode,
+        })
+    }
+}
+
+/// A policy as the kernel's calls take it (see [`HostNuma::policy_args`]).
+struct PolicyArgs {
+    mode: i32,
+    nodes: Vec<u16>,
+    mask: Vec<u64>,
+    /// 0 (with a null mask) when the policy names no nodes.
+    maxnode: u64,
+}
+
+impl PolicyArgs {
+    /// The mask pointer: null when the policy names no nodes.
+    fn mask_ptr(&self) -> *const u64 {
+        if self.nodes.is_empty() {
+            std::ptr::null()
+        } else {
+            self.mask.as_ptr()
+        }
+    }
 }
 
 /// A memory policy, as `mbind`/`set_mempolicy` take it and `get_mempolicy` gives it back.
@@ -270,18 +303,11 @@ pub fn set_range_policy(
     move_existing: bool,
 ) -> Result<(), NumaError> {
     check_range(addr, len)?;
-    let host = HostNuma::get();
-    let (mode, nodes) = policy.mode_and_nodes();
-    let mask = host.mask_of(&nodes)?;
+    let args = HostNuma::get().policy_args(policy)?;
     let flags = if move_existing {
         MPOL_MF_MOVE | MPOL_MF_STRICT
     } else {
         0
-    };
-    let (mask_ptr, maxnode) = if nodes.is_empty() {
-        (std::ptr::null::<u64>(), 0)
-    } else {
-        (mask.as_ptr(), host.maxnode())
     };
     // SAFETY: mbind reads `maxnode - 1` bits from `mask`, which holds `mask_bits()` bits (or
     // nothing when the pointer is null and maxnode 0). It changes the policy (and, with
@@ -292,16 +318,16 @@ pub fn set_range_policy(
             libc::SYS_mbind,
             addr as libc::c_ulong,
             len as libc::c_ulong,
-            mode as libc::c_ulong,
-            mask_ptr,
-            maxnode as libc::c_ulong,
+            args.mode as libc::c_ulong,
+            args.mask_ptr(),
+            args.maxnode as libc::c_ulong,
             flags as libc::c_ulong,
         )
     };
     if rc != 0 {
         let e = std::io::Error::last_os_error();
         if move_existing && e.raw_os_error() == Some(libc::EIO) {
-            let node = nodes.first().copied().unwrap_or(0);
+            let node = args.nodes.first().copied().unwrap_or(0);
             return Err(NumaError::NotMoved { addr, len, node });
         }
         return Err(NumaError::Syscall {
@@ -422,22 +448,15 @@ pub struct ThreadPolicy {
 }
 
 fn set_thread_policy(policy: &MemPolicy) -> Result<(), NumaError> {
-    let host = HostNuma::get();
-    let (mode, nodes) = policy.mode_and_nodes();
-    let mask = host.mask_of(&nodes)?;
-    let (mask_ptr, maxnode) = if nodes.is_empty() {
-        (std::ptr::null::<u64>(), 0)
-    } else {
-        (mask.as_ptr(), host.maxnode())
-    };
+    let args = HostNuma::get().policy_args(policy)?;
     // SAFETY: set_mempolicy reads `maxnode - 1` bits from `mask` (or nothing with a null
     // pointer and maxnode 0); it only changes where this thread's future allocations go.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_set_mempolicy,
-            mode as libc::c_ulong,
-            mask_ptr,
-            maxnode as libc::c_ulong,
+            args.mode as libc::c_ulong,
+            args.mask_ptr(),
+            args.maxnode as libc::c_ulong,
         )
     };
     if rc != 0 {

@@ -113,20 +113,29 @@ impl GuestMmActions {
     }
 }
 
-fn failed(e: impl std::fmt::Display) -> ActionError {
+/// A pool or mover error as an [`ActionError`].
+pub(crate) fn failed(e: impl std::fmt::Display) -> ActionError {
     ActionError::Failed(e.to_string())
+}
+
+/// guest-mm's decisions for `pool` under `th`, with the pool's allocation failures so far:
+/// [`PoolActions::evaluate`] of every implementation over a guest-mm pool.
+pub(crate) fn evaluate_pool(
+    pool: &Pool,
+    th: &Thresholds,
+) -> Result<(Vec<Action>, u64), ActionError> {
+    let actions = pool.evaluate(th).map_err(failed)?;
+    let failures = pool
+        .monitor()
+        .snapshot(Vec::new(), Vec::new())
+        .totals
+        .failures;
+    Ok((actions, failures))
 }
 
 impl PoolActions for GuestMmActions {
     fn evaluate(&self, th: &Thresholds) -> Result<(Vec<Action>, u64), ActionError> {
-        let actions = self.pool.evaluate(th).map_err(failed)?;
-        let failures = self
-            .pool
-            .monitor()
-            .snapshot(Vec::new(), Vec::new())
-            .totals
-            .failures;
-        Ok((actions, failures))
+        evaluate_pool(&self.pool, th)
     }
 
     fn compact(&self, node: NodeId, order: u8) -> Result<ActionOutcome, ActionError> {
