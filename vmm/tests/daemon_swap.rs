@@ -4,116 +4,34 @@
 //! swap figures show in `GET /metrics` and `GET /v1/vms/{id}/memory`. Deleting a VM with
 //! swapped memory frees its slots and gives every frame back. Skips without /dev/kvm.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use guest_mm::slab::TypedSlab;
-use guest_mm::topology::Topology;
-use tidepool_api::types::{CreateVmRequest, ImagePrivilege, RawImage};
+use common::{fill_spin_verify, manager, reported, wait, BOOT_MIB, FILLED, FLAG, MIB};
+use tidepool_api::types::{CreateVmRequest, RawImage};
 use tidepool_api::ApiBackend;
-use tidepool_vmm::hostpool::{build_pool, FramePool};
-use tidepool_vmm::manager::{DaemonReclaimConfig, DaemonSwapConfig, VmManager};
-use tidepool_vmm::memory::{Layout, LayoutConfig};
+use tidepool_vmm::hostpool::FramePool;
+use tidepool_vmm::manager::VmManager;
 use tidepool_vmm::tiny_guest::program::{Stride, TAG_CHECKED, TAG_MISMATCHES, TAG_USER};
-use tidepool_vmm::tiny_guest::{Privilege, Step, TinyGuestBuilder};
 
-const MIB: u64 = 1 << 20;
-const BOOT_MIB: u64 = 64;
 /// The guest fills and later verifies this range, one word per 4 KiB page.
 const DATA: std::ops::Range<u64> = 16 * MIB..48 * MIB;
 /// The guest spins until the host writes a non-zero word here.
-const FLAG: u64 = 8 * MIB;
-const FILLED: u64 = 0xf111;
 const SEED: u64 = 0x5eed_d5a9;
 
 /// Fill DATA, report FILLED, spin on FLAG, verify DATA, halt.
 fn image() -> RawImage {
-    let layout = Layout::new(LayoutConfig {
-        boot_ram: BOOT_MIB * MIB,
-        hotplug_size: 0,
-    })
-    .expect("layout");
-    // mov rax, FLAG; 1: cmp qword [rax], 0; je 1b
-    let mut spin = vec![0x48, 0xb8];
-    spin.extend_from_slice(&FLAG.to_le_bytes());
-    spin.extend_from_slice(&[0x48, 0x83, 0x38, 0x00, 0x74, 0xfa]);
-    let img = TinyGuestBuilder::new(&layout)
-        .privilege(Privilege::Kernel)
-        .step(Step::Fill {
-            ranges: vec![DATA],
-            seed: SEED,
-            stride: Stride::Page,
-        })
-        .step(Step::Report {
-            tag: TAG_USER,
-            value: FILLED,
-        })
-        .step(Step::Raw(spin))
-        .step(Step::Verify {
-            ranges: vec![DATA],
-            seed: SEED,
-            stride: Stride::Page,
-        })
-        .step(Step::Halt)
-        .build()
-        .expect("image");
-    RawImage {
-        path: None,
-        inline: Some(img.bytes.clone()),
-        load_addr: img.load_addr,
-        entry: img.entry(),
-        privilege: ImagePrivilege::Kernel,
-    }
+    fill_spin_verify(DATA, Stride::Page, SEED)
 }
 
 fn setup(name: &str) -> Option<(Arc<VmManager>, Arc<dyn FramePool>, PathBuf)> {
-    if let Err(why) = tidepool_vmm::kvm::kvm_available() {
-        eprintln!("skipping {name}: {why}");
-        return None;
-    }
-    let gpool = Arc::new(build_pool(Topology::single(1 << 30), Some(256 << 20)).expect("pool"));
-    let pool: Arc<dyn FramePool> = Arc::clone(&gpool) as Arc<dyn FramePool>;
-    let slab = TypedSlab::new("daemon-swap-test").expect("slab");
-    let m = Arc::new(VmManager::new(
-        Arc::clone(&pool),
-        slab,
-        1,
-        Duration::from_secs(20),
-    ));
-    let dir = std::env::temp_dir().join(format!("tp-dswap-{name}-{}", std::process::id()));
-    let mut cfg = DaemonReclaimConfig::default();
     // Resident budget 20 MiB: the guest's 32 MiB of data cannot all stay.
-    cfg.engine.budget_bytes = Some(20 * MIB);
-    cfg.engine.interval = Duration::from_millis(100);
-    cfg.engine.working_set_intervals = 1;
-    cfg.swap = DaemonSwapConfig {
-        enabled: true,
-        path: Some(dir.join("swap")),
-        runtime_dir: None,
-        max_bytes: Some(128 * MIB),
-    };
-    m.start_reclaim(gpool, cfg).expect("reclaim");
-    Some((m, pool, dir))
-}
-
-fn reported(m: &VmManager, id: &str, tag: u64) -> Option<u64> {
-    m.call(id, move |vm| {
-        vm.reports()
-            .iter()
-            .rev()
-            .find(|r| r.tag == tag)
-            .map(|r| r.value)
+    manager(name, "tp-dswap", Duration::from_secs(20), |c| {
+        c.engine.budget_bytes = Some(20 * MIB)
     })
-    .expect("call")
-}
-
-fn wait(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Create the VM, wait until it filled DATA and the engine swapped at least `min` of it.

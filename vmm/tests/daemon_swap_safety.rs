@@ -12,17 +12,18 @@
 //!   under the quiesce hook (vCPUs paused, device locks held) on a running guest; the guest's
 //!   data survives and its vCPU runs on afterwards.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use guest_mm::slab::TypedSlab;
-use guest_mm::topology::Topology;
-use tidepool_api::types::{CreateVmRequest, ImagePrivilege, RawImage, VmState};
+use common::{reported, wait, BOOT_MIB, FILLED, FLAG, MIB};
+use tidepool_api::types::{CreateVmRequest, RawImage, VmState};
 use tidepool_api::ApiBackend;
 use tidepool_vmm::devices::DEVICE_MMIO_BASE;
-use tidepool_vmm::hostpool::{build_pool, FramePool};
-use tidepool_vmm::manager::{info_from_request, DaemonReclaimConfig, DaemonSwapConfig, VmManager};
+use tidepool_vmm::hostpool::FramePool;
+use tidepool_vmm::manager::{info_from_request, DaemonReclaimConfig, VmManager};
 use tidepool_vmm::memory::{BackingSpec, Layout, LayoutConfig};
 use tidepool_vmm::microvm::{
     BalloonSpec, BootImage, LifecycleOp, MicrovmConfig, StopCause, VmLifecycle,
@@ -31,105 +32,20 @@ use tidepool_vmm::reclaim::Phase;
 use tidepool_vmm::tiny_guest::fpr_driver::{fpr_program, FprDriver, FprProgram, TAG_FPR_TOUCHED};
 use tidepool_vmm::tiny_guest::program::{Stride, TAG_CHECKED, TAG_MISMATCHES, TAG_USER};
 use tidepool_vmm::tiny_guest::virtq::DEFAULT_SCRATCH;
-use tidepool_vmm::tiny_guest::{Privilege, Step, TinyGuestBuilder};
 
-const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
-const BOOT_MIB: u64 = 64;
-const FLAG: u64 = 8 * MIB;
-const FILLED: u64 = 0xf111;
 const SEED: u64 = 0x5eed_5afe;
 
 /// Fill `data` (one word per `stride`), report FILLED, spin on FLAG, verify `data`, halt.
 fn fill_spin_verify(data: std::ops::Range<u64>, stride: Stride) -> RawImage {
-    let layout = Layout::new(LayoutConfig {
-        boot_ram: BOOT_MIB * MIB,
-        hotplug_size: 0,
-    })
-    .expect("layout");
-    // mov rax, FLAG; 1: cmp qword [rax], 0; je 1b
-    let mut spin = vec![0x48, 0xb8];
-    spin.extend_from_slice(&FLAG.to_le_bytes());
-    spin.extend_from_slice(&[0x48, 0x83, 0x38, 0x00, 0x74, 0xfa]);
-    let img = TinyGuestBuilder::new(&layout)
-        .privilege(Privilege::Kernel)
-        .step(Step::Fill {
-            ranges: vec![data.clone()],
-            seed: SEED,
-            stride,
-        })
-        .step(Step::Report {
-            tag: TAG_USER,
-            value: FILLED,
-        })
-        .step(Step::Raw(spin))
-        .step(Step::Verify {
-            ranges: vec![data],
-            seed: SEED,
-            stride,
-        })
-        .step(Step::Halt)
-        .build()
-        .expect("image");
-    RawImage {
-        path: None,
-        inline: Some(img.bytes.clone()),
-        load_addr: img.load_addr,
-        entry: img.entry(),
-        privilege: ImagePrivilege::Kernel,
-    }
+    common::fill_spin_verify(data, stride, SEED)
 }
 
 fn manager(
     name: &str,
     cfg: impl FnOnce(&mut DaemonReclaimConfig),
 ) -> Option<(Arc<VmManager>, Arc<dyn FramePool>, PathBuf)> {
-    if let Err(why) = tidepool_vmm::kvm::kvm_available() {
-        eprintln!("skipping {name}: {why}");
-        return None;
-    }
-    let gpool = Arc::new(build_pool(Topology::single(1 << 30), Some(256 << 20)).expect("pool"));
-    let pool: Arc<dyn FramePool> = Arc::clone(&gpool) as Arc<dyn FramePool>;
-    let slab = TypedSlab::new("daemon-swap-safety").expect("slab");
-    let m = Arc::new(VmManager::new(
-        Arc::clone(&pool),
-        slab,
-        1,
-        Duration::from_secs(60),
-    ));
-    let dir = std::env::temp_dir().join(format!("tp-dsafe-{name}-{}", std::process::id()));
-    let mut c = DaemonReclaimConfig::default();
-    c.engine.interval = Duration::from_millis(100);
-    c.engine.working_set_intervals = 1;
-    c.swap = DaemonSwapConfig {
-        enabled: true,
-        path: Some(dir.join("swap")),
-        runtime_dir: None,
-        max_bytes: Some(128 * MIB),
-    };
-    cfg(&mut c);
-    m.start_reclaim(gpool, c).expect("reclaim");
-    Some((m, pool, dir))
-}
-
-fn reported(m: &VmManager, id: &str, tag: u64) -> Option<u64> {
-    m.call(id, move |vm| {
-        vm.reports()
-            .iter()
-            .rev()
-            .find(|r| r.tag == tag)
-            .map(|r| r.value)
-    })
-    .expect("call")
-}
-
-/// Wait for a condition (generous: the machine may be busy), never for a fixed time.
-fn wait(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::manager(name, "tp-dsafe", Duration::from_secs(60), cfg)
 }
 
 fn poke(m: &VmManager, id: &str, gpa: u64, v: u64) {
