@@ -6,6 +6,7 @@ pub mod boot;
 pub mod devices;
 pub mod hostpool;
 pub mod kvm;
+pub mod latency;
 pub mod legacy;
 pub mod manager;
 pub mod memory;

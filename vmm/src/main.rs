@@ -131,13 +131,15 @@ struct ServeCmd {
     /// (default 0.5).
     #[arg(long)]
     compact_threshold: Option<f64>,
+    /// Nice value of the guests' threads (vCPUs, devices), 0..=19: below the daemon's own
+    /// threads so the API answers promptly while guests keep the cores busy.
+    #[arg(long, default_value_t = tidepool_vmm::latency::DEFAULT_GUEST_NICE,
+          value_parser = clap::value_parser!(i32).range(0..=19))]
+    guest_nice: i32,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))
+    tidepool_vmm::latency::runtime().map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
 fn serve(cmd: &ServeCmd) -> Result<(), String> {
@@ -157,6 +159,9 @@ fn serve(cmd: &ServeCmd) -> Result<(), String> {
         Duration::from_secs(cmd.vm_timeout),
         reclaim,
     )?;
+    manager
+        .set_guest_nice(cmd.guest_nice)
+        .map_err(|e| e.to_string())?;
     let rt = runtime()?;
     let backend: Arc<dyn tidepool_api::ApiBackend> = manager.clone();
     let result = rt.block_on(tidepool_api::serve(backend, cfg));

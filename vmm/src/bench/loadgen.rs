@@ -294,6 +294,10 @@ struct Plan {
 
 fn worker(mut conn: Conn, plan: &Plan, start: Instant) -> WorkerResult {
     tighten_timer_slack();
+    // A latency-sensitive client asks for the same short scheduler slice as the daemon's API
+    // threads, so a send due while the guest's threads hold the cores is not queued behind
+    // them for a whole slice (best effort; see `crate::latency`).
+    let _ = crate::latency::set_thread_slice(crate::latency::API_SLICE_NS);
     let mut out = WorkerResult {
         latencies: Latencies::with_capacity(4096),
         ..WorkerResult::default()

@@ -24,7 +24,7 @@ fn api_err(e: ManagerError) -> ApiError {
         ManagerError::Timeout { .. } => ErrorKind::Timeout,
         ManagerError::Gone(_) | ManagerError::Spawn(_) => ErrorKind::Internal,
         ManagerError::Request(RequestError::Unsupported(_)) => ErrorKind::Unsupported,
-        ManagerError::Request(_) => ErrorKind::BadRequest,
+        ManagerError::Request(_) | ManagerError::GuestNice(_) => ErrorKind::BadRequest,
         ManagerError::Vm(v) => vm_kind(v),
     };
     ApiError::new(kind, msg)

@@ -20,7 +20,7 @@ pub use swap::{
 };
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -74,6 +74,9 @@ pub enum ManagerError {
     /// A thread could not be started.
     #[error("cannot start the VM thread: {0}")]
     Spawn(std::io::Error),
+    /// A guest nice value outside 0..=19.
+    #[error("guest nice value {0} is outside 0..=19")]
+    GuestNice(i32),
 }
 
 /// Sends a call's result; run after the VM thread published its new state, so a caller that
@@ -146,6 +149,8 @@ pub struct VmManager {
     irq: IrqMode,
     /// The reclaim engine and pool monitor, once started ([`VmManager::start_reclaim`]).
     reclaim: Mutex<Option<ReclaimRuntime>>,
+    /// Nice value of the threads of VMs created from now on.
+    guest_nice: AtomicI32,
 }
 
 impl VmManager {
@@ -167,7 +172,23 @@ impl VmManager {
             timeout,
             irq: IrqMode::Irqfd,
             reclaim: Mutex::new(None),
+            guest_nice: AtomicI32::new(crate::latency::DEFAULT_GUEST_NICE),
         }
+    }
+
+    /// Run the threads of VMs created from now on at nice `nice` (0..=19; default
+    /// [`crate::latency::DEFAULT_GUEST_NICE`]), below the daemon's API threads.
+    pub fn set_guest_nice(&self, nice: i32) -> Result<(), ManagerError> {
+        if !crate::latency::GUEST_NICE_RANGE.contains(&nice) {
+            return Err(ManagerError::GuestNice(nice));
+        }
+        self.guest_nice.store(nice, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The nice value new VMs' threads get.
+    pub fn guest_nice(&self) -> i32 {
+        self.guest_nice.load(Ordering::Relaxed)
     }
 
     /// Use `irq` for the VMs created from API requests (default: irqfd with the in-kernel
@@ -231,9 +252,14 @@ impl VmManager {
         let pub2 = Arc::clone(&published);
         let swap: SwapCell = Arc::new(Mutex::new(None));
         let swap2 = Arc::clone(&swap);
+        let guest_nice = self.guest_nice.load(Ordering::Relaxed);
         let join = std::thread::Builder::new()
             .name(format!("{id}-vmm"))
             .spawn(move || {
+                // Often started by an API thread (short scheduler slice, nice 0): the VM's
+                // threads (this one, its vCPUs, devices and swap) run with the kernel's
+                // default slice and the guests' nice value (see `crate::latency`).
+                crate::latency::enter_guest_thread(guest_nice);
                 let mut vm = match Microvm::new(config, pool, slab, nodes) {
                     Ok(vm) => vm,
                     Err(e) => {

@@ -427,7 +427,12 @@ impl VmSwap {
         let h = Arc::clone(&inner);
         let thread = std::thread::Builder::new()
             .name("swap-uffd".into())
-            .spawn(move || super::handler::run(&h))
+            .spawn(move || {
+                // Often created from an API thread: the fault handler is daemon work at the
+                // daemon's priority, but with the kernel's default slice, not the API's.
+                crate::latency::reset_thread_slice();
+                super::handler::run(&h)
+            })
             .map_err(|e| SwapError::host("spawn", e))?;
         Ok(VmSwap {
             inner,

@@ -68,6 +68,14 @@ pub struct DaemonConfig {
     pub compact_order_mib: u64,
     /// Fragmentation index above which the monitor compacts, in (0, 1].
     pub compact_threshold: f64,
+    /// Nice value of the guests' threads (vCPUs, devices), 0..=19: below the daemon's own
+    /// threads so the API answers promptly while guests keep the cores busy.
+    #[serde(default = "default_guest_nice")]
+    pub guest_nice: i32,
+}
+
+fn default_guest_nice() -> i32 {
+    crate::latency::DEFAULT_GUEST_NICE
 }
 
 /// The default VM.
@@ -197,6 +205,12 @@ impl UpConfig {
             .set_compaction(Some(d.compact_order_mib), Some(d.compact_threshold))
         {
             return bad(format!("daemon.compact_*: {e}"));
+        }
+        if !crate::latency::GUEST_NICE_RANGE.contains(&d.guest_nice) {
+            return bad(format!(
+                "daemon.guest_nice must be 0..=19, not {}",
+                d.guest_nice
+            ));
         }
         let v = &self.vm;
         if v.vcpus == 0 || v.vcpus > 64 {
@@ -360,6 +374,8 @@ mod tests {
             r#"{"daemon": {"compact_order_mib": 2048}}"#,
             r#"{"daemon": {"compact_threshold": 0.0}}"#,
             r#"{"daemon": {"compact_threshold": 1.5}}"#,
+            r#"{"daemon": {"guest_nice": -1}}"#,
+            r#"{"daemon": {"guest_nice": 20}}"#,
             r#"{"nested": {"l1_memory_mib": 600}}"#,
         ];
         for c in cases {
@@ -378,6 +394,13 @@ mod tests {
         )
         .unwrap();
         compact.validate().unwrap();
+        let nice = UpConfig::with_overrides(r#"{"daemon": {"guest_nice": 0}}"#, "t").unwrap();
+        nice.validate().unwrap();
+        assert_eq!(nice.daemon.guest_nice, 0);
+        assert_eq!(
+            UpConfig::embedded().unwrap().daemon.guest_nice,
+            crate::latency::DEFAULT_GUEST_NICE
+        );
     }
 
     #[test]

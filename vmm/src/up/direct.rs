@@ -191,9 +191,10 @@ pub fn run(
         reclaim,
     )
     .map_err(UpError::Failed)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    manager
+        .set_guest_nice(cfg.daemon.guest_nice)
+        .map_err(|e| UpError::Failed(e.to_string()))?;
+    let rt = crate::latency::runtime()
         .map_err(|e| failed("starting the async runtime")(e.to_string()))?;
     let result = rt.block_on(serve_with_vm(args, cfg, socket, guest, manager.clone()));
     manager.shutdown();

@@ -64,6 +64,10 @@ pub struct UpArgs {
     /// `daemon.compact_threshold`.
     #[arg(long)]
     pub compact_threshold: Option<f64>,
+    /// Nice value of the guests' threads, 0..=19 (default 5: below the daemon's API threads).
+    /// Sets `daemon.guest_nice`.
+    #[arg(long)]
+    pub guest_nice: Option<i32>,
     /// Run the daemon in a nested L1 VM (QEMU TCG with emulated SVM), whatever the probe says.
     #[arg(long, conflicts_with = "direct")]
     pub nested: bool,
@@ -130,6 +134,9 @@ impl UpArgs {
         }
         if let Some(t) = self.compact_threshold {
             c.daemon.compact_threshold = t;
+        }
+        if let Some(n) = self.guest_nice {
+            c.daemon.guest_nice = n;
         }
         if let Some(v) = self.vcpus {
             c.vm.vcpus = v;
