@@ -49,6 +49,10 @@ enum Command {
         /// PNG; default target/bench/density).
         #[arg(long)]
         out: Option<std::path::PathBuf>,
+        /// `api` suite: start the daemon with this `--guest-nice` (0..=19) instead of its
+        /// default, to compare.
+        #[arg(long, value_parser = clap::value_parser!(i32).range(0..=19))]
+        guest_nice: Option<i32>,
     },
     /// Boot a Linux kernel once, serial console on stdout; exits when the guest powers off or
     /// resets (status 0), fails (1) or times out (124).
@@ -215,6 +219,7 @@ fn main() -> ExitCode {
             linux,
             allow_host_tuning,
             out,
+            guest_nice,
         } => {
             let opts = bench::BenchOptions {
                 quick,
@@ -222,6 +227,7 @@ fn main() -> ExitCode {
                 linux,
                 allow_host_tuning,
                 out,
+                guest_nice,
             };
             match bench::run(&suite, &opts) {
                 Ok(report) => {

@@ -101,7 +101,7 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(exe: &Path) -> Result<Daemon, BenchError> {
+    fn start(exe: &Path, guest_nice: Option<i32>) -> Result<Daemon, BenchError> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
@@ -121,7 +121,11 @@ impl Daemon {
             .map_err(|e| failed(format!("creating {}: {e}", d.log.display())))?;
         let mut cmd = Command::new(exe);
         cmd.args(["serve", "--pool-mib", &POOL_MIB.to_string(), "--socket"])
-            .arg(&d.socket)
+            .arg(&d.socket);
+        if let Some(n) = guest_nice {
+            cmd.args(["--guest-nice", &n.to_string()]);
+        }
+        cmd
             // The daemon's default level: every resize call is logged, as in production.
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -396,7 +400,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     let load_1m = load_average();
 
     progress("starting tidepool serve on a temporary socket");
-    let mut daemon = Daemon::start(&exe)?;
+    let mut daemon = Daemon::start(&exe, opts.guest_nice)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -507,6 +511,14 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         "host_load_1m",
         load_1m,
         "1-minute load average when the suite started (other work skews the tails)",
+    );
+    r.add(
+        "guest_nice",
+        f64::from(
+            opts.guest_nice
+                .unwrap_or(crate::latency::DEFAULT_GUEST_NICE),
+        ),
+        "nice value of the guest's threads (the daemon's threads run at 0)",
     );
 
     rt.block_on(client.delete_vm(&vm)).map_err(failed)?;

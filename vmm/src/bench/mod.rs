@@ -54,6 +54,9 @@ pub struct BenchOptions {
     /// Directory for files a suite writes besides its figures (`density`: JSON and PNG);
     /// None for the suite's default under `target/bench/`.
     pub out: Option<PathBuf>,
+    /// `api` suite: start the daemon with `--guest-nice N` instead of its default (to
+    /// measure what the guests' lower priority buys).
+    pub guest_nice: Option<i32>,
 }
 
 /// The figures a suite produced, by name, in insertion order for the table.
