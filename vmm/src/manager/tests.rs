@@ -184,9 +184,8 @@ fn bad_unsupported_and_impossible_requests_are_refused_without_leaks() {
     assert_eq!(m.list_vms().expect("list").len(), 0);
 }
 
-#[test]
-fn resize_through_the_api_is_served_by_the_guest_driver() {
-    let Some((m, pool)) = manager() else { return };
+/// A 64 MiB tiny-guest VM running the virtio-mem driver over a 128 MiB region.
+fn virtio_mem_vm(m: &VmManager) -> tidepool_api::types::VmInfo {
     let mut req = CreateVmRequest::with_memory(64);
     req.image = Some(super::images::virtio_mem_guest(64, 128).expect("image"));
     req.hotplug = Some(HotplugConfig {
@@ -194,7 +193,13 @@ fn resize_through_the_api_is_served_by_the_guest_driver() {
         block_mib: 2,
         memslots: Default::default(),
     });
-    let v = m.create_vm(req).expect("create");
+    m.create_vm(req).expect("create")
+}
+
+#[test]
+fn resize_through_the_api_is_served_by_the_guest_driver() {
+    let Some((m, pool)) = manager() else { return };
+    let v = virtio_mem_vm(&m);
     let wait = |pred: &dyn Fn(&tidepool_api::types::MemoryInfo) -> bool, what: &str| {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -233,14 +238,7 @@ fn resize_through_the_api_is_served_by_the_guest_driver() {
 #[test]
 fn a_resize_waits_neither_for_the_vm_thread_nor_the_device() {
     let Some((m, _pool)) = manager() else { return };
-    let mut req = CreateVmRequest::with_memory(64);
-    req.image = Some(super::images::virtio_mem_guest(64, 128).expect("image"));
-    req.hotplug = Some(HotplugConfig {
-        region_mib: 128,
-        block_mib: 2,
-        memslots: Default::default(),
-    });
-    let v = m.create_vm(req).expect("create");
+    let v = virtio_mem_vm(&m);
     let deadline = Instant::now() + Duration::from_secs(120);
     while !m.get_memory(&v.id).expect("memory").resize.driver_ready {
         assert!(Instant::now() < deadline, "driver never came up");
