@@ -1,6 +1,6 @@
 //! Shared helpers for Tidepool's cross-crate integration tests: where the workspace and the
-//! guest-image cache are, building the default guest image when it is missing, and the release
-//! `tidepool` binary that the stock-Linux (tier 3) tests run.
+//! guest-image cache are, building the default guest image when it is missing, and the `tidepool`
+//! binary (of the profile the tests were built with) that the stock-Linux (tier 3) tests run.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -66,25 +66,41 @@ pub fn guest_image(root: &Path) -> Result<PathBuf, String> {
     }
 }
 
-/// The release `tidepool` binary: `TIDEPOOL_BIN` if set, else built with cargo (a no-op when
-/// it is fresh; `cargo test --workspace --release` has built it already).
+/// The `tidepool` binary of the cargo profile this test was built with (the release profile
+/// for `cargo test --release`, `target/ci/` for CI's `cargo test --profile ci`):
+/// `TIDEPOOL_BIN` if set, else built with cargo next to this test binary.
+///
+/// The build selects what `cargo test --workspace` selects (every member, its binaries and
+/// tests), so dependency features unify the same way and the build is a no-op right after
+/// `cargo test --workspace`. Building only `-p tidepool-vmm --bin tidepool` would leave out
+/// the dev-dependencies' features (jsonschema, proptest turn on features of syn, zerocopy,
+/// regex-syntax and others), which recompiles the binary and much of its dependency tree.
 pub fn tidepool_binary(root: &Path) -> PathBuf {
     if let Some(p) = std::env::var_os("TIDEPOOL_BIN") {
         return PathBuf::from(p);
     }
+    // Test binaries run from `<target dir>/<profile dir>/deps/`.
+    let exe = std::env::current_exe().expect("path of this test binary");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in <target>/<profile>/deps")
+        .to_path_buf();
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => "dev".to_string(),
+        Some(name) => name.to_string(),
+        None => panic!("no profile directory above {}", exe.display()),
+    };
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
     let status = Command::new(cargo)
         .current_dir(root)
         .args([
             "build",
-            "--release",
-            "-p",
-            "tidepool-vmm",
-            "--bin",
-            "tidepool",
+            "--profile",
+            &profile,
+            "--workspace",
+            "--bins",
+            "--tests",
         ])
         .status()
         .expect("run cargo build for the tidepool binary");
@@ -92,7 +108,7 @@ pub fn tidepool_binary(root: &Path) -> PathBuf {
         status.success(),
         "cargo build of the tidepool binary failed"
     );
-    let bin = target.join("release").join("tidepool");
+    let bin = profile_dir.join("tidepool");
     assert!(bin.is_file(), "{} missing after cargo build", bin.display());
     bin
 }
