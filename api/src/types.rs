@@ -143,7 +143,7 @@ pub struct BalloonConfig {
     /// Statistics polling interval in seconds; 0 disables the stats queue.
     #[serde(default)]
     pub stats_interval_s: u32,
-    /// Offer free page hinting (host-started passes; hints are counted, never discarded).
+    /// Offer free page hinting (host-started passes; hints discarded only with a swap).
     #[serde(default)]
     pub free_page_hinting: bool,
 }

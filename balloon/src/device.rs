@@ -5,7 +5,7 @@ use crate::accounting::{AccountingSnapshot, InputErrors, Ledger, ResidencySample
 use crate::backend::{RamMap, ReclaimBackend, ResidencyProbe};
 use crate::config::{mib_to_pages, BalloonConfig, ConfigSpace};
 use crate::error::{BackendError, BalloonError};
-use crate::hinting::{HintAction, HintMode, HintState, HintStatus, Hinting};
+use crate::hinting::{HintAction, HintMode, HintPassObserver, HintState, HintStatus, Hinting};
 use crate::inflate::{parse_pfns, MAX_PFNS_PER_BUFFER};
 use crate::reporting::{ReportOutcome, ReportedRange};
 use crate::stats::{GuestStats, MAX_STATS_BYTES};
@@ -73,6 +73,10 @@ pub struct Balloon {
     latest_stats: Option<GuestStats>,
     config_interrupts: u64,
     hinting: Hinting,
+    /// Told when a hinting pass ends ([`Balloon::set_hint_observer`]).
+    hint_observer: Option<Arc<dyn HintPassObserver>>,
+    /// `passes_completed` when the observer was last told.
+    hint_notified: u64,
 }
 
 impl std::fmt::Debug for Balloon {
@@ -147,6 +151,8 @@ impl Balloon {
             config: ConfigSpace::default(),
             backend,
             hinting: Hinting::new(&ram),
+            hint_observer: None,
+            hint_notified: 0,
             ledger: Ledger::new(ram),
             active: None,
             stats_held: None,
@@ -348,10 +354,37 @@ impl Balloon {
         if !self.acked(VIRTIO_BALLOON_F_FREE_PAGE_HINT) {
             return Err(BalloonError::HintingDisabled);
         }
-        if self.hinting.finish() {
+        let changed = self.hinting.finish();
+        self.notify_pass_end();
+        if changed {
             self.sync_cmd_id()?;
         }
         Ok(())
+    }
+
+    /// Tell `observer` whenever a hinting pass ends, before the guest can see the DONE that
+    /// answers it (see [`HintPassObserver`]). Replaces any earlier observer.
+    pub fn set_hint_observer(&mut self, observer: Arc<dyn HintPassObserver>) {
+        self.hint_notified = self.hinting.status().passes_completed;
+        self.hint_observer = Some(observer);
+    }
+
+    /// If a pass ended since the observer was last told, tell it (once per pass) and count
+    /// what it released.
+    fn notify_pass_end(&mut self) {
+        let Some(obs) = &self.hint_observer else {
+            return;
+        };
+        let s = self.hinting.status();
+        if s.passes_completed == self.hint_notified {
+            return;
+        }
+        self.hint_notified = s.passes_completed;
+        let Some(pass) = s.last_pass else {
+            return;
+        };
+        let bytes = obs.pass_ended(pass.cmd_id, &self.hinting.ranges());
+        self.hinting.note_discarded(bytes);
     }
 
     /// Free page hinting figures.
@@ -533,7 +566,11 @@ impl Balloon {
         if used && q.needs_notification(&*mem).map_err(queue_err)? {
             active.interrupt.signal(InterruptKind::UsedBuffer)?;
         }
+        drop(mem);
         if done {
+            // Before DONE is visible: the observer's discard is over when the guest sees it.
+            self.notify_pass_end();
+            let active = self.active.as_ref().ok_or(DeviceError::NotActivated)?;
             self.config.free_page_hint_cmd_id = self.hinting.status().config_cmd_id;
             active.interrupt.signal(InterruptKind::ConfigChange)?;
             self.config_interrupts += 1;
@@ -633,6 +670,7 @@ impl VirtioDevice for Balloon {
         self.ledger.reset_balloon();
         self.stats_held = None;
         self.hinting.reset();
+        self.notify_pass_end();
         self.config.free_page_hint_cmd_id = self.hinting.status().config_cmd_id;
         self.config.actual = 0;
         self.config.poison_val = 0;

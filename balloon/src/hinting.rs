@@ -141,6 +141,20 @@ pub struct HintStatus {
     pub last_pass: Option<PassSummary>,
 }
 
+/// Told when a hinting pass ends: the guest's STOP, the host's
+/// [`crate::Balloon::finish_hinting`] during a pass, or a device reset during one. This is how
+/// the VMM discards hinted pages as soon as a pass ends (with its write tracking, see the
+/// module docs) instead of at its next look at the device.
+pub trait HintPassObserver: Send + Sync + std::fmt::Debug {
+    /// Pass `cmd_id` ended with `ranges` (`(gpa, len)` runs) hinted. Called on the thread that
+    /// processes the device (with the device borrowed, so under the transport's lock), before
+    /// the DONE that answers a guest's STOP is written: a guest that reads DONE finds the
+    /// observer's work done. Returns the bytes of host memory released because of the hints
+    /// (added to [`HintStatus::discarded_bytes`]). It must not touch guest memory in a way
+    /// that waits for the guest.
+    fn pass_ended(&self, cmd_id: u32, ranges: &[(u64, u64)]) -> u64;
+}
+
 /// What a command or hint from the guest asks the device to do next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum HintAction {

@@ -45,8 +45,8 @@ pub use config::{BalloonConfig, ConfigSpace};
 pub use device::{queue_roles, Balloon, QueueRole};
 pub use error::{BackendError, BalloonError};
 pub use hinting::{
-    HintMode, HintState, HintStatus, PassSummary, ReportOnlyReason, VIRTIO_BALLOON_CMD_ID_DONE,
-    VIRTIO_BALLOON_CMD_ID_STOP,
+    HintMode, HintPassObserver, HintState, HintStatus, PassSummary, ReportOnlyReason,
+    VIRTIO_BALLOON_CMD_ID_DONE, VIRTIO_BALLOON_CMD_ID_STOP,
 };
 pub use mmap_backend::MmapBackend;
 pub use stats::{GuestStats, StatTag};

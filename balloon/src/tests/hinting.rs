@@ -224,3 +224,69 @@ fn hinting_is_refused_without_negotiation_or_activation() {
     assert!(vm3.dev.start_hinting().is_ok());
     drop(vm);
 }
+
+/// Records what it is told.
+#[derive(Debug, Default)]
+struct Recorder {
+    calls: std::sync::Mutex<Vec<(u32, Vec<(u64, u64)>)>>,
+}
+
+impl crate::HintPassObserver for Recorder {
+    fn pass_ended(&self, cmd_id: u32, ranges: &[(u64, u64)]) -> u64 {
+        let mut c = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        c.push((cmd_id, ranges.to_vec()));
+        // Pretend half of the hinted bytes were released.
+        ranges.iter().map(|(_, l)| l / 2).sum()
+    }
+}
+
+#[test]
+fn the_observer_is_told_once_per_ended_pass() {
+    let (mut vm, _fake) = hinting_vm();
+    let rec = std::sync::Arc::new(Recorder::default());
+    vm.dev.set_hint_observer(rec.clone());
+    let calls = |r: &Recorder| r.calls.lock().unwrap_or_else(|e| e.into_inner()).clone();
+
+    // The guest's STOP ends the pass: the observer runs, its bytes count as discarded.
+    let id = vm.dev.start_hinting().expect("start");
+    send_cmd(&mut vm, 0, id);
+    hint(&mut vm, 4 * BLOCK, BLOCK);
+    hint(&mut vm, 6 * BLOCK, BLOCK);
+    assert!(calls(&rec).is_empty(), "nothing while the pass runs");
+    send_cmd(&mut vm, 1, VIRTIO_BALLOON_CMD_ID_STOP);
+    assert_eq!(cmd_id(&vm), VIRTIO_BALLOON_CMD_ID_DONE);
+    assert_eq!(
+        calls(&rec),
+        vec![(id, vec![(4 * BLOCK, BLOCK), (6 * BLOCK, BLOCK)])]
+    );
+    assert_eq!(vm.dev.hinting().discarded_bytes, BLOCK);
+    // A stale STOP, a second finish: no pass ended, nobody told.
+    send_cmd(&mut vm, 2, VIRTIO_BALLOON_CMD_ID_STOP);
+    vm.dev.finish_hinting().expect("finish");
+    assert_eq!(calls(&rec).len(), 1);
+
+    // Stopped before the guest acknowledged: the pass never ran, nothing to tell.
+    let id = vm.dev.start_hinting().expect("start");
+    assert!(vm.dev.stop_hinting().expect("stop"));
+    send_cmd(&mut vm, 3, id);
+    send_cmd(&mut vm, 4, VIRTIO_BALLOON_CMD_ID_STOP);
+    assert_eq!(calls(&rec).len(), 1);
+
+    // The host cuts a pass short, and a reset ends another: both are told.
+    let id = vm.dev.start_hinting().expect("start");
+    send_cmd(&mut vm, 5, id);
+    hint(&mut vm, 2 * BLOCK, BLOCK);
+    vm.dev.finish_hinting().expect("finish");
+    let id2 = vm.dev.start_hinting().expect("start");
+    send_cmd(&mut vm, 6, id2);
+    hint(&mut vm, 8 * BLOCK, BLOCK);
+    assert!(vm.dev.reset().is_some());
+    assert_eq!(
+        calls(&rec)[1..],
+        [
+            (id, vec![(2 * BLOCK, BLOCK)]),
+            (id2, vec![(8 * BLOCK, BLOCK)])
+        ]
+    );
+    assert_eq!(vm.dev.hinting().discarded_bytes, 2 * BLOCK);
+}

@@ -159,10 +159,11 @@ fn vm_metrics(vm: &mut Microvm) -> Result<(VmMetrics, Vec<DeviceMetrics>), Micro
             ]),
         });
     }
-    if let Some(a) = vm
-        .balloon_device()
-        .and_then(|dev| vm.bus().lock_live(dev).map(|t| t.device().accounting()))
-    {
+    if let Some((a, h)) = vm.balloon_device().and_then(|dev| {
+        vm.bus()
+            .lock_live(dev)
+            .map(|t| (t.device().accounting(), t.device().hinting()))
+    }) {
         let c = a.counters;
         devices.push(DeviceMetrics {
             vm: id,
@@ -175,6 +176,9 @@ fn vm_metrics(vm: &mut Microvm) -> Result<(VmMetrics, Vec<DeviceMetrics>), Micro
                 ("refaulted_bytes", c.refaulted_bytes_total),
                 ("discard_failures", c.discard_failures),
                 ("stats_updates", c.stats_updates),
+                ("hint_passes_completed", h.passes_completed),
+                ("hinted_bytes", h.hinted_bytes_total),
+                ("hint_discarded_bytes", h.discarded_bytes),
             ]),
         });
     }
@@ -352,6 +356,7 @@ fn vm_swap_metrics(id: &str, s: &crate::swap::VmSwap) -> DeviceMetrics {
             ("missing_faults", c.missing_faults),
             ("wp_faults", c.wp_faults),
             ("swap_in_errors", c.swap_in_errors),
+            ("hint_discarded_pages", c.hint_discarded_pages),
         ]),
     }
 }

@@ -66,7 +66,7 @@ pub struct BalloonSpec {
     pub deflate_on_oom: bool,
     /// Statistics interval (0: no stats queue).
     pub stats_interval_s: u32,
-    /// Offer free page hinting (report only).
+    /// Offer free page hinting (discarded with the VM swap's write tracking, else report only).
     pub free_page_hinting: bool,
 }
 

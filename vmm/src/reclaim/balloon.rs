@@ -9,13 +9,73 @@ use crate::devices::{lock, lock_live};
 use crate::memory::MIB;
 use crate::microvm::BalloonTransport;
 use crate::swap::{HintEpoch, VmSwap};
-use tidepool_balloon::{BalloonError, HintMode, HintState, ReportOnlyReason};
+use tidepool_balloon::{BalloonError, HintMode, HintPassObserver, HintState, ReportOnlyReason};
 
 /// A hinting pass started under a hint epoch whose ranges were not discarded yet.
 #[derive(Clone, Copy, Debug)]
 struct ArmedPass {
     cmd_id: u32,
     epoch: HintEpoch,
+}
+
+/// The write-tracked discard of hinted pages, shared by the hook and the balloon device (as
+/// its [`HintPassObserver`]), so that a pass's hints are discarded the moment the pass ends,
+/// on the thread that processes the guest's STOP and before the guest can see DONE.
+#[derive(Debug, Default)]
+struct HintDiscard {
+    /// The VM's swap, whose write tracking makes hinted pages discardable (none: hinting is
+    /// report only).
+    swap: Mutex<Option<Arc<VmSwap>>>,
+    /// The pass whose hints may be discarded once it ends.
+    armed: Mutex<Option<ArmedPass>>,
+    /// Bytes discarded because of hints and not yet returned by `take_reported`.
+    freed: Mutex<u64>,
+}
+
+impl HintDiscard {
+    /// Pass `cmd_id` ended with `ranges` hinted: if it is the armed pass, discard its pages
+    /// not written since the epoch began. Returns the bytes released (also added to `freed`).
+    /// Called with the device locked (lock order: device, `armed`, the swap's locks).
+    fn pass_ended(&self, cmd_id: u32, ranges: &[(u64, u64)]) -> u64 {
+        let mut armed = lock(&self.armed);
+        let Some(pass) = armed.take() else {
+            return 0;
+        };
+        if pass.cmd_id != cmd_id {
+            // A pass this hook did not arm replaced it: its hints are not ours to discard.
+            return 0;
+        }
+        let Some(swap) = lock(&self.swap).clone() else {
+            return 0;
+        };
+        let ranges: Vec<std::ops::Range<u64>> = ranges
+            .iter()
+            .map(|&(gpa, len)| gpa..gpa.saturating_add(len))
+            .collect();
+        match swap.hint_discard(pass.epoch, &ranges) {
+            Ok(d) => {
+                tracing::debug!(
+                    cmd_id,
+                    discarded = d.discarded_pages,
+                    kept = d.kept_pages,
+                    freed_slots = d.freed_slots,
+                    "hinted pages discarded"
+                );
+                *lock(&self.freed) += d.discarded_bytes();
+                d.discarded_bytes()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "hinted pages not discarded");
+                0
+            }
+        }
+    }
+}
+
+impl HintPassObserver for HintDiscard {
+    fn pass_ended(&self, cmd_id: u32, ranges: &[(u64, u64)]) -> u64 {
+        HintDiscard::pass_ended(self, cmd_id, ranges)
+    }
 }
 
 /// A VM's balloon device as the engine uses it.
@@ -29,31 +89,28 @@ pub struct DeviceBalloon {
     /// The VM's failed flag (see `MmioBus::mark_failed`): once set, a held device lock is
     /// not waited for and the hook answers [`TargetError::Gone`].
     failed: Arc<AtomicBool>,
-    /// The VM's swap, whose write tracking makes hinted pages discardable (none: hinting is
-    /// report only).
-    hint_swap: Mutex<Option<Arc<VmSwap>>>,
-    /// The pass whose hints may be discarded once it ends.
-    armed: Mutex<Option<ArmedPass>>,
-    /// Bytes discarded because of hints and not yet returned by `take_reported`.
-    hint_freed: Mutex<u64>,
+    /// Hint discard state, also the device's hint pass observer.
+    hints: Arc<HintDiscard>,
 }
 
 impl DeviceBalloon {
-    /// The hook over `dev`. Reports that arrived before this call are not counted.
+    /// The hook over `dev`. Reports that arrived before this call are not counted. Becomes
+    /// the device's [`HintPassObserver`], so hinted pages are discarded as soon as a pass
+    /// ends (once a swap is attached, [`DeviceBalloon::set_hint_swap`]).
     pub fn new(dev: BalloonTransport) -> Self {
-        let seen = lock(&dev)
-            .device()
-            .accounting()
-            .counters
-            .reported_bytes_total;
+        let hints = Arc::new(HintDiscard::default());
+        let seen = {
+            let mut t = lock(&dev);
+            t.device_mut()
+                .set_hint_observer(Arc::clone(&hints) as Arc<dyn HintPassObserver>);
+            t.device().accounting().counters.reported_bytes_total
+        };
         DeviceBalloon {
             dev,
             seen_reported: Mutex::new(seen),
             engine_mib: Mutex::new(0),
             failed: Arc::new(AtomicBool::new(false)),
-            hint_swap: Mutex::new(None),
-            armed: Mutex::new(None),
-            hint_freed: Mutex::new(0),
+            hints,
         }
     }
 
@@ -61,52 +118,26 @@ impl DeviceBalloon {
     /// `docs/balloon.md`, "Free page hinting"). Without it hinting stays report only, and the
     /// balloon's `HintStatus::mode` says why.
     pub fn set_hint_swap(&self, swap: Arc<VmSwap>) {
-        *lock(&self.hint_swap) = Some(swap);
+        *lock(&self.hints.swap) = Some(swap);
         if let Ok(mut t) = self.dev() {
             t.device_mut().set_hint_mode(HintMode::Discard);
         }
     }
 
-    /// If the armed pass has ended, discard its hinted pages that were not written since
-    /// the epoch began; the bytes go to `hint_freed`. Called with the device locked, so no
-    /// new pass can start meanwhile.
+    /// If the armed pass has ended without the device telling its observer (the host
+    /// stopped it before the guest acknowledged it), settle it: discard its hinted pages that
+    /// were not written since the epoch began. Called with the device locked, so no new pass
+    /// can start meanwhile. Passes that end normally were settled by the observer already.
     fn settle(&self, b: &mut tidepool_balloon::Balloon) {
-        let mut armed = lock(&self.armed);
-        let Some(pass) = *armed else {
-            return;
-        };
         let st = b.hinting();
-        if st.pass_cmd_id != pass.cmd_id {
-            // A pass this hook did not arm replaced it: its hints are not ours to discard.
-            *armed = None;
-            return;
-        }
-        if !matches!(st.state, HintState::Done | HintState::Idle) {
-            return;
-        }
-        *armed = None;
-        let Some(swap) = lock(&self.hint_swap).clone() else {
+        let Some(pass) = *lock(&self.hints.armed) else {
             return;
         };
-        let ranges: Vec<std::ops::Range<u64>> = b
-            .hinted_ranges()
-            .into_iter()
-            .map(|(gpa, len)| gpa..gpa.saturating_add(len))
-            .collect();
-        match swap.hint_discard(pass.epoch, &ranges) {
-            Ok(d) => {
-                tracing::debug!(
-                    cmd_id = pass.cmd_id,
-                    discarded = d.discarded_pages,
-                    kept = d.kept_pages,
-                    freed_slots = d.freed_slots,
-                    "hinted pages discarded"
-                );
-                b.note_hint_discarded(d.discarded_bytes());
-                *lock(&self.hint_freed) += d.discarded_bytes();
-            }
-            Err(e) => tracing::warn!(error = %e, "hinted pages not discarded"),
+        if st.pass_cmd_id == pass.cmd_id && !matches!(st.state, HintState::Done | HintState::Idle) {
+            return;
         }
+        let bytes = self.hints.pass_ended(st.pass_cmd_id, &b.hinted_ranges());
+        b.note_hint_discarded(bytes);
     }
 
     /// Give up on the device (answer [`TargetError::Gone`]) instead of waiting for its lock
@@ -182,7 +213,7 @@ impl BalloonHook for DeviceBalloon {
         let mut seen = lock(&self.seen_reported);
         let delta = total.saturating_sub(*seen);
         *seen = total;
-        let hinted = std::mem::take(&mut *lock(&self.hint_freed));
+        let hinted = std::mem::take(&mut *lock(&self.hints.freed));
         Ok(delta + hinted)
     }
 
@@ -195,7 +226,7 @@ impl BalloonHook for DeviceBalloon {
         let mut t = self.dev()?;
         let b = t.device_mut();
         self.settle(b);
-        let swap = lock(&self.hint_swap).clone();
+        let swap = lock(&self.hints.swap).clone();
         let idle = !matches!(
             b.hinting().state,
             HintState::Requested | HintState::Running | HintState::Stopping
@@ -229,7 +260,7 @@ impl BalloonHook for DeviceBalloon {
                     armed = epoch.is_some(),
                     "free page hinting pass started"
                 );
-                *lock(&self.armed) = epoch.map(|epoch| ArmedPass { cmd_id: id, epoch });
+                *lock(&self.hints.armed) = epoch.map(|epoch| ArmedPass { cmd_id: id, epoch });
                 Ok(0)
             }
             // A pass is still running: nothing new to start.
@@ -301,7 +332,7 @@ mod tests {
         assert_eq!(hook.deflate(4 * MIB), Ok(0), "nothing the engine added");
         assert_eq!(hook.engine_inflated_mib(), 0);
         assert!(
-            lock(&hook.armed).is_none(),
+            lock(&hook.hints.armed).is_none(),
             "no pass could start: nothing armed, no write protection left behind"
         );
         assert_eq!(swap.counters().wp_faults, 0);

@@ -24,8 +24,8 @@ use iced_x86::code_asm::*;
 
 use super::program::Step;
 use super::virtq::{
-    check_common, emit_probe, emit_submit_and_wait, overlaps, report, wait_mailbox, Virtq,
-    DESC_F_NEXT, DESC_F_WRITE, FEATURE_VERSION_1, TAG_DRIVER_FAILED,
+    check_common, emit_block_chains, emit_probe, overlaps, report, wait_mailbox, BlockChains,
+    Virtq, FEATURE_VERSION_1, TAG_DRIVER_FAILED,
 };
 use super::{GuestImage, TinyGuestBuilder, TinyGuestError};
 use crate::memory::Layout;
@@ -329,54 +329,24 @@ impl FprDriver {
     }
 
     /// Routine: report [rdi, rsi) free in chains of up to 32 blocks of 2 MiB on `q`, each
-    /// submitted and waited for. Counts chains in r12. Clobbers rax, rcx, rdx, rdi, r8. A
-    /// stalled queue jumps to `fail` (leaving the return address on the stack; the step ends).
+    /// submitted and waited for (see [`emit_block_chains`]).
     fn emit_report_free(
         &self,
         a: &mut CodeAssembler,
         q: &Virtq,
         fail: CodeLabel,
     ) -> Result<(), IcedError> {
-        let mut chain = a.create_label();
-        let mut add = a.create_label();
-        let mut close = a.create_label();
-        let mut done = a.create_label();
-        let capacity = REPORT_CAPACITY.min(u32::from(q.size)) as i32;
-        a.set_label(&mut chain)?;
-        a.cmp(rdi, rsi)?;
-        a.jae(done)?;
-        a.xor(ecx, ecx)?;
-        a.set_label(&mut add)?;
-        // Descriptor rcx: rdi, 2 MiB, device-writable, next rcx + 1.
-        a.mov(eax, ecx)?;
-        a.shl(eax, 4)?;
-        a.mov(qword_ptr(rbp + rax + q.desc(0)), rdi)?;
-        a.mov(dword_ptr(rbp + rax + (q.desc(0) + 8)), REPORT_BLOCK as i32)?;
-        a.mov(
-            word_ptr(rbp + rax + (q.desc(0) + 12)),
-            i32::from(DESC_F_WRITE | DESC_F_NEXT),
-        )?;
-        a.lea(edx, dword_ptr(rcx + 1))?;
-        a.mov(word_ptr(rbp + rax + (q.desc(0) + 14)), dx)?;
-        a.add(rdi, REPORT_BLOCK as i32)?;
-        a.inc(ecx)?;
-        a.cmp(ecx, capacity)?;
-        a.jae(close)?;
-        a.cmp(rdi, rsi)?;
-        a.jb(add)?;
-        a.set_label(&mut close)?;
-        // The last descriptor ends the chain.
-        a.lea(eax, dword_ptr(rcx - 1))?;
-        a.shl(eax, 4)?;
-        a.mov(
-            word_ptr(rbp + rax + (q.desc(0) + 12)),
-            i32::from(DESC_F_WRITE),
-        )?;
-        emit_submit_and_wait(a, q, self.poll_limit, 0, fail)?;
-        a.inc(r12)?;
-        a.jmp(chain)?;
-        a.set_label(&mut done)?;
-        a.ret()
+        emit_block_chains(
+            a,
+            q,
+            BlockChains {
+                len: REPORT_BLOCK as u32,
+                step: REPORT_BLOCK as u32,
+                capacity: REPORT_CAPACITY,
+                poll_limit: self.poll_limit,
+            },
+            fail,
+        )
     }
 
     fn emit_phases(

@@ -7,14 +7,16 @@
 //! The page tables identity-map `[0, map_end)` with 2 MiB pages, all with the U bit, where
 //! `map_end` covers the VM's layout and the 32-bit hole (so the report window is mapped).
 //!
-//! Polled virtio drivers ([`virtio_mem_driver`], [`fpr_driver`], built on [`virtq`]) are steps
-//! too; [`harness`] runs them against real device models through the virtio-mmio transport.
+//! Polled virtio drivers ([`virtio_mem_driver`], [`fpr_driver`], [`hint_driver`], built on
+//! [`virtq`]) are steps too; [`harness`] runs them against real device models through the
+//! virtio-mmio transport.
 
 pub mod boot;
 pub mod fpr_density;
 pub mod fpr_driver;
 pub mod fpr_run;
 pub mod harness;
+pub mod hint_driver;
 pub mod probe;
 pub mod program;
 pub mod run;
@@ -179,6 +181,9 @@ impl TinyGuestBuilder {
                     .check(&self.layout, image)
                     .map_err(TinyGuestError::BadDriver)?,
                 Step::FreePageReporting(d) => d
+                    .check(&self.layout, image)
+                    .map_err(TinyGuestError::BadDriver)?,
+                Step::FreePageHinting(d) => d
                     .check(&self.layout, image)
                     .map_err(TinyGuestError::BadDriver)?,
                 _ => {}

@@ -112,6 +112,8 @@ pub enum Step {
     VirtioMem(super::virtio_mem_driver::VirtioMemDriver),
     /// A polled free-page-reporting (virtio-balloon) driver (same register rule).
     FreePageReporting(super::fpr_driver::FprDriver),
+    /// A polled free page hinting (virtio-balloon) driver (same register rule).
+    FreePageHinting(super::hint_driver::HintDriver),
 }
 
 fn report(a: &mut CodeAssembler, tag: u64, value: AsmRegister64) -> Result<(), IcedError> {
@@ -224,6 +226,7 @@ pub fn assemble(steps: &[Step], ip: u64, image: Range<u64>) -> Result<Vec<u8>, I
             }
             Step::VirtioMem(d) => d.emit(&mut a)?,
             Step::FreePageReporting(d) => d.emit(&mut a)?,
+            Step::FreePageHinting(d) => d.emit(&mut a)?,
         }
     }
     a.assemble(ip)

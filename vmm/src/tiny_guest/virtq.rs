@@ -120,6 +120,9 @@ pub enum DriverFailure {
     DriverOkRejected = 7,
     /// The device did not return a submitted chain within the driver's poll limit.
     QueueStalled = 8,
+    /// The host did not do what the driver waited for (start a hinting pass, answer its
+    /// STOP) within the driver's poll limit.
+    HostTimeout = 9,
 }
 
 impl DriverFailure {
@@ -135,6 +138,7 @@ impl DriverFailure {
             QueueUnavailable,
             DriverOkRejected,
             QueueStalled,
+            HostTimeout,
         ]
         .into_iter()
         .find(|f| *f as u64 == code)
@@ -253,8 +257,30 @@ pub(crate) fn spin(a: &mut CodeAssembler, spins: u32) -> Result<(), IcedError> {
     a.jnz(l)
 }
 
-/// Wait until the mailbox holds at least `value` (clobbers rax).
+/// Wait until the mailbox holds at least `value` (clobbers rax, rcx).
 pub(crate) fn wait_mailbox(a: &mut CodeAssembler, value: u64) -> Result<(), IcedError> {
+    wait_mailbox_idle(a, value, 0)
+}
+
+/// Idle once between two polls: a guest wait request ([`super::program::TAG_WAIT`]) of
+/// `wait_us` microseconds (the microVM blocks the vCPU until the host has news for the guest),
+/// or with 0 a `pause`.
+pub(crate) fn emit_idle(a: &mut CodeAssembler, wait_us: u32) -> Result<(), IcedError> {
+    if wait_us == 0 {
+        return a.pause();
+    }
+    // An immediate store; the value is sign-extended, so keep it below 2^31.
+    let us = wait_us.min(i32::MAX as u32) as i32;
+    a.mov(qword_ptr(r14 + (super::program::TAG_WAIT * 8) as i32), us)
+}
+
+/// Wait until the mailbox holds at least `value`, idling with [`emit_idle`] between polls
+/// (clobbers rax, rcx).
+pub(crate) fn wait_mailbox_idle(
+    a: &mut CodeAssembler,
+    value: u64,
+    wait_us: u32,
+) -> Result<(), IcedError> {
     let mut top = a.create_label();
     let mut done = a.create_label();
     a.set_label(&mut top)?;
@@ -262,7 +288,7 @@ pub(crate) fn wait_mailbox(a: &mut CodeAssembler, value: u64) -> Result<(), Iced
     a.mov(rcx, value)?;
     a.cmp(rax, rcx)?;
     a.jae(done)?;
-    a.pause()?;
+    emit_idle(a, wait_us)?;
     a.jmp(top)?;
     a.set_label(&mut done)?;
     a.nop()
@@ -416,18 +442,85 @@ pub(crate) fn emit_submit_and_wait(
     a.nop()
 }
 
+/// What [`emit_block_chains`] hands to the device.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BlockChains {
+    /// Bytes per descriptor (one block).
+    pub len: u32,
+    /// Distance between the starts of consecutive blocks (`len`: every block of the range).
+    pub step: u32,
+    /// Most descriptors per chain (also bounded by the queue size).
+    pub capacity: u32,
+    /// Polls of the used ring per chain before giving up.
+    pub poll_limit: u32,
+}
+
+/// Routine: hand the blocks of [rdi, rsi) (one every `c.step` bytes, `c.len` bytes each) to
+/// the device as device-writable buffers, in chains of up to `c.capacity` descriptors on `q`,
+/// each submitted and waited for (free page reports, free page hints). Counts chains in r12.
+/// Clobbers rax, rcx, rdx, rdi, r8. A stalled queue jumps to `fail` (leaving the return
+/// address on the stack; the step ends).
+pub(crate) fn emit_block_chains(
+    a: &mut CodeAssembler,
+    q: &Virtq,
+    c: BlockChains,
+    fail: CodeLabel,
+) -> Result<(), IcedError> {
+    let mut chain = a.create_label();
+    let mut add = a.create_label();
+    let mut close = a.create_label();
+    let mut done = a.create_label();
+    let capacity = c.capacity.clamp(1, u32::from(q.size)) as i32;
+    a.set_label(&mut chain)?;
+    a.cmp(rdi, rsi)?;
+    a.jae(done)?;
+    a.xor(ecx, ecx)?;
+    a.set_label(&mut add)?;
+    // Descriptor rcx: rdi, len, device-writable, next rcx + 1.
+    a.mov(eax, ecx)?;
+    a.shl(eax, 4)?;
+    a.mov(qword_ptr(rbp + rax + q.desc(0)), rdi)?;
+    a.mov(dword_ptr(rbp + rax + (q.desc(0) + 8)), c.len as i32)?;
+    a.mov(
+        word_ptr(rbp + rax + (q.desc(0) + 12)),
+        i32::from(DESC_F_WRITE | DESC_F_NEXT),
+    )?;
+    a.lea(edx, dword_ptr(rcx + 1))?;
+    a.mov(word_ptr(rbp + rax + (q.desc(0) + 14)), dx)?;
+    a.mov(eax, c.step)?;
+    a.add(rdi, rax)?;
+    a.inc(ecx)?;
+    a.cmp(ecx, capacity)?;
+    a.jae(close)?;
+    a.cmp(rdi, rsi)?;
+    a.jb(add)?;
+    a.set_label(&mut close)?;
+    // The last descriptor ends the chain.
+    a.lea(eax, dword_ptr(rcx - 1))?;
+    a.shl(eax, 4)?;
+    a.mov(
+        word_ptr(rbp + rax + (q.desc(0) + 12)),
+        i32::from(DESC_F_WRITE),
+    )?;
+    emit_submit_and_wait(a, q, c.poll_limit, 0, fail)?;
+    a.inc(r12)?;
+    a.jmp(chain)?;
+    a.set_label(&mut done)?;
+    a.ret()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn probe_failure_codes_round_trip() {
-        for c in 1..=8 {
+        for c in 1..=9 {
             let f = DriverFailure::from_code(c).expect("known code");
             assert_eq!(f as u64, c);
         }
         assert_eq!(DriverFailure::from_code(0), None);
-        assert_eq!(DriverFailure::from_code(9), None);
+        assert_eq!(DriverFailure::from_code(10), None);
     }
 
     #[test]
