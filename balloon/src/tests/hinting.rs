@@ -225,10 +225,13 @@ fn hinting_is_refused_without_negotiation_or_activation() {
     drop(vm);
 }
 
+/// One call to the observer: the pass's id and its hinted runs.
+type Call = (u32, Vec<(u64, u64)>);
+
 /// Records what it is told.
 #[derive(Debug, Default)]
 struct Recorder {
-    calls: std::sync::Mutex<Vec<(u32, Vec<(u64, u64)>)>>,
+    calls: std::sync::Mutex<Vec<Call>>,
 }
 
 impl crate::HintPassObserver for Recorder {
