@@ -176,16 +176,25 @@ mod tests {
         .unwrap();
     }
 
+    /// The calling thread's nice value.
+    fn nice() -> i32 {
+        // SAFETY: reads the calling thread's nice value; no pointers.
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
+    }
+
+    /// A nice value `by` above the calling thread's (tests may run under `nice`, and only a
+    /// privileged thread may go back down).
+    fn above(by: i32) -> i32 {
+        (nice() + by).min(19)
+    }
+
     #[test]
     fn nice_value_is_kept() {
         std::thread::spawn(|| {
-            // SAFETY: raise this thread's own nice value (always allowed).
-            let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 5) };
-            assert_eq!(rc, 0);
+            let target = above(3);
+            set_thread_nice(target).expect("setpriority");
             set_thread_slice(API_SLICE_NS).expect("sched_setattr");
-            // SAFETY: read this thread's nice value.
-            let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
-            assert_eq!(nice, 5);
+            assert_eq!(nice(), target);
         })
         .join()
         .unwrap();
@@ -195,27 +204,20 @@ mod tests {
     fn guest_threads_get_the_default_slice_and_the_nice_value_and_pass_them_on() {
         std::thread::spawn(|| {
             let default_slice = thread_slice();
+            let creator = nice();
+            let target = above(7);
             set_thread_slice(API_SLICE_NS).expect("sched_setattr");
-            let (slice, nice, child_nice) = std::thread::spawn(|| {
-                enter_guest_thread(7);
-                // SAFETY: read this thread's nice value.
-                let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
-                let child = std::thread::spawn(|| {
-                    // SAFETY: read this thread's nice value.
-                    unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
-                })
-                .join()
-                .unwrap();
-                (thread_slice(), nice, child)
+            let (slice, guest, child) = std::thread::spawn(move || {
+                enter_guest_thread(target);
+                let child = std::thread::spawn(nice).join().unwrap();
+                (thread_slice(), nice(), child)
             })
             .join()
             .unwrap();
             assert_eq!(slice, default_slice);
-            assert_eq!(nice, 7);
-            assert_eq!(child_nice, 7, "threads the guest thread starts inherit it");
-            // SAFETY: read this thread's nice value.
-            let mine = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
-            assert_eq!(mine, 0, "the creator keeps its own");
+            assert_eq!(guest, target);
+            assert_eq!(child, target, "threads the guest thread starts inherit it");
+            assert_eq!(nice(), creator, "the creator keeps its own");
         })
         .join()
         .unwrap();
