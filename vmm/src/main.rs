@@ -243,12 +243,20 @@ fn main() -> ExitCode {
         }
         Command::Up(args) => tidepool_vmm::up::run(&args).map_err(|e| e.to_string()),
         Command::Serve(cmd) => {
+            // The log is written by its own thread: a handler logging a request never waits
+            // for stderr (a file whose journal is committing, a slow journald), which cost
+            // requests 10-50 ms now and then. Lines beyond the buffer are dropped, not
+            // waited for; the guard flushes the rest when serve returns.
+            let (writer, _flush) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+                .lossy(true)
+                .thread_name("log-writer")
+                .finish(std::io::stderr());
             let _ = tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
                 )
-                .with_writer(std::io::stderr)
+                .with_writer(writer)
                 .try_init();
             serve(&cmd)
         }
