@@ -10,7 +10,7 @@ use std::time::Duration;
 use tidepool_balloon::{Balloon, BalloonConfig, MmapBackend};
 use tidepool_virtio::MmioTransport;
 use tidepool_vmm::kvm::{kvm_available, StopReason, VcpuHandle, Vm, VmConfig};
-use tidepool_vmm::memory::{LayoutConfig, MIB};
+use tidepool_vmm::memory::MIB;
 use tidepool_vmm::tiny_guest::fpr_driver::*;
 use tidepool_vmm::tiny_guest::fpr_run::run_fpr_phases;
 use tidepool_vmm::tiny_guest::harness::{
@@ -54,15 +54,7 @@ fn vm_and_balloon(
     vm_memory::GuestMemoryMmap,
     Arc<Mutex<MmioTransport<Balloon>>>,
 ) {
-    let vm = Vm::new(VmConfig {
-        layout: LayoutConfig {
-            boot_ram: ram,
-            hotplug_size: 0,
-        },
-        platform: false,
-        hotplug_memslots: tidepool_vmm::kvm::HotplugMemslots::default(),
-    })
-    .expect("create VM");
+    let vm = Vm::new(VmConfig::tiny(ram, 0)).expect("create VM");
     let view = vm.window().guest_memory().expect("view");
     let mem = (*view).clone();
     let mut backend = MmapBackend::with_ram(&mem, &[(0, ram)]).expect("backend");
@@ -174,15 +166,7 @@ fn fpr_phases_report_every_window() {
         eprintln!("SKIP: {why}");
         return;
     }
-    let vm = Vm::new(VmConfig {
-        layout: LayoutConfig {
-            boot_ram: 256 * MIB,
-            hotplug_size: 0,
-        },
-        platform: false,
-        hotplug_memslots: tidepool_vmm::kvm::HotplugMemslots::default(),
-    })
-    .expect("create VM");
+    let vm = Vm::new(VmConfig::tiny(256 * MIB, 0)).expect("create VM");
     let (window_mib, phases) = (64, 6);
     let run = run_fpr_phases(&vm, window_mib, 2, phases, WAIT).expect("phases run");
     let idx: Vec<u64> = run.phases.iter().map(|p| p.phase).collect();

@@ -92,15 +92,7 @@ fn hint_pass_through_the_engine_hook_discards_what_the_guest_did_not_rewrite() {
         return;
     }
     let ram = RAM_MIB * MIB;
-    let vm = Vm::new(VmConfig {
-        layout: LayoutConfig {
-            boot_ram: ram,
-            hotplug_size: 0,
-        },
-        platform: false,
-        hotplug_memslots: tidepool_vmm::kvm::HotplugMemslots::default(),
-    })
-    .expect("create VM");
+    let vm = Vm::new(VmConfig::tiny(ram, 0)).expect("create VM");
     let mem = (*vm.window().guest_memory().expect("view")).clone();
     let backend = MmapBackend::with_ram(&mem, &[(0, ram)]).expect("backend");
     // The default config also offers STATS_VQ, DEFLATE_ON_OOM, REPORTING and PAGE_POISON:

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tidepool_vmm::kvm::{kvm_available, Exit, ExitAction, ExitHandler, VcpuError, Vm, VmConfig};
-use tidepool_vmm::memory::{LayoutConfig, GIB, MIB};
+use tidepool_vmm::memory::{GIB, MIB};
 use tidepool_vmm::swap::{SwapFile, SwapFileConfig, VmSwap};
 use tidepool_vmm::tiny_guest::harness::start_tiny_guest;
 use tidepool_vmm::tiny_guest::program::{MAX_TAG, TAG_USER};
@@ -63,15 +63,7 @@ impl ExitHandler for Reports {
 }
 
 fn setup(ram: u64) -> (Vm, Arc<SwapFile>, VmSwap) {
-    let vm = Vm::new(VmConfig {
-        layout: LayoutConfig {
-            boot_ram: ram,
-            hotplug_size: 0,
-        },
-        platform: false,
-        hotplug_memslots: tidepool_vmm::kvm::HotplugMemslots::default(),
-    })
-    .expect("create VM");
+    let vm = Vm::new(VmConfig::tiny(ram, 0)).expect("create VM");
     let path = std::env::temp_dir().join(format!(
         "tidepool-tier2-swap-{}-{}",
         std::process::id(),

@@ -99,6 +99,21 @@ pub struct VmConfig {
     pub hotplug_memslots: HotplugMemslots,
 }
 
+impl VmConfig {
+    /// A VM as the tiny guest uses it: `boot_ram` bytes of RAM, a hot-plug region of
+    /// `hotplug_size` bytes (0: none) with the default memslots, no platform devices.
+    pub fn tiny(boot_ram: u64, hotplug_size: u64) -> VmConfig {
+        VmConfig {
+            layout: LayoutConfig {
+                boot_ram,
+                hotplug_size,
+            },
+            platform: false,
+            hotplug_memslots: HotplugMemslots::default(),
+        }
+    }
+}
+
 /// A KVM VM with its private memory window.
 #[derive(Debug)]
 pub struct Vm {

@@ -157,11 +157,7 @@ impl FprDriver {
     }
 
     fn queues(&self) -> [Virtq; 3] {
-        [0, 1, 2].map(|i| Virtq {
-            index: i,
-            page_off: 0x1000 * (i as i32 + 1),
-            size: self.queue_size,
-        })
+        Virtq::balloon_queues(self.queue_size)
     }
 
     /// Check the parameters against the layout and the image's range.

@@ -181,11 +181,7 @@ impl HintDriver {
     }
 
     fn queues(&self) -> [Virtq; 3] {
-        [0, 1, 2].map(|i| Virtq {
-            index: i,
-            page_off: 0x1000 * (i as i32 + 1),
-            size: self.queue_size,
-        })
+        Virtq::balloon_queues(self.queue_size)
     }
 
     /// What the driver does with the page at `gpa` (in the data range).

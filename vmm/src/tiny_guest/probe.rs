@@ -16,7 +16,7 @@ use super::run::{ReportCollector, RunError};
 use super::{Privilege, Step, TinyGuestBuilder};
 use crate::kvm::cpuid::{has_feature, is_denied, Reg};
 use crate::kvm::{StopReason, VcpuError, Vm, VmConfig};
-use crate::memory::{LayoutConfig, MIB};
+use crate::memory::MIB;
 
 /// Scratch memory the probed instruction may use (`rdi` points here, `rsi` 4 KiB further).
 pub const SCRATCH: u64 = 0x10_0000;
@@ -109,14 +109,7 @@ pub struct ProbeResult {
 /// only a few KVM-managed bits (leaf 1 ECX: CX16, x2APIC, TSC-deadline, hypervisor; the APIC
 /// ID) follow the VMM's CPUID.
 pub fn cpl0_cpuid(leaves: &[(u32, u32)]) -> Result<Vec<[u32; 4]>, RunError> {
-    let vm = Vm::new(VmConfig {
-        layout: LayoutConfig {
-            boot_ram: 16 * MIB,
-            hotplug_size: 0,
-        },
-        platform: false,
-        hotplug_memslots: crate::kvm::HotplugMemslots::default(),
-    })?;
+    let vm = Vm::new(VmConfig::tiny(16 * MIB, 0))?;
     let mut b = TinyGuestBuilder::new(vm.window().layout()).privilege(Privilege::Kernel);
     for (i, (leaf, subleaf)) in leaves.iter().enumerate() {
         b = b.step(Step::ReportCpuid {
@@ -420,14 +413,7 @@ fn force_feature(cpuid: &mut [kvm_bindings::kvm_cpuid_entry2], (leaf, subleaf, r
 /// feature (and XSAVE, when the probe needs CR4.OSXSAVE) forced on. `visible` is left true;
 /// [`run_probes`] fills it in.
 pub fn run_probe(probe: &Probe, timeout: Duration) -> Result<ProbeResult, RunError> {
-    let vm = Vm::new(VmConfig {
-        layout: LayoutConfig {
-            boot_ram: 16 * MIB,
-            hotplug_size: 0,
-        },
-        platform: false,
-        hotplug_memslots: crate::kvm::HotplugMemslots::default(),
-    })?;
+    let vm = Vm::new(VmConfig::tiny(16 * MIB, 0))?;
     let mut cpuid = vm.supported_cpuid().clone();
     let offered = probe
         .feature

@@ -158,6 +158,16 @@ pub struct Virtq {
 }
 
 impl Virtq {
+    /// The balloon drivers' three queues (inflate, deflate, and the third one: reporting or
+    /// free page hinting), each of `size`, in the scratch pages after the mailbox page.
+    pub fn balloon_queues(size: u16) -> [Virtq; 3] {
+        [0, 1, 2].map(|i| Virtq {
+            index: i,
+            page_off: 0x1000 * (i as i32 + 1),
+            size,
+        })
+    }
+
     /// Offset of descriptor `i` from the scratch base.
     pub fn desc(&self, i: i32) -> i32 {
         self.page_off + 16 * i

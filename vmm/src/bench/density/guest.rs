@@ -19,7 +19,6 @@ use tidepool_virtio::MmioTransport;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
 
 use crate::kvm::{Exit, ExitAction, ExitHandler, StopReason, VcpuHandle, Vm, VmConfig};
-use crate::memory::LayoutConfig;
 use crate::tiny_guest::fpr_density::{
     TAG_DENSITY_DONE, TAG_DENSITY_MISMATCHES, TAG_DENSITY_PHASE, TAG_DENSITY_START,
     TAG_DENSITY_TOUCHED, TAG_DENSITY_VERIFIED,
@@ -337,15 +336,8 @@ pub struct GuestSpec {
 impl DensityVm {
     /// Create the VM and start its vCPU.
     pub fn start(index: usize, spec: &GuestSpec) -> Result<DensityVm, String> {
-        let vm = Vm::new(VmConfig {
-            layout: LayoutConfig {
-                boot_ram: spec.ram,
-                hotplug_size: 0,
-            },
-            platform: false,
-            hotplug_memslots: crate::kvm::HotplugMemslots::default(),
-        })
-        .map_err(|e| format!("creating VM {index}: {e}"))?;
+        let vm = Vm::new(VmConfig::tiny(spec.ram, 0))
+            .map_err(|e| format!("creating VM {index}: {e}"))?;
         let layout = vm.window().layout().clone();
         let seed = 0xd0_0000_0000_0000 | ((index as u64) << 32);
         let (image, driver) = fpr_density_program(
