@@ -24,7 +24,7 @@ use iced_x86::code_asm::*;
 
 use super::program::Step;
 use super::virtq::{
-    check_common, emit_block_chains, emit_probe, overlaps, report, wait_mailbox, BlockChains,
+    check_common, data_range_ok, emit_block_chains, emit_probe, report, wait_mailbox, BlockChains,
     Virtq, FEATURE_VERSION_1, TAG_DRIVER_FAILED,
 };
 use super::{GuestImage, TinyGuestBuilder, TinyGuestError};
@@ -199,17 +199,7 @@ impl FprDriver {
             }
         }
         let r = self.program.range();
-        let in_ram = layout
-            .boot_ram_ranges()
-            .iter()
-            .any(|m| m.start <= r.start && r.end <= m.end);
-        if r.is_empty()
-            || r.start % REPORT_BLOCK != 0
-            || r.end % REPORT_BLOCK != 0
-            || !in_ram
-            || overlaps(&r, image)
-            || overlaps(&r, &self.scratch_range())
-        {
+        if !data_range_ok(layout, image, &self.scratch_range(), &r, REPORT_BLOCK) {
             return Err(format!(
                 "range {r:x?} must be 2 MiB aligned boot RAM clear of the image and scratch"
             ));

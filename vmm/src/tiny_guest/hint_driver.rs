@@ -28,9 +28,9 @@ use iced_x86::code_asm::*;
 use super::fpr_driver::VIRTIO_ID_BALLOON;
 use super::program::Step;
 use super::virtq::{
-    check_common, emit_block_chains, emit_desc_static, emit_idle, emit_probe, emit_submit_and_wait,
-    overlaps, reg, report, wait_mailbox_idle, BlockChains, DriverFailure, Virtq, FEATURE_VERSION_1,
-    TAG_DRIVER_FAILED,
+    check_common, data_range_ok, emit_block_chains, emit_desc_static, emit_idle, emit_probe,
+    emit_submit_and_wait, reg, report, wait_mailbox_idle, BlockChains, DriverFailure, Virtq,
+    FEATURE_VERSION_1, TAG_DRIVER_FAILED,
 };
 use super::{GuestImage, TinyGuestBuilder, TinyGuestError};
 use crate::memory::Layout;
@@ -238,23 +238,13 @@ impl HintDriver {
             4,
         )?;
         let d = &self.data;
-        let in_ram = layout
-            .boot_ram_ranges()
-            .iter()
-            .any(|m| m.start <= d.start && d.end <= m.end);
         if !self.block.is_power_of_two() || !(PAGE..=1 << 30).contains(&self.block) {
             return Err(format!(
                 "block {:#x} must be a power of two from 4 KiB to 1 GiB",
                 self.block
             ));
         }
-        if d.is_empty()
-            || d.start % self.block != 0
-            || d.end % self.block != 0
-            || !in_ram
-            || overlaps(d, image)
-            || overlaps(d, &self.scratch_range())
-        {
+        if !data_range_ok(layout, image, &self.scratch_range(), d, self.block) {
             return Err(format!(
                 "data {d:x?} must be block-aligned boot RAM clear of the image and scratch"
             ));

@@ -222,6 +222,28 @@ pub(crate) fn check_common(
     Ok(())
 }
 
+/// Whether `data`, the memory a driver's program works on, is a non-empty range aligned to
+/// `align` at both ends, inside one boot RAM range of `layout`, and clear of the `image` and
+/// the driver's `scratch`.
+pub(crate) fn data_range_ok(
+    layout: &Layout,
+    image: &Range<u64>,
+    scratch: &Range<u64>,
+    data: &Range<u64>,
+    align: u64,
+) -> bool {
+    let in_ram = layout
+        .boot_ram_ranges()
+        .iter()
+        .any(|m| m.start <= data.start && data.end <= m.end);
+    !data.is_empty()
+        && data.start % align == 0
+        && data.end % align == 0
+        && in_ram
+        && !overlaps(data, image)
+        && !overlaps(data, scratch)
+}
+
 /// Whether two ranges share a byte.
 pub(crate) fn overlaps(a: &Range<u64>, b: &Range<u64>) -> bool {
     a.start < b.end && b.start < a.end
