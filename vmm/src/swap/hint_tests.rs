@@ -7,6 +7,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 
+use super::tests::{rd, wr};
 use super::*;
 use crate::memory::{GuestWindow, Layout, LayoutConfig, MIB};
 
@@ -27,20 +28,6 @@ fn setup(boot: u64) -> (Arc<GuestWindow>, Arc<SwapFile>, VmSwap) {
     let f = Arc::new(SwapFile::create(SwapFileConfig::new(path, 64 * MIB)).expect("swap file"));
     let s = VmSwap::new(Arc::clone(&w), Arc::clone(&f)).expect("vm swap");
     (w, f, s)
-}
-
-fn ptr(w: &GuestWindow, gpa: u64) -> *mut u64 {
-    w.host_addr(gpa).expect("in window") as *mut u64
-}
-
-fn wr(w: &GuestWindow, gpa: u64, v: u64) {
-    // SAFETY: tests only pass placed guest memory, accessed only through raw pointers.
-    unsafe { ptr(w, gpa).write_volatile(v) }
-}
-
-fn rd(w: &GuestWindow, gpa: u64) -> u64 {
-    // SAFETY: as in `wr`.
-    unsafe { ptr(w, gpa).read_volatile() }
 }
 
 /// Write a non-zero tag into the first word of every page of `range`.

@@ -40,12 +40,12 @@ fn ptr(w: &GuestWindow, gpa: u64) -> *mut u64 {
     w.host_addr(gpa).expect("in window") as *mut u64
 }
 
-fn wr(w: &GuestWindow, gpa: u64, v: u64) {
+pub(super) fn wr(w: &GuestWindow, gpa: u64, v: u64) {
     // SAFETY: tests only pass placed guest memory, accessed only through raw pointers.
     unsafe { ptr(w, gpa).write_volatile(v) }
 }
 
-fn rd(w: &GuestWindow, gpa: u64) -> u64 {
+pub(super) fn rd(w: &GuestWindow, gpa: u64) -> u64 {
     // SAFETY: as in `wr`.
     unsafe { ptr(w, gpa).read_volatile() }
 }
