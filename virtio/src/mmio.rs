@@ -18,6 +18,8 @@
 //! after DRIVER_OK, out-of-range queue selectors, invalid status transitions) never makes the
 //! transport panic: the access is ignored and counted in [`MmioCounters`].
 
+#[cfg(test)]
+mod hostile_tests;
 mod interrupt;
 mod regs;
 #[cfg(test)]

@@ -23,6 +23,8 @@ pub mod request;
 pub mod state;
 
 #[cfg(test)]
+mod hostile_tests;
+#[cfg(test)]
 mod pool_tests;
 #[cfg(any(test, feature = "testing"))]
 pub mod test_utils;
