@@ -188,6 +188,62 @@ fn polled_virtio_mem_driver_plugs_and_unplugs() {
 }
 
 #[test]
+fn a_driver_that_plugs_like_linux_leaves_plugged_memory_unfaulted() {
+    if let Err(why) = kvm_available() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    // The driver `tidepool bench api` uses for its headline resize figure: it plugs and
+    // unplugs, but writes nothing in what it plugs (as Linux onlines memory).
+    let d = VirtioMemDriver {
+        touch_plugged: false,
+        ..driver()
+    };
+    let r = start_virtio_mem(vm(), POOL, d).expect("start");
+    let (vm, hp) = (Arc::clone(&r.vm), r.region.clone());
+    let i = settled(&r, 0, 0);
+    let grow = 64 * MIB;
+    let mut i = i;
+    // Up and down a few times: every round trip plugs and unplugs the same blocks.
+    for _ in 0..3 {
+        r.resize_total(BOOT + grow).expect("resize up");
+        i = settled(&r, i, grow);
+        assert!(vm.window().is_range_placed(hp.start, grow));
+        let resident = vm.window().resident_bytes(hp.start, grow).expect("mincore");
+        assert_eq!(resident, 0, "nothing wrote the plugged memory");
+        r.resize_total(BOOT).expect("resize down");
+        i = settled(&r, i, 0);
+        assert!(!vm.window().is_placed(hp.start));
+    }
+    assert!(
+        r.log.values(TAG_VMEM_CHECKED).is_empty(),
+        "no page was checked"
+    );
+    assert!(r.log.values(TAG_VMEM_MISMATCHES).is_empty());
+    assert_eq!(
+        r.log.values(TAG_VMEM_PLUGGED).len(),
+        3 * 8,
+        "8 MiB per request"
+    );
+    assert_eq!(r.log.values(TAG_VMEM_UNPLUGGED).len(), 3 * 8);
+    {
+        let t = r.transport();
+        let dev = t.device();
+        assert_eq!(dev.counters().plug_acked, 3 * 8);
+        assert_eq!(dev.counters().unplug_acked, 3 * 8);
+        let zone = dev.backend().zone();
+        assert_eq!(
+            zone.free_frames(),
+            POOL / 4096,
+            "every block back in the pool"
+        );
+        zone.validate().expect("zone consistent");
+    }
+    let s = r.stop(WAIT).expect("stop");
+    assert_eq!(s.log.last(TAG_VMEM_EXIT), Some(0));
+}
+
+#[test]
 fn pool_exhaustion_is_busy_and_the_driver_retries() {
     if let Err(why) = kvm_available() {
         eprintln!("SKIP: {why}");

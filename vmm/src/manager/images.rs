@@ -62,6 +62,17 @@ pub const VIRTIO_MEM_GUEST_IDLE_WAIT_US: u32 = 50_000;
 /// ([`crate::tiny_guest::program::TAG_WAIT`]) instead of spinning: an idle VM of this image
 /// holds no host CPU, and a resize wakes its driver at once.
 pub fn virtio_mem_guest(boot_ram_mib: u64, region_mib: u64) -> Result<RawImage, ImageError> {
+    virtio_mem_guest_with(boot_ram_mib, region_mib, true)
+}
+
+/// [`virtio_mem_guest`], choosing whether the driver writes and checks every page it plugs
+/// (`touch_plugged`) or, like a Linux guest onlining memory, leaves it untouched (the host
+/// then faults nothing in for it).
+pub fn virtio_mem_guest_with(
+    boot_ram_mib: u64,
+    region_mib: u64,
+    touch_plugged: bool,
+) -> Result<RawImage, ImageError> {
     use crate::tiny_guest::virtio_mem_driver::{virtio_mem_program, VirtioMemDriver};
     use crate::tiny_guest::virtq::DEFAULT_SCRATCH;
     let layout = Layout::new(LayoutConfig {
@@ -74,6 +85,7 @@ pub fn virtio_mem_guest(boot_ram_mib: u64, region_mib: u64) -> Result<RawImage, 
     // ends: a minute of unanswered waits means the queue is stalled.
     driver.poll_limit = 60_000;
     driver.blocks_per_request = 4;
+    driver.touch_plugged = touch_plugged;
     let img = virtio_mem_program(&layout, driver)?;
     Ok(RawImage {
         path: None,

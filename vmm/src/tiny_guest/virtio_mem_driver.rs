@@ -7,7 +7,8 @@
 //! - read `requested_size` and `plugged_size` from config space;
 //! - below target: PLUG the next blocks above what is plugged (at most
 //!   `blocks_per_request` per request), and on ACK write [`pattern`] to every `stride` of the
-//!   new memory, read it back and report the mismatches;
+//!   new memory, read it back and report the mismatches (unless `touch_plugged` is off: then
+//!   the new memory is left untouched, as Linux leaves memory it onlines);
 //! - above target: UNPLUG the highest plugged blocks;
 //! - NACK or BUSY: report it, pause, retry; ERROR: report it and stop (as Linux marks the
 //!   device broken);
@@ -103,6 +104,11 @@ pub struct VirtioMemDriver {
     pub seed: u64,
     /// Which words of newly plugged memory to write and check.
     pub stride: Stride,
+    /// Write and check newly plugged memory at all. Off, the driver only plugs: like a Linux
+    /// guest, which hands onlined memory to its page allocator without writing it, so the
+    /// host faults nothing in until the guest uses it. No [`TAG_VMEM_MISMATCHES`] or
+    /// [`TAG_VMEM_CHECKED`] reports then.
+    pub touch_plugged: bool,
     /// `pause` iterations between polls of an idle device and after NACK/BUSY (when
     /// `idle_wait_us` is 0).
     pub poll_spins: u32,
@@ -116,7 +122,8 @@ pub struct VirtioMemDriver {
 
 impl VirtioMemDriver {
     /// A driver for the device at `mmio_base` with scratch pages at `scratch`: queue size 32,
-    /// one block per request, every page checked, 20,000 pauses between idle polls.
+    /// one block per request, every page of plugged memory written and checked, 20,000 pauses
+    /// between idle polls.
     pub fn new(mmio_base: u64, scratch: u64) -> VirtioMemDriver {
         VirtioMemDriver {
             mmio_base,
@@ -126,6 +133,7 @@ impl VirtioMemDriver {
             blocks_per_request: 1,
             seed: 0x5eed_0000_0000_0000,
             stride: Stride::Page,
+            touch_plugged: true,
             poll_spins: 20_000,
             idle_wait_us: 0,
         }
@@ -341,7 +349,9 @@ impl VirtioMemDriver {
         a.cmp(eax, RESP_ACK)?;
         a.jne(not_ack)?;
         if plug {
-            self.emit_fill_verify(a)?;
+            if self.touch_plugged {
+                self.emit_fill_verify(a)?;
+            }
             a.mov(rax, qword_ptr(r15 + CFG_PLUGGED))?;
             report(a, TAG_VMEM_PLUGGED, rax)?;
         } else {
