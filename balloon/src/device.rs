@@ -637,7 +637,10 @@ impl VirtioDevice for Balloon {
         // during probe): handle them now.
         for i in 0..n {
             if let Err(e) = self.process_queue(i) {
-                self.active = None;
+                // Undo what the queues before this one did (a held stats buffer, a hint command
+                // id written into the config), as a reset does: the driver must reset before it
+                // tries again, and its next attempt must not meet state from this one.
+                let _ = self.reset();
                 return Err(e);
             }
         }
