@@ -293,10 +293,11 @@ impl Balloon {
 
     /// The VMM unplugged `[gpa, gpa+len)` (a virtio-mem block left the VM, after its host
     /// memory was discarded), or the range is not plugged yet: the balloon forgets its pages
-    /// (ballooned and reported), stops counting them as assigned, refuses guest input there
-    /// (counted as `not_plugged`) and skips them in residency samples. Returns the ballooned
+    /// (ballooned, reported, and hinted in the current pass), stops counting them as assigned,
+    /// refuses guest input there (counted as `not_plugged`) and skips them in residency samples. Returns the ballooned
     /// and reported bytes that were cleared.
     pub fn ram_unplugged(&mut self, gpa: u64, len: u64) -> (u64, u64) {
+        self.hinting.forget_range(gpa, len);
         self.ledger.forget_range(gpa, len)
     }
 

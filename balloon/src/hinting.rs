@@ -317,6 +317,12 @@ impl Hinting {
         }
     }
 
+    /// `[gpa, gpa+len)` left the VM: hints there no longer name the VM's RAM, so they are
+    /// dropped from the pass (and never reach the pass observer, which may discard).
+    pub(crate) fn forget_range(&mut self, gpa: u64, len: u64) {
+        self.pass.remove(gpa, len);
+    }
+
     /// The VMM's hint mode (see [`HintMode`]).
     pub(crate) fn set_mode(&mut self, mode: HintMode) {
         self.status.mode = mode;
