@@ -3,6 +3,7 @@
 
 mod fuzz;
 mod hinting;
+mod hostile;
 mod malformed;
 mod mmio;
 mod queues;
