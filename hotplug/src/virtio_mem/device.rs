@@ -474,9 +474,10 @@ impl<B: MemoryBackend> VirtioMem<B> {
         done == bytes.len()
     }
 
-    /// Handle one chain; returns the used length.
+    /// Handle one chain (read through `mem`, a view of `space`); returns the used length.
     fn handle_chain(
         &mut self,
+        space: &GuestMem,
         mem: &GuestMemoryMmap<()>,
         chain: DescriptorChain<&GuestMemoryMmap<()>>,
     ) -> u32 {
@@ -510,10 +511,14 @@ impl<B: MemoryBackend> VirtioMem<B> {
                 }
             }
         };
-        // The probe succeeded, so this write does too.
-        if Self::write_response(mem, &b.response, &response.to_bytes()) {
+        // Through a fresh view: the request may have unplugged memory, and `mem` still maps
+        // it (the VMM has made it inaccessible, so a write there would fault). The probe
+        // succeeded, so this only fails if the driver put its response in the block it just
+        // unplugged.
+        if Self::write_response(&space.memory(), &b.response, &response.to_bytes()) {
             RESPONSE_SIZE as u32
         } else {
+            self.counters.bad_descriptor += 1;
             0
         }
     }
@@ -587,8 +592,11 @@ impl<B: MemoryBackend + Send> VirtioDevice for VirtioMem<B> {
         let (Some(mem), Some(interrupt)) = (self.mem.clone(), self.interrupt.clone()) else {
             return Err(DeviceError::NotActivated);
         };
-        let m = mem.memory();
         loop {
+            // A fresh view of guest memory for every chain and for the used ring: a request
+            // may unplug memory (rings and buffers included), and an older view would still
+            // map it.
+            let m = mem.memory();
             let Some(queue) = self.queue.as_mut() else {
                 return Err(DeviceError::NotActivated);
             };
@@ -596,13 +604,16 @@ impl<B: MemoryBackend + Send> VirtioDevice for VirtioMem<B> {
                 break;
             };
             let head = chain.head_index();
-            let used = self.handle_chain(&m, chain);
+            let used = self.handle_chain(&mem, &m, chain);
+            drop(m);
+            let m = mem.memory();
             if let Some(queue) = self.queue.as_mut() {
                 queue
                     .add_used(&*m, head, used)
                     .map_err(|e| DeviceError::Queue(e.to_string()))?;
             }
         }
+        let m = mem.memory();
         let Some(queue) = self.queue.as_mut() else {
             return Err(DeviceError::NotActivated);
         };

@@ -26,6 +26,8 @@ pub mod state;
 mod hostile_tests;
 #[cfg(test)]
 mod pool_tests;
+#[cfg(test)]
+mod stale_map_tests;
 #[cfg(any(test, feature = "testing"))]
 pub mod test_utils;
 #[cfg(test)]
