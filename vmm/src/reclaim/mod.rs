@@ -16,6 +16,7 @@
 
 pub mod balloon;
 pub mod engine;
+mod engine_report;
 pub mod monitor;
 pub mod mover;
 pub mod pressure;
