@@ -5,12 +5,12 @@
 //!   from the moment the server waits for a request, also between keep-alive requests, the
 //!   client must send a complete request head within it, or the connection is closed (the
 //!   slowloris attack: open connections and never finish their headers).
-//! - **Bodies.** [`read_body_in_time`] reads a request body completely, within
+//! - **Bodies.** `read_body_in_time` reads a request body completely, within
 //!   [`ClientTimeouts::body_read`] and the body limit, before the handler runs; a body that
 //!   does not arrive in time gets 408 and the connection is closed.
 //!
 //! Graceful shutdown: on the stop signal the listener stops accepting, every connection
-//! finishes the request it is serving and closes, and [`serve_listener`] returns when all
+//! finishes the request it is serving and closes, and `serve_listener` returns when all
 //! are gone.
 
 use crate::error::{ApiError, ErrorKind};
@@ -52,7 +52,7 @@ impl Default for ClientTimeouts {
     }
 }
 
-/// What [`read_body_in_time`] enforces.
+/// What `read_body_in_time` enforces.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct BodyRules {
     /// Largest body (413 above).

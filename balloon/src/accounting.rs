@@ -196,7 +196,7 @@ impl Ledger {
 
     /// Whether `[gpa, gpa+len)` is RAM the VM holds now: inside the map and not unplugged.
     /// Guest input outside the map counts as `out_of_ram`, input in an unplugged part as
-    /// `not_plugged` (both through [`Ledger::check_present`]).
+    /// `not_plugged` (both through `Ledger::check_present`).
     pub fn is_present(&self, gpa: u64, len: u64) -> bool {
         self.ram.contains(gpa, len) && self.absent.count_in(gpa, len) == 0
     }

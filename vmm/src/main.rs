@@ -117,7 +117,7 @@ struct ServeCmd {
     #[arg(long)]
     reclaim_budget_mib: Option<u64>,
     /// The swap file (default: `swap` in the socket's directory, or
-    /// /var/tmp/tidepool-$UID/swap-<hash of that directory> when it is tmpfs). Created on the
+    /// /var/tmp/tidepool-$UID/swap-HASH, HASH naming that directory, when it is tmpfs). Created on the
     /// first VM.
     #[arg(long)]
     swap_path: Option<std::path::PathBuf>,

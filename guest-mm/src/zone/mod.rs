@@ -1,6 +1,6 @@
 //! One buddy allocator over a contiguous frame range of one NUMA node.
 //!
-//! Free blocks sit on intrusive lists per order and per migration type (see [`freelist`]).
+//! Free blocks sit on intrusive lists per order and per migration type (see the `freelist` module).
 //! Every 2 MiB pageblock carries a migration type; allocations of one type come from that
 //! type's pageblocks first, and only then fall back to other types by stealing the largest
 //! free block and, when enough of its pageblock is free or alike, claiming the pageblock (the

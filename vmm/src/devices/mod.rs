@@ -77,7 +77,7 @@ pub enum DeviceSetupError {
 /// Lock a device mutex unless the VM failed for good: `None` once `failed` is set while the
 /// lock is held by someone else. A thread of a VM whose swap-in failed may be parked for good
 /// holding a transport's lock (see `swap::guard`); nobody may wait for it. Poisoning is
-/// ignored as in [`lock`].
+/// ignored as in `lock`.
 pub fn lock_live<'a, T: ?Sized>(m: &'a Mutex<T>, failed: &AtomicBool) -> Option<MutexGuard<'a, T>> {
     let mut spins = 0u32;
     loop {

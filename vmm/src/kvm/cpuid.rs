@@ -333,7 +333,7 @@ pub fn filter_entries(entries: &mut [kvm_cpuid_entry2]) {
     }
 }
 
-/// Give `entries` the identity of vCPU `id`: initial APIC ID in leaf 1 EBX[31:24], x2APIC ID in
+/// Give `entries` the identity of vCPU `id`: initial APIC ID in leaf 1 EBX\[31:24\], x2APIC ID in
 /// leaves 0xB and 0x1F EDX.
 pub fn set_vcpu_id(entries: &mut [kvm_cpuid_entry2], id: u8) {
     for e in entries.iter_mut() {

@@ -1,6 +1,6 @@
 //! The VM manager: one thread per VM owns its [`Microvm`]; the manager sends it closures over a
 //! channel and waits for the answer with a timeout, so a stuck VM never blocks requests for
-//! other VMs. The manager implements [`tidepool_api::ApiBackend`] ([`api`]).
+//! other VMs. The manager implements [`tidepool_api::ApiBackend`] (`api`).
 
 mod api;
 mod host;
@@ -350,7 +350,7 @@ impl VmManager {
     /// Set VM `id`'s requested total guest RAM without going through its thread: the target
     /// is recorded and the guest told, and the answer is built from what the device
     /// published (resize fields, current) and the VM's last memory sample (residency and
-    /// balloon figures, at most [`RESIDENCY_REFRESH`] old). Waits for neither the VM thread,
+    /// balloon figures, at most `RESIDENCY_REFRESH` old). Waits for neither the VM thread,
     /// the device (which may be plugging) nor the guest.
     pub fn resize(&self, id: &str, total: u64) -> Result<MemoryFigures, ManagerError> {
         let (handle, published) = {

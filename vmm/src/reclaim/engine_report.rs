@@ -14,7 +14,7 @@ pub enum Trigger {
     Watermark,
     /// PSI above its trigger.
     Psi,
-    /// An allocation failed ([`ReclaimEngine::notify_alloc_failure`]).
+    /// An allocation failed ([`super::ReclaimEngine::notify_alloc_failure`]).
     AllocFailure,
 }
 
@@ -104,7 +104,7 @@ pub struct StepReport {
     pub satisfied: bool,
     /// The pressure reading (None when it could not be read).
     pub pressure: Option<PressureReading>,
-    /// Bytes given back to guests (no pressure; [`EngineConfig::release`]).
+    /// Bytes given back to guests (no pressure; [`super::EngineConfig::release`]).
     pub released_bytes: u64,
 }
 

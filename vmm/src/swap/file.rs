@@ -241,7 +241,7 @@ impl SwapFile {
         self.congestion.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Allocate up to `want` contiguous slots (see [`SlotMap::alloc_run`]).
+    /// Allocate up to `want` contiguous slots (see `SlotMap::alloc_run`).
     pub fn alloc(&self, want: u32) -> Result<(Slot, u32), SwapError> {
         self.slots().alloc_run(want).ok_or(SwapError::Full)
     }
