@@ -20,6 +20,11 @@
 //! checks every data page and reports the counts ([`TAG_HINT_ZERO`] and the rest): what the
 //! host guarantees is that rewritten and never-hinted pages keep their data, and that a
 //! hinted page nobody rewrote holds either zeros (discarded) or its old data (kept).
+//!
+//! The driver publishes where it is in the pass ([`HintPhase`], a `u64` in its scratch page)
+//! so that another vCPU can write hinted pages at chosen moments
+//! ([`super::hint_race::HintRaceWriter`]); `linger_us` holds it in the windows before the
+//! hints and before the STOP.
 
 use std::ops::Range;
 
@@ -59,6 +64,8 @@ const CNT_OTHER: i32 = 0x218;
 const CNT_REWRITE_LOST: i32 = 0x220;
 const CNT_KEPT_LOST: i32 = 0x228;
 const CNT_CHECKED: i32 = 0x230;
+/// Scratch offset of the published [`HintPhase`].
+const PHASE: i32 = 0x300;
 const PAGE: u64 = 4096;
 
 /// Report tag: the data range was filled; the value is its length in bytes.
@@ -147,6 +154,38 @@ pub struct HintDriver {
     pub rewrite_stride: u32,
     /// Wait for mailbox value 1 before checking the data.
     pub wait_for_host: bool,
+    /// Idle about this long (µs, guest wait requests; 0: none) after acknowledging a pass
+    /// and again after its hints came back, before the STOP: widens the windows in which
+    /// another vCPU can write hinted pages (see [`HintPhase`]).
+    pub linger_us: u32,
+}
+
+/// Where the driver is in its pass, published as a `u64` at [`HintDriver::phase_addr`] (in
+/// its scratch page) for another vCPU to read; it only grows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum HintPhase {
+    /// No pass seen yet.
+    Waiting = 0,
+    /// The config holds the pass's id: the host began its hint epoch before writing it. The
+    /// hints have not all come back yet.
+    Acknowledged = 1,
+    /// Every hint chain came back (the device recorded the hints); no STOP yet.
+    Hinted = 2,
+    /// The STOP is being submitted: from here until the guest sees DONE the host may be
+    /// discarding the hinted pages.
+    Stopping = 3,
+    /// The config holds DONE (or a newer id): the host's discard is over.
+    Done = 4,
+}
+
+impl HintPhase {
+    /// The phase of a published value.
+    pub fn from_value(v: u64) -> Option<HintPhase> {
+        use HintPhase::*;
+        [Waiting, Acknowledged, Hinted, Stopping, Done]
+            .into_iter()
+            .find(|p| *p as u64 == v)
+    }
 }
 
 impl HintDriver {
@@ -167,7 +206,13 @@ impl HintDriver {
             hint_every: 2,
             rewrite_stride: 16,
             wait_for_host: true,
+            linger_us: 0,
         }
+    }
+
+    /// Guest-physical address of the published [`HintPhase`] (a `u64`).
+    pub fn phase_addr(&self) -> u64 {
+        self.scratch + PHASE as u64
     }
 
     /// Guest-physical address of the mailbox.
@@ -263,8 +308,11 @@ impl HintDriver {
                 self.block / PAGE
             ));
         }
-        if self.seed == self.rewrite_seed || self.wait_us > i32::MAX as u32 {
-            return Err("seeds must differ and wait_us fit in 31 bits".into());
+        if self.seed == self.rewrite_seed
+            || self.wait_us > i32::MAX as u32
+            || self.linger_us > i32::MAX as u32
+        {
+            return Err("seeds must differ and wait_us and linger_us fit in 31 bits".into());
         }
         Ok(())
     }
@@ -311,6 +359,7 @@ impl HintDriver {
             CNT_REWRITE_LOST,
             CNT_KEPT_LOST,
             CNT_CHECKED,
+            PHASE,
         ] {
             a.mov(qword_ptr(rbp + off), 0)?;
         }
@@ -332,20 +381,25 @@ impl HintDriver {
             a.jae(got)
         })?;
         a.mov(ebx, eax)?;
+        self.set_phase(a, HintPhase::Acknowledged)?;
         report(a, TAG_HINT_CMD_ID, rbx)?;
         // Acknowledge it: the id as a device-readable buffer.
         a.mov(dword_ptr(rbp + CMD_BUF), ebx)?;
         emit_desc_static(a, &q, 0, CMD_BUF, 4, 0, 0)?;
         emit_submit_and_wait(a, &q, self.poll_limit, 0, fail)?;
+        self.linger(a)?;
         a.mov(rdi, self.data.start)?;
         a.mov(rsi, self.data.end)?;
         a.call(hint_chains)?;
+        self.set_phase(a, HintPhase::Hinted)?;
         let hinted: u64 = self.hinted_blocks().iter().map(|r| r.end - r.start).sum();
         a.mov(rax, hinted)?;
         report(a, TAG_HINT_HINTED, rax)?;
         a.mov(r13d, PageClass::RewrittenInPass as u32)?;
         a.call(rewrite)?;
+        self.linger(a)?;
         // STOP, then take the blocks back at once for the second set.
+        self.set_phase(a, HintPhase::Stopping)?;
         a.mov(dword_ptr(rbp + CMD_BUF), CMD_ID_STOP as i32)?;
         emit_desc_static(a, &q, 0, CMD_BUF, 4, 0, 0)?;
         emit_submit_and_wait(a, &q, self.poll_limit, 0, fail)?;
@@ -361,6 +415,7 @@ impl HintDriver {
             a.set_label(&mut not_yet)?;
             a.nop()
         })?;
+        self.set_phase(a, HintPhase::Done)?;
         report(a, TAG_HINT_ENDED, rax)?;
         a.mov(rax, qword_ptr(rbp + CNT_REWRITTEN))?;
         report(a, TAG_HINT_REWRITTEN, rax)?;
@@ -384,6 +439,22 @@ impl HintDriver {
         report(a, TAG_DRIVER_FAILED, rax)?;
         a.set_label(&mut end)?;
         a.nop()
+    }
+
+    /// Publish `phase` at [`HintDriver::phase_addr`].
+    fn set_phase(&self, a: &mut CodeAssembler, phase: HintPhase) -> Result<(), IcedError> {
+        a.mov(qword_ptr(rbp + PHASE), phase as i32)
+    }
+
+    /// Idle about `linger_us` (none if 0): two guest waits, since the first ends at once when
+    /// the device raised an interrupt since the last wait (it did, for the chain just
+    /// returned), as a VMM that does not know wait requests ends both at once.
+    fn linger(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
+        if self.linger_us == 0 {
+            return Ok(());
+        }
+        emit_idle(a, self.linger_us)?;
+        emit_idle(a, self.linger_us)
     }
 
     /// Write `pattern(gpa, seed)` into the first word of every data page. Clobbers rax, rcx,

@@ -8,8 +8,9 @@
 //! `map_end` covers the VM's layout and the 32-bit hole (so the report window is mapped).
 //!
 //! Polled virtio drivers ([`virtio_mem_driver`], [`fpr_driver`], [`hint_driver`], built on
-//! [`virtq`]) are steps too; [`harness`] runs them against real device models through the
-//! virtio-mmio transport.
+//! [`virtq`]) are steps too, as is [`hint_race`]'s writer that races the hinting driver from a
+//! second vCPU; [`harness`] runs them against real device models through the virtio-mmio
+//! transport.
 
 pub mod boot;
 pub mod fpr_density;
@@ -17,6 +18,7 @@ pub mod fpr_driver;
 pub mod fpr_run;
 pub mod harness;
 pub mod hint_driver;
+pub mod hint_race;
 pub mod probe;
 pub mod program;
 pub mod run;
@@ -184,6 +186,9 @@ impl TinyGuestBuilder {
                     .check(&self.layout, image)
                     .map_err(TinyGuestError::BadDriver)?,
                 Step::FreePageHinting(d) => d
+                    .check(&self.layout, image)
+                    .map_err(TinyGuestError::BadDriver)?,
+                Step::HintRaceWriter(w) => w
                     .check(&self.layout, image)
                     .map_err(TinyGuestError::BadDriver)?,
                 _ => {}

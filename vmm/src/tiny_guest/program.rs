@@ -114,6 +114,8 @@ pub enum Step {
     FreePageReporting(super::fpr_driver::FprDriver),
     /// A polled free page hinting (virtio-balloon) driver (same register rule).
     FreePageHinting(super::hint_driver::HintDriver),
+    /// A writer racing a hinting driver on another vCPU (same register rule; never ends).
+    HintRaceWriter(super::hint_race::HintRaceWriter),
 }
 
 fn report(a: &mut CodeAssembler, tag: u64, value: AsmRegister64) -> Result<(), IcedError> {
@@ -227,6 +229,7 @@ pub fn assemble(steps: &[Step], ip: u64, image: Range<u64>) -> Result<Vec<u8>, I
             Step::VirtioMem(d) => d.emit(&mut a)?,
             Step::FreePageReporting(d) => d.emit(&mut a)?,
             Step::FreePageHinting(d) => d.emit(&mut a)?,
+            Step::HintRaceWriter(w) => w.emit(&mut a)?,
         }
     }
     a.assemble(ip)
