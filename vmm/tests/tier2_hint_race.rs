@@ -154,6 +154,10 @@ struct Figures {
     first_straddled: [u64; WINDOWS],
     last: [u64; WINDOWS],
     taken: u64,
+    /// Pages whose first write completed between the STOP and DONE (the discard's window):
+    /// before the discard reached the page (kept), or onto the discarded page (taken).
+    stop_first_kept: u64,
+    stop_first_taken: u64,
 }
 
 fn run_round(m: &VmManager, round: usize) -> Figures {
@@ -242,6 +246,10 @@ fn run_round(m: &VmManager, round: usize) -> Figures {
                     );
                 }
                 f.taken += u64::from(w0 == 0);
+                if e.first_after == HintPhase::Stopping as u64 {
+                    f.stop_first_kept += u64::from(w0 != 0);
+                    f.stop_first_taken += u64::from(w0 == 0);
+                }
                 if e.before == e.after {
                     f.last[e.before as usize] += 1;
                 }
@@ -339,6 +347,11 @@ fn print_windows(f: &Figures) {
         "pages last written here",
         row(&f.last)
     );
+    println!(
+        "  first writes done between STOP and DONE: {} before the discard reached the page \
+         (kept), {} onto the discarded page",
+        f.stop_first_kept, f.stop_first_taken
+    );
 }
 
 #[test]
@@ -361,6 +374,8 @@ fn writes_to_hinted_pages_survive_the_discard_on_a_real_vcpu() {
             sum.first_straddled[w] += f.first_straddled[w];
         }
         sum.taken += f.taken;
+        sum.stop_first_kept += f.stop_first_kept;
+        sum.stop_first_taken += f.stop_first_taken;
         print_windows(&f);
     }
     println!("all {} rounds:", LINGER_US.len());
