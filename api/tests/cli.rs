@@ -87,6 +87,14 @@ async fn create_list_show_resize_balloon_delete() {
 
     let host = run(c, false, &["host"]).await.unwrap_or_default();
     assert!(host.starts_with("NODE") && host.contains("1 VMs"), "{host}");
+    // `metrics` prints the OpenMetrics text as served, with or without --json.
+    let served = c.metrics().await.unwrap_or_else(|e| panic!("{e}"));
+    for json in [false, true] {
+        let text = run(c, json, &["metrics"]).await.unwrap_or_default();
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert!(text.contains("# TYPE tidepool_"), "{text}");
+        assert_eq!(text.lines().count(), served.lines().count(), "{text}");
+    }
 
     // Over TCP with the token, the same commands work.
     let out = run(&h.tcp, false, &["vm", "pause", &vm.id])

@@ -15,7 +15,11 @@
 #    total memory, which is the guest's totalram, i.e. /proc/meminfo MemTotal) must follow and
 #    the daemon's pool counters must move by 512 MiB and come back;
 # 4. delete the VM: the pool is whole again;
-# 5. NUMA (L1 has two nodes, run-l1.sh --numa): `tidepool numa-check` boots a 512 MiB guest
+# 5. free page hinting by the stock driver: a second daemon with a swap file (write tracking)
+#    and `--reclaim-phases reported` over a 300 MiB budget; a 512 MiB VM with hinting on and
+#    reporting off allocates, touches and frees 256 MiB; the engine's hint passes must make
+#    the host discard at least 200 MiB and resident fall by as much;
+# 6. NUMA (L1 has two nodes, run-l1.sh --numa): `tidepool numa-check` boots a 512 MiB guest
 #    under `interleave:0,1` twice, on the anonymous and on the memfd backing. Each guest gets
 #    two guest nodes (SRAT, 256 MiB each, backed by host nodes 0 and 1), touches 300 (240)
 #    MiB so that guest node 1 is used, and numa-check asks L1's kernel where every page of
@@ -31,6 +35,9 @@
 #   TIER3 grow|shrink rc= plug_cs= memtotal_cs= total_before= total_after= plugged= requested=
 #                     pool_free_before= pool_free_after= assigned_before= assigned_after=
 #   TIER3 delete pool_total= pool_free=
+#   TIER3-SAMPLE hint cs= resident= free= phase=     (every poll of step 5)
+#   TIER3 hint ok= ready_cs= base= peak= low= drop= cs= passes= hinted_mib= discarded_mib=
+#              credited_mib= runs= reported_mib= ballooned_mib= swapped_mib= step_cs=
 #   TIER3 numa-anonymous|numa-memfd|numa-hugetlbfs rc= ok= host_nodes= guest_nodes= memtotal_kb= misplaced=
 #                     node0_pages= node1_pages=            (resident pages on their right node)
 #   TIER3 done failures=N
@@ -209,7 +216,133 @@ echo "TIER3-SERVE-LOG-BEGIN"
 sed 's/\x1b\[[0-9;]*m//g' /tmp/serve.log | tail -n 40
 echo "TIER3-SERVE-LOG-END"
 
-# 5. NUMA placement on a 2-node L1.
+# 5. Free page hinting by the stock driver (docs/balloon.md, "Free page hinting"): a second
+#    daemon with a swap file (its userfaultfd write tracking is what lets the host discard
+#    hinted pages) whose reclaim engine runs phase 1 only (count reported pages, start hint
+#    passes) over a 300 MiB resident budget. The VM offers hinting and NOT free page
+#    reporting, so only hinting can return memory. Its guest allocates, touches and frees
+#    256 MiB: resident memory rises above the budget's low watermark (95%), the engine starts
+#    a pass every run, and once the guest has freed its memory a pass hints it and the host
+#    discards it, so resident must fall by HINT_DROP_MIB from its peak.
+HSOCK=/tmp/tidepool-tier3-hint.sock
+HINT_BOOT_MIB=512
+HINT_ALLOC_MIB=256
+HINT_BUDGET_MIB=300
+HINT_DROP_MIB=200
+# Debian's kernel zeroes every page it allocates (CONFIG_INIT_ON_ALLOC_DEFAULT_ON=y), and the
+# hinting driver allocates the blocks it hints: with that on, the guest writes each hinted
+# page before hinting it, so nothing stays write-protected to discard (docs/balloon.md).
+HINT_CMDLINE=${HINT_CMDLINE-init_on_alloc=0}
+hint_t0=$(up_cs)
+mkdir -p /tmp/tier3-hint
+rm -f "$HSOCK"
+# Debug for the balloon hook: one "hinted pages discarded" line per pass (discarded, kept).
+RUST_LOG=info,tidepool_vmm::reclaim::balloon=debug \
+    $TP serve --socket "$HSOCK" --pool-mib 1024 --swap-path /tmp/tier3-hint/swap --swap-max-mib 64 \
+    --reclaim-budget-mib "$HINT_BUDGET_MIB" --reclaim-phases reported >/tmp/serve-hint.log 2>&1 &
+hint_pid=$!
+i=0
+while [ ! -S "$HSOCK" ] && [ $i -lt 100 ]; do
+    usleep 100000
+    i=$((i + 1))
+done
+hmem() { $TP vm memory --socket "$HSOCK" --json vm1; }
+hstats() { $TP balloon stats --socket "$HSOCK" --json vm1; }
+# hmetric TEXT EVENT: the VM's virtio-balloon counter EVENT in the /metrics TEXT.
+hmetric() {
+    echo "$1" | sed -n "s/^tidepool_device_events_total{vm=\"vm1\",device=\"virtio-balloon\",event=\"$2\"} \([0-9]*\).*/\1/p" | head -n1
+}
+hphase=boot # boot -> ready -> held -> freed -> finished
+if [ ! -S "$HSOCK" ]; then
+    fail "hint: tidepool serve did not create its socket"
+    hphase=finished
+elif ! $TP vm create --socket "$HSOCK" --memory "${HINT_BOOT_MIB}M" --free-page-hinting \
+    --stats-interval 1 --kernel vmlinux --initrd initramfs.cpio.gz \
+    --cmdline "$HINT_CMDLINE tidepool.workload=sleep:2,alloc:${HINT_ALLOC_MIB}:2000" >/dev/null; then
+    fail "hint: vm create"
+    hphase=finished
+fi
+hbase=0
+hfirst_free=0
+hpeak=0
+hlow=999999
+hheld_cs=0
+hready_cs=-1
+hcs=-1
+hdeadline=$(($(up_cs) + 12000))
+while [ "$hphase" != finished ] && [ "$(up_cs)" -lt "$hdeadline" ]; do
+    now=$(up_cs)
+    mem=$(hmem)
+    st=$(hstats)
+    res=$(echo "$mem" | json_field resident_mib)
+    free=$(echo "$st" | json_field free_mib)
+    echo "TIER3-SAMPLE hint cs=$now resident=${res:-?} free=${free:-?} phase=$hphase"
+    if [ -z "$res" ]; then
+        usleep 500000
+        continue
+    fi
+    [ "$res" -le "$hpeak" ] || hpeak=$res
+    case "$hphase" in
+    boot)
+        if [ -n "$free" ]; then
+            hready_cs=$((now - hint_t0))
+            hbase=$res
+            hfirst_free=$free
+            hphase=ready
+        fi
+        ;;
+    ready)
+        # The host sees the guest's touches: 3/4 of the allocation is resident.
+        [ "$res" -lt $((hbase + HINT_ALLOC_MIB * 3 / 4)) ] || hphase=held
+        ;;
+    held)
+        # Free memory back near its level before the allocation: the guest has freed. (A
+        # running pass lowers the guest's free memory, it never raises it.)
+        if [ -n "$free" ] && [ "$free" -ge $((hfirst_free - 80)) ]; then
+            hphase=freed
+        else
+            hheld_cs=$now
+        fi
+        ;;
+    esac
+    if [ "$hphase" = freed ] || [ "$hphase" = held ]; then
+        [ "$res" -ge "$hlow" ] || hlow=$res
+        if [ $((hpeak - res)) -ge "$HINT_DROP_MIB" ]; then
+            hcs=$((now - hheld_cs))
+            hphase=finished
+        elif [ "$hphase" = freed ] && [ $((now - hheld_cs)) -gt 3000 ]; then
+            hphase=finished
+        fi
+    fi
+    [ "$hphase" = finished ] || sleep 1
+done
+m=$($TP metrics --socket "$HSOCK")
+mem=$(hmem)
+passes=$(hmetric "$m" hint_passes_completed)
+hinted=$(hmetric "$m" hinted_bytes)
+discarded=$(hmetric "$m" hint_discarded_bytes)
+credited=$(echo "$m" | sed -n 's/^tidepool_reclaim_phase_bytes_total{phase="reported",kind="reclaimed"} \([0-9]*\).*/\1/p')
+runs=$(echo "$m" | sed -n 's/^tidepool_reclaim_runs_total{trigger="watermark"} \([0-9]*\).*/\1/p')
+hrep=$(echo "$mem" | json_field reported_mib)
+hbal=$(echo "$mem" | json_field ballooned_mib)
+hswp=$(echo "$mem" | json_field swapped_mib)
+$TP vm delete --socket "$HSOCK" vm1 >/dev/null 2>&1 || fail "hint: vm delete"
+kill "$hint_pid" 2>/dev/null
+wait "$hint_pid" 2>/dev/null
+hdrop=$((hpeak - hlow))
+hok=0
+[ "$hcs" -lt 0 ] || hok=1
+echo "TIER3 hint ok=$hok ready_cs=$hready_cs base=$hbase peak=$hpeak low=$hlow drop=$hdrop cs=$hcs passes=${passes:-0} hinted_mib=$((${hinted:-0} >> 20)) discarded_mib=$((${discarded:-0} >> 20)) credited_mib=$((${credited:-0} >> 20)) runs=${runs:-0} reported_mib=${hrep:-?} ballooned_mib=${hbal:-?} swapped_mib=${hswp:-?} step_cs=$(($(up_cs) - hint_t0))"
+[ "$hok" -eq 1 ] || fail "hint: resident dropped only $hdrop MiB from $hpeak MiB (phase $hphase; want $HINT_DROP_MIB)"
+[ "${passes:-0}" -ge 1 ] || fail "hint: no hinting pass completed"
+[ $((${hinted:-0} >> 20)) -ge "$HINT_DROP_MIB" ] || fail "hint: the guest hinted only $((${hinted:-0} >> 20)) MiB"
+[ $((${discarded:-0} >> 20)) -ge "$HINT_DROP_MIB" ] || fail "hint: the host discarded only $((${discarded:-0} >> 20)) MiB of hints"
+[ "${hrep:-1}" = 0 ] || fail "hint: reported_mib=${hrep:-?}: free page reporting must be off"
+echo "TIER3-HINT-LOG-BEGIN"
+sed 's/\x1b\[[0-9;]*m//g' /tmp/serve-hint.log | grep -i -E 'hint|phase|swap|warn|error' | tail -n 30
+echo "TIER3-HINT-LOG-END"
+
+# 6. NUMA placement on a 2-node L1.
 # numa_check BACKING ALLOC_MIB [OPTION]
 numa_check() {
     out=/tmp/numa-$1.out

@@ -13,7 +13,14 @@
 //! 3. resizes the VM up by 512 MiB and back down: the guest's MemTotal follows and the
 //!    daemon's pool counters move by 512 MiB and come back;
 //! 4. deletes the VM: the pool is whole again;
-//! 5. NUMA: L1 has two nodes (2 GiB + 1 GiB, `run-l1.sh --numa`). `tidepool numa-check` boots
+//! 5. free page hinting by the stock driver: a second daemon with a swap file and
+//!    `--reclaim-phases reported` over a 300 MiB resident budget runs a 512 MiB VM with
+//!    hinting on and reporting off, whose `/init` allocates, touches and frees 256 MiB. The
+//!    engine's passes (started because resident memory is over the budget) must complete, the
+//!    guest must hint, the host must discard at least 200 MiB of hinted pages and the VM's
+//!    resident memory must fall by at least 200 MiB from its peak (nothing reported, ballooned
+//!    or swapped);
+//! 6. NUMA: L1 has two nodes (2 GiB + 1 GiB, `run-l1.sh --numa`). `tidepool numa-check` boots
 //!    a 512 MiB guest under `interleave:0,1` on the anonymous, memfd and hugetlbfs backings: the
 //!    guest sees two NUMA nodes, reaches `/init` with a plausible MemTotal, and every resident
 //!    page of every boot block sits on the L1 node its pool block came from (node 1 holding
@@ -192,7 +199,28 @@ fn stock_debian_kernel_boots_to_init_in_nested_kvm() {
         "the pool is not whole after deleting the VM"
     );
 
-    // 5. NUMA placement on the 2-node L1, anonymous, memfd and hugetlbfs backings.
+    // 5. Free page hinting by the stock Linux driver returned the freed memory.
+    let hint = |key: &str| field(&serial, "hint", key, &tail);
+    assert_eq!(
+        hint("ok"),
+        1,
+        "hinting: resident memory did not fall by 200 MiB:\n{tail}"
+    );
+    assert!(hint("passes") >= 1, "hinting: no pass completed");
+    assert!(
+        hint("hinted_mib") >= 200,
+        "hinting: the guest hinted too little"
+    );
+    assert!(
+        hint("discarded_mib") >= 200,
+        "hinting: the host discarded too little"
+    );
+    assert!(hint("drop") >= 200, "hinting: resident fell too little");
+    for only_hinting in ["reported_mib", "ballooned_mib", "swapped_mib"] {
+        assert_eq!(hint(only_hinting), 0, "hinting: {only_hinting} is not 0");
+    }
+
+    // 6. NUMA placement on the 2-node L1, anonymous, memfd and hugetlbfs backings.
     for backing in ["anonymous", "memfd", "hugetlbfs"] {
         let what = format!("numa-{backing}");
         let f = |key: &str| field(&serial, &what, key, &tail);
@@ -240,6 +268,23 @@ fn stock_debian_kernel_boots_to_init_in_nested_kvm() {
         "nested_boot: free page reporting: resident peak {peak} MiB, dropped by {drop} MiB \
          {} after the guest freed 512 MiB",
         cs(reclaim_cs)
+    );
+    eprintln!(
+        "nested_boot: free page hinting (512 MiB VM, 256 MiB freed, 300 MiB budget, phase 1 \
+         only): create to first statistics {}; resident {} -> peak {} -> {} MiB (drop {} MiB) \
+         {} after the last sample holding the memory; {} passes, {} MiB hinted, {} MiB \
+         discarded, {} MiB credited to phase 1; step {}",
+        cs(hint("ready_cs")),
+        hint("base"),
+        hint("peak"),
+        hint("low"),
+        hint("drop"),
+        cs(hint("cs")),
+        hint("passes"),
+        hint("hinted_mib"),
+        hint("discarded_mib"),
+        hint("credited_mib"),
+        cs(hint("step_cs")),
     );
     for backing in ["anonymous", "memfd", "hugetlbfs"] {
         let what = format!("numa-{backing}");

@@ -78,6 +78,11 @@ enum Command {
         #[command(flatten)]
         connect: ConnectArgs,
     },
+    /// The daemon's metrics (`GET /metrics`, OpenMetrics text).
+    Metrics {
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
     /// Write a tiny-guest image for `vm create --image` and print the options that start it
     /// (load address, entry point, privilege): the idle guest (reports once, then halts in
     /// KVM; CPL0), or with --virtio-mem-region-mib a guest whose polled virtio-mem driver
@@ -116,6 +121,11 @@ struct ServeCmd {
     /// Resident memory budget of the reclaim engine, in MiB (default: the pool's size).
     #[arg(long)]
     reclaim_budget_mib: Option<u64>,
+    /// Reclaim phases the engine may run, comma-separated, from reported (count reported
+    /// pages, start free page hinting passes), balloon, drop_clean, swap_out and split_huge
+    /// (default: all). They always run in that order.
+    #[arg(long, value_delimiter = ',')]
+    reclaim_phases: Option<Vec<tidepool_vmm::reclaim::Phase>>,
     /// The swap file (default: `swap` in the socket's directory, or
     /// /var/tmp/tidepool-$UID/swap-HASH, HASH naming that directory, when it is tmpfs). Created on the
     /// first VM.
@@ -150,6 +160,12 @@ fn serve(cmd: &ServeCmd) -> Result<(), String> {
     let cfg = cmd.api.to_config().map_err(|e| e.to_string())?;
     let mut reclaim = tidepool_vmm::manager::DaemonReclaimConfig::default();
     reclaim.engine.budget_bytes = cmd.reclaim_budget_mib.map(|m| m << 20);
+    if let Some(list) = &cmd.reclaim_phases {
+        reclaim.engine.phases = tidepool_vmm::reclaim::Phase::ALL
+            .into_iter()
+            .filter(|p| list.contains(p))
+            .collect();
+    }
     reclaim.swap.enabled = !cmd.no_swap;
     reclaim.swap.path = cmd.swap_path.clone();
     reclaim.swap.runtime_dir = cfg.socket_path.parent().map(|d| d.to_path_buf());
@@ -263,6 +279,7 @@ fn main() -> ExitCode {
         Command::Vm { connect, command } => client(ApiCommand::Vm(command), &connect),
         Command::Balloon { connect, command } => client(ApiCommand::Balloon(command), &connect),
         Command::Host { connect } => client(ApiCommand::Host, &connect),
+        Command::Metrics { connect } => client(ApiCommand::Metrics, &connect),
         Command::TinyImage {
             memory_mib,
             virtio_mem_region_mib,

@@ -1,5 +1,5 @@
 //! The real `tidepool serve` binary with its swap and reclaim flags (`--swap-path`,
-//! `--swap-max-mib`, `--reclaim-budget-mib`, `--no-swap`), and the default swap file of a
+//! `--swap-max-mib`, `--reclaim-budget-mib`, `--reclaim-phases`, `--no-swap`), and the default swap file of a
 //! daemon whose socket directory is on tmpfs (`/dev/shm`): it goes to disk, under
 //! `/var/tmp/tidepool-<uid>/`. The file is created with the first VM. Skips without /dev/kvm.
 
@@ -206,6 +206,36 @@ fn socket_dir_on_tmpfs_puts_the_default_swap_file_on_disk() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Run `serve` with `flags`, which it must refuse before starting; returns its stderr.
+fn refused(dir: &Path, flags: &[&str]) -> String {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--pool-mib", "64", "--socket"])
+        .arg(dir.join("tp.sock"))
+        .args(flags)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tidepool serve");
+    let until = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("serve {flags:?} kept running");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert!(!status.success(), "{flags:?}");
+    err
+}
+
 /// `--compact-order-mib` and `--compact-threshold` are checked before the daemon starts: a
 /// size that is not a power of two of at least 2 MiB, one above the allocator's largest block,
 /// and a threshold outside (0, 1] each end `serve` with an error naming the problem.
@@ -217,32 +247,74 @@ fn bad_compaction_flags_are_refused() {
         (["--compact-order-mib", "2048"], "largest block"),
         (["--compact-threshold", "0"], "(0, 1]"),
     ] {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--pool-mib", "64", "--socket"])
-            .arg(dir.join("tp.sock"))
-            .args(flags)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn tidepool serve");
-        let until = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(s) = child.try_wait().expect("wait") {
-                break s;
-            }
-            if Instant::now() > until {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("serve {flags:?} kept running");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let mut err = String::new();
-        std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
-            .expect("stderr");
-        assert!(!status.success(), "{flags:?}");
+        let err = refused(&dir, &flags);
         assert!(err.contains(says), "{flags:?}: {err}");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--reclaim-phases` takes the phases' metric names only: an unknown name, another spelling
+/// and an empty list end `serve` before it starts, naming the bad value.
+#[test]
+fn bad_reclaim_phases_are_refused() {
+    let dir = fresh_dir(&std::env::temp_dir(), "phases");
+    for (list, bad) in [
+        ("reported,hint", "\"hint\""),
+        ("swap-out", "\"swap-out\""),
+        ("", "\"\""),
+    ] {
+        let err = refused(&dir, &["--reclaim-phases", list]);
+        assert!(
+            err.contains("unknown reclaim phase") && err.contains(bad),
+            "{list:?}: {err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The counter `tidepool_reclaim_phase_calls_total` of `phase`, summed over its results.
+fn phase_calls(text: &str, phase: &str) -> u64 {
+    let head = format!("tidepool_reclaim_phase_calls_total{{phase=\"{phase}\",");
+    text.lines()
+        .filter(|l| l.starts_with(&head))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+/// `--reclaim-phases reported` with a budget the VM exceeds: the engine runs (watermark
+/// trigger) and calls phase 1 only; the other phases are never called.
+#[test]
+fn reclaim_phases_flag_limits_the_engine() {
+    if let Err(why) = tidepool_vmm::kvm::kvm_available() {
+        eprintln!("skipping reclaim_phases_flag_limits_the_engine: {why}");
+        return;
+    }
+    let dir = fresh_dir(&std::env::temp_dir(), "onlyreported");
+    let socket = dir.join("api.sock");
+    with_daemon_and_vm(
+        &socket,
+        &[
+            "--no-swap",
+            "--reclaim-budget-mib",
+            "1",
+            "--reclaim-phases",
+            "reported,reported",
+        ],
+        move |client: Client, _id: String| async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let text = loop {
+                let text = client.metrics().await.expect("metrics");
+                if phase_calls(&text, "reported") >= 3 {
+                    break text;
+                }
+                assert!(Instant::now() < deadline, "phase 1 never ran:\n{text}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            for phase in ["balloon", "drop_clean", "swap_out", "split_huge"] {
+                assert_eq!(phase_calls(&text, phase), 0, "{phase} ran:\n{text}");
+            }
+        },
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }

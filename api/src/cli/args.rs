@@ -65,6 +65,9 @@ pub enum ApiCommand {
     Balloon(BalloonCommand),
     /// Host memory per NUMA node.
     Host,
+    /// The daemon's metrics (`GET /metrics`), printed as the OpenMetrics text it serves
+    /// (`--json` does not change it).
+    Metrics,
 }
 
 /// `vm ...` commands.
@@ -218,6 +221,10 @@ pub struct CreateArgs {
     /// Balloon: deflate on OOM (implies --balloon).
     #[arg(long)]
     pub deflate_on_oom: bool,
+    /// Balloon: free page hinting (implies --balloon). The daemon's reclaim engine starts the
+    /// passes; hinted pages are discarded only with a swap file (docs/balloon.md).
+    #[arg(long)]
+    pub free_page_hinting: bool,
     /// Balloon: statistics interval in seconds (implies --balloon).
     #[arg(long)]
     pub stats_interval: Option<u32>,
@@ -350,13 +357,14 @@ impl CreateArgs {
         if self.balloon
             || self.free_page_reporting
             || self.deflate_on_oom
+            || self.free_page_hinting
             || self.stats_interval.is_some()
         {
             req.balloon = Some(BalloonConfig {
                 free_page_reporting: self.free_page_reporting,
                 deflate_on_oom: self.deflate_on_oom,
                 stats_interval_s: self.stats_interval.unwrap_or(0),
-                free_page_hinting: false,
+                free_page_hinting: self.free_page_hinting,
             });
         }
         req.numa = self.numa.as_deref().map(parse_numa).transpose()?;

@@ -116,6 +116,11 @@ pub async fn run_with(
             let h = client.host().await?;
             emit(out, opts, &h, output::host)
         }
+        ApiCommand::Metrics => {
+            let text = client.metrics().await?;
+            write!(out, "{text}")?;
+            Ok(())
+        }
     }
 }
 

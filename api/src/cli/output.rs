@@ -108,8 +108,8 @@ pub fn vm_show(v: &VmInfo) -> String {
         pairs.push((
             "balloon",
             format!(
-                "free page reporting {}, deflate on OOM {}, stats every {} s",
-                b.free_page_reporting, b.deflate_on_oom, b.stats_interval_s
+                "free page reporting {}, free page hinting {}, deflate on OOM {}, stats every {} s",
+                b.free_page_reporting, b.free_page_hinting, b.deflate_on_oom, b.stats_interval_s
             ),
         ));
     }

@@ -99,6 +99,22 @@ fn create_args(args: &[&str]) -> CreateArgs {
     }
 }
 
+/// `--free-page-hinting` alone adds a balloon that offers hinting and nothing else.
+#[test]
+fn free_page_hinting_implies_a_balloon() {
+    let r = create_args(&["--memory", "512", "--free-page-hinting"])
+        .to_request()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let b = r.balloon.expect("a balloon");
+    assert!(b.free_page_hinting);
+    assert!(!b.free_page_reporting && !b.deflate_on_oom && b.stats_interval_s == 0);
+    assert!(crate::validate::create_vm(&r).is_ok());
+    let r = create_args(&["--memory", "512"])
+        .to_request()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(r.balloon.is_none());
+}
+
 #[test]
 fn create_options_become_a_request() {
     let a = create_args(&[
@@ -126,6 +142,7 @@ fn create_options_become_a_request() {
     );
     let b = r.balloon.unwrap_or_default();
     assert!(b.free_page_reporting && !b.deflate_on_oom && b.stats_interval_s == 5);
+    assert!(!b.free_page_hinting);
     assert_eq!(r.numa.as_ref().map(|n| n.nodes.clone()), Some(vec![0, 1]));
     assert_eq!(
         r.backing.map(|b| (b.kind, b.thp)),

@@ -41,7 +41,9 @@ pub use pressure::{
     SyntheticPressure,
 };
 
-pub use target::{Idleness, Phase, PhaseOutcome, PhaseRequest, ReclaimTarget, TargetError};
+pub use target::{
+    Idleness, Phase, PhaseOutcome, PhaseRequest, ReclaimTarget, TargetError, UnknownPhase,
+};
 pub use watermark::{
     Domain, DomainReading, DomainState, Level, WatermarkFractions, WatermarkTracker, Watermarks,
 };

@@ -58,6 +58,25 @@ impl fmt::Display for Phase {
     }
 }
 
+/// A phase name that is not one of [`Phase::name`]'s.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown reclaim phase {0:?} (expected reported, balloon, drop_clean, swap_out or split_huge)"
+)]
+pub struct UnknownPhase(pub String);
+
+impl std::str::FromStr for Phase {
+    type Err = UnknownPhase;
+
+    /// A phase by its metric name ([`Phase::name`]).
+    fn from_str(s: &str) -> Result<Phase, UnknownPhase> {
+        Phase::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| UnknownPhase(s.to_string()))
+    }
+}
+
 /// What one phase call on one target achieved.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PhaseOutcome {
@@ -191,5 +210,20 @@ pub trait ReclaimTarget: Send + Sync + fmt::Debug {
     fn release(&self, max_bytes: u64) -> Result<u64, TargetError> {
         let _ = max_bytes;
         Err(TargetError::Unsupported("release".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_parse_from_their_metric_names_only() {
+        for p in Phase::ALL {
+            assert_eq!(p.name().parse::<Phase>(), Ok(p));
+        }
+        for bad in ["", "Reported", "swap-out", "hint", " balloon"] {
+            assert_eq!(bad.parse::<Phase>(), Err(UnknownPhase(bad.to_string())));
+        }
     }
 }
