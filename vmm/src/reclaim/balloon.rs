@@ -57,6 +57,7 @@ impl HintDiscard {
                 tracing::debug!(
                     cmd_id,
                     discarded = d.discarded_pages,
+                    zero = d.zero_pages,
                     kept = d.kept_pages,
                     freed_slots = d.freed_slots,
                     "hinted pages discarded"

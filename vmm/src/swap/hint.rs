@@ -18,6 +18,10 @@
 //! the write through onto a fresh zero page, so the write is never lost. Swapped-out pages
 //! lose their slot too, so they read as zeros afterwards, never as the stale slot copy.
 //!
+//! Hinted pages that are no longer armed but hold only zeros are discarded too, checked under
+//! write protection ([`VmSwap::hint_discard`]): Linux with `init_on_alloc` (Debian's default)
+//! zeroes each block it allocates for hinting, so it writes every page it hints.
+//!
 //! The caller must start the hinting pass *after* `hint_arm` returns and offer only the hints
 //! of that pass (or of later passes) with the epoch it got: a hint of a pass that began
 //! before the epoch may describe a page the guest wrote before it was armed.
@@ -48,11 +52,16 @@ pub struct HintArmStats {
 /// What [`VmSwap::hint_discard`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct HintDiscardStats {
-    /// Pages that were in memory and were discarded (host memory released).
+    /// Pages that were in memory and were discarded (host memory released), `zero_pages`
+    /// included.
     pub discarded_pages: u64,
+    /// Of those, pages written since the epoch began (or never armed) that held only zeros
+    /// when checked under write protection: a guest that zeroes the blocks it allocates
+    /// for hinting (Linux with `init_on_alloc`) writes every hinted page.
+    pub zero_pages: u64,
     /// Swapped-out pages whose slot was freed (they now read as zero).
     pub freed_slots: u64,
-    /// Hinted pages kept: written since the epoch began, or never armed.
+    /// Hinted pages kept: written since the epoch began and not all zero, or not in memory.
     pub kept_pages: u64,
 }
 
@@ -134,7 +143,8 @@ impl VmSwap {
     /// Discard the pages of the hinted `ranges` (guest-physical; shrunk inward to 4 KiB) that
     /// are still armed under `epoch`: not written since it began. Pages in memory are
     /// discarded (`MADV_DONTNEED`; they read as zero afterwards), swapped-out pages lose their
-    /// slot. Refused with [`SwapError::StaleHintEpoch`] if `epoch` is not the current one.
+    /// slot. Hinted pages in memory that are not armed are discarded if they hold only zeros
+    /// (`discard_zero_locked`). Refused with [`SwapError::StaleHintEpoch`] if `epoch` is not the current one.
     pub fn hint_discard(
         &self,
         epoch: HintEpoch,
@@ -160,9 +170,16 @@ impl VmSwap {
                 });
             }
             let mut discard = Vec::new();
+            let mut written = Vec::new();
             for p in pages.clone() {
                 if !st.is_armed(p) {
-                    stats.kept_pages += 1;
+                    // Written since the epoch began, or never armed: kept unless it holds
+                    // only zeros (checked below).
+                    if present[(p - pages.start) as usize] {
+                        written.push(p);
+                    } else {
+                        stats.kept_pages += 1;
+                    }
                     continue;
                 }
                 match st.get(p) {
@@ -195,8 +212,100 @@ impl VmSwap {
                     }
                 }
             }
+            if let Err(e) = self.discard_zero_locked(&mut st, &written, &mut stats) {
+                result = Err(e);
+            }
         }
         bump(&inner.c.hint_discarded_pages, stats.discarded_pages);
         result.map(|()| stats)
     }
+
+    /// Discard the hinted pages of `written` (in memory, not armed) that hold only zeros;
+    /// count the others as kept. Called under the ops and state locks.
+    ///
+    /// Each run is write-protected first (registering its block with userfaultfd if the
+    /// swap does not track it yet), so from then on a write faults and waits for the state
+    /// lock held here: the content checked is the content discarded, and a discarded zero
+    /// page reads back as zero, so no guest-visible byte changes whoever wrote the page and
+    /// when. The protection is lifted again afterwards (a write that faulted meanwhile finds
+    /// a resident page and goes on, or a discarded one and gets a fresh zero page).
+    ///
+    /// Nothing else discards window pages meanwhile: the caller holds the balloon device's
+    /// lock (reports and inflations wait), and swap-outs and drops wait for the ops lock. A
+    /// page is read only if `mincore` shows it present after the protection, so the check
+    /// never faults (a fault here would wait for the handler, which waits for this lock).
+    fn discard_zero_locked(
+        &self,
+        st: &mut super::pages::PageTable,
+        written: &[u64],
+        stats: &mut HintDiscardStats,
+    ) -> Result<(), SwapError> {
+        let inner = &self.inner;
+        let mut result = Ok(());
+        for run in runs(written) {
+            let mut block = u64::MAX;
+            let mut tracked = true;
+            for p in run.clone() {
+                if p * PAGE / BLOCK != block {
+                    block = p * PAGE / BLOCK;
+                    if let Err(e) = inner.ensure_block(st, block) {
+                        tracked = false;
+                        result = Err(e);
+                    }
+                }
+            }
+            // Only plain resident pages: a clean page is protected already and its slot copy
+            // is current, so it is no hint discard's business.
+            let cand: Vec<u64> = run
+                .clone()
+                .filter(|p| tracked && st.get(*p) == Some(Page::Resident))
+                .collect();
+            stats.kept_pages += (run.end - run.start) - cand.len() as u64;
+            for r in runs(&cand) {
+                let (host, len) = (inner.host(r.start), (r.end - r.start) * PAGE);
+                if let Err(e) = inner.uffd.write_protect(host, len, true) {
+                    stats.kept_pages += r.end - r.start;
+                    result = Err(SwapError::host("UFFDIO_WRITEPROTECT", e));
+                    continue;
+                }
+                let present = match inner.mincore(r.clone()) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = inner.uffd.write_protect(host, len, false);
+                        stats.kept_pages += r.end - r.start;
+                        result = Err(e);
+                        continue;
+                    }
+                };
+                let zeros: Vec<u64> = r
+                    .clone()
+                    .filter(|p| present[(p - r.start) as usize] && page_is_zero(inner.host(*p)))
+                    .collect();
+                let mut freed = 0;
+                for z in runs(&zeros) {
+                    match inner.madvise(z.clone(), libc::MADV_DONTNEED) {
+                        Ok(()) => freed += z.end - z.start,
+                        Err(e) => result = Err(e),
+                    }
+                }
+                stats.discarded_pages += freed;
+                stats.zero_pages += freed;
+                stats.kept_pages += (r.end - r.start) - freed;
+                // Pages left resident are writable again; discarded ones have no mapping.
+                let _ = inner.uffd.write_protect(host, len, false);
+            }
+        }
+        result
+    }
+}
+
+/// Whether the 4 KiB page at host address `addr` holds only zeros.
+fn page_is_zero(addr: u64) -> bool {
+    (0..PAGE / 8).all(|i| {
+        // SAFETY: `addr` is the host address of a page of the swap's window, which the VmSwap
+        // keeps mapped; the caller saw it present (mincore) under write protection and the
+        // state lock, so the read neither faults nor races a write; `i < 512` stays inside the
+        // page. Volatile, because guest memory is not a Rust object.
+        unsafe { std::ptr::read_volatile((addr + i * 8) as *const u64) == 0 }
+    })
 }
