@@ -8,6 +8,7 @@
 pub mod backing;
 #[cfg(test)]
 mod backing_tests;
+mod file_backing;
 pub mod layout;
 pub mod numa;
 pub mod tuning;
