@@ -55,6 +55,18 @@ impl VmMemoryHandle {
         self.mem.clone()
     }
 
+    /// Publish a map without `[gpa, gpa+len)`, which is about to be removed (it stays
+    /// placed until then). Device models that load the map from now on cannot reach it.
+    pub fn hide(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
+        let view = self.vm.window().guest_memory_without(gpa, len)?;
+        let guard = self
+            .mem
+            .lock()
+            .map_err(|_| MemoryError::GuestMemory("memory map lock poisoned".into()))?;
+        guard.replace((*view).clone());
+        Ok(())
+    }
+
     /// Rebuild the map from the window's placed blocks.
     pub fn refresh(&self) -> Result<(), MemoryError> {
         let view = self.vm.window().guest_memory()?;
@@ -72,6 +84,18 @@ impl VmMemoryHandle {
 pub enum RamChange {
     /// `[gpa, gpa+len)` was plugged (placed in the window and KVM).
     Plugged {
+        /// Guest-physical start.
+        gpa: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// `[gpa, gpa+len)` is about to be unplugged: device models no longer get it in the
+    /// memory map, but one may still be working through an older map that has it. The
+    /// listener must return only once no device does (the VMM's takes and releases the
+    /// balloon's transport lock, under which the balloon does all its guest memory accesses),
+    /// since the range becomes inaccessible next and an access through an old map would then
+    /// be a SIGSEGV in the VMM.
+    Unplugging {
         /// Guest-physical start.
         gpa: u64,
         /// Length in bytes.
@@ -324,11 +348,23 @@ impl MemoryBackend for PoolMemoryBackend {
                 "unplug: block {missing:#x} is not plugged"
             )));
         }
+        // 0. Out of the device models' memory map, and no device still working through an
+        //    older map: a guest could otherwise have the balloon (which processes its queues
+        //    on a vCPU thread when its driver sets DRIVER_OK) read a buffer in this block
+        //    while it becomes inaccessible, and kill the VMM with SIGSEGV.
+        self.handle
+            .hide(gpa, len)
+            .map_err(|e| BackendError::Failed(e.to_string()))?;
+        self.notify(RamChange::Unplugging { gpa, len });
         // 1. Out of KVM and the window: memslots deleted, then the range made inaccessible and
         //    its content dropped (anonymous: PROT_NONE + MADV_DONTNEED; file backings:
         //    PROT_NONE anonymous over the range, then punch-hole). Only then do the frames go
         //    back; if this fails they stay out of the pool.
-        self.handle.vm.remove_block(gpa, len).map_err(kvm_err)?;
+        if let Err(e) = self.handle.vm.remove_block(gpa, len) {
+            // Still placed: device models may use it again.
+            let _ = self.handle.refresh();
+            return Err(kvm_err(e));
+        }
         // The range is gone from the guest: whoever accounts for it (the balloon) forgets it
         // before its frames can go to anyone else.
         self.notify(RamChange::Unplugged { gpa, len });

@@ -445,9 +445,29 @@ impl GuestWindow {
     /// [`WindowMemory::generation`] with [`GuestWindow::generation`]); touching a removed block
     /// through a stale view faults.
     pub fn guest_memory(self: &Arc<Self>) -> Result<WindowMemory, MemoryError> {
+        self.view(None)
+    }
+
+    /// Like [`GuestWindow::guest_memory`], but without `[gpa, gpa+len)` even where it is still
+    /// placed: the view device models get just before that range is removed, so that none of
+    /// them can reach it through a view while it becomes inaccessible.
+    pub fn guest_memory_without(
+        self: &Arc<Self>,
+        gpa: u64,
+        len: u64,
+    ) -> Result<WindowMemory, MemoryError> {
+        self.view(Some(gpa..gpa.saturating_add(len)))
+    }
+
+    fn view(self: &Arc<Self>, skip: Option<Range<u64>>) -> Result<WindowMemory, MemoryError> {
         let generation = self.generation();
         let mut regions = Vec::new();
-        for r in self.placed_ranges() {
+        let pieces = self.placed_ranges().into_iter().flat_map(|r| match &skip {
+            // What is left of `r` on either side of `skip`.
+            Some(k) => vec![r.start..r.end.min(k.start), r.start.max(k.end)..r.end],
+            None => vec![r],
+        });
+        for r in pieces.filter(|r| r.start < r.end) {
             let len = (r.end - r.start) as usize;
             let host = self.base + r.start as usize;
             // SAFETY: [host, host+len) is a placed (read-write) part of the window mapping, which

@@ -12,8 +12,9 @@ use vm_memory::GuestMemoryAtomic;
 
 use super::test_rig::{base_config, kvm_or_skip, pool, slab};
 use super::*;
-use crate::devices::{lock, IrqMode, WindowReclaim};
+use crate::devices::{lock, IrqMode, RamChange, RamListener, WindowReclaim};
 use crate::memory::MIB;
+use vm_memory::{Bytes, GuestAddressSpace};
 
 /// Queue index of reporting with VERSION_1 | REPORTING acked (inflate 0, deflate 1).
 const REPORTING: usize = 2;
@@ -127,6 +128,63 @@ fn unplug_clears_the_balloons_state_for_the_block() {
     assert_eq!(a.reported_bytes, 2 * MIB);
     assert_eq!(a.assigned_bytes, 66 * MIB);
     drop(view);
+    drop(vm);
+    assert!(pool.figures().expect("figures").is_whole());
+}
+
+/// An unplug takes the block out of the device models' memory map and tells the listener
+/// (which waits out the balloon) while the block is still placed, before it becomes
+/// inaccessible: no device can reach it through a map that still has it once it is gone.
+#[test]
+fn an_unplugged_block_leaves_the_device_map_before_it_becomes_inaccessible() {
+    if !kvm_or_skip("an_unplugged_block_leaves_the_device_map_before_it_becomes_inaccessible") {
+        return;
+    }
+    let pool = pool(256);
+    let config = MicrovmConfig {
+        balloon: Some(BalloonSpec::default()),
+        irq: IrqMode::Irqfd,
+        image: BootImage::Raw {
+            bytes: vec![0xf4],
+            load_addr: 0x1000,
+            entry: 0x1000,
+            privilege: crate::tiny_guest::Privilege::Kernel,
+        },
+        ..base_config("unplug-hides", 64 * MIB)
+    };
+    let vm = Microvm::new(config, pool.clone(), slab("unplug-hides"), 1).expect("microvm");
+    let kvm_vm = Arc::clone(vm.vm().expect("vm"));
+    let hp = kvm_vm.window().layout().hotplug().expect("region").start;
+    let mem = vm.handle.as_ref().expect("memory handle").guest_mem();
+    let readable = |mem: &tidepool_virtio::GuestMem, gpa: u64| {
+        mem.memory()
+            .read_obj::<u8>(vm_memory::GuestAddress(gpa))
+            .is_ok()
+    };
+    vm.with_memory_backend(|b| b.plug(hp, 4 * MIB))
+        .expect("backend")
+        .expect("plug");
+    assert!(readable(&mem, hp) && readable(&mem, hp + 2 * MIB));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        let (seen, mem, kvm_vm) = (Arc::clone(&seen), mem.clone(), Arc::clone(&kvm_vm));
+        vm.with_memory_backend(move |b| {
+            b.set_listener(RamListener::new(move |change| {
+                if let RamChange::Unplugging { gpa, len } = change {
+                    let placed = kvm_vm.window().is_range_placed(gpa, len);
+                    let hidden = !readable(&mem, gpa) && readable(&mem, gpa + len);
+                    seen.lock().expect("seen").push((gpa, placed, hidden));
+                }
+            }))
+        })
+        .expect("backend");
+    }
+    vm.with_memory_backend(|b| b.unplug(hp, 2 * MIB))
+        .expect("backend")
+        .expect("unplug");
+    assert_eq!(*seen.lock().expect("seen"), vec![(hp, true, true)]);
+    assert!(!readable(&mem, hp) && readable(&mem, hp + 2 * MIB));
+    assert!(!kvm_vm.window().is_placed(hp));
     drop(vm);
     assert!(pool.figures().expect("figures").is_whole());
 }

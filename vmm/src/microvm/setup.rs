@@ -416,6 +416,9 @@ impl Microvm {
                 .set_listener(RamListener::new(move |change| {
                     let mut t = lock(&balloon);
                     match change {
+                        // Holding the balloon's lock is the point: it does every guest memory
+                        // access under it, so once we have it, it is done with the old map.
+                        RamChange::Unplugging { .. } => {}
                         RamChange::Plugged { gpa, len } => t.device_mut().ram_plugged(gpa, len),
                         RamChange::Unplugged { gpa, len } => {
                             let (ballooned, reported) = t.device_mut().ram_unplugged(gpa, len);
