@@ -20,7 +20,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{manager, reported, wait};
+use common::{manager, reported, stop_driver, wait};
 use tidepool_api::types::{BalloonConfig as ApiBalloon, CreateVmRequest, ImagePrivilege, RawImage};
 use tidepool_api::ApiBackend;
 use tidepool_balloon::{
@@ -267,14 +267,7 @@ fn residency(m: &VmManager, id: &str, d: &HintDriver) -> (u64, u64) {
 /// Tell the guest to check its data and wait for its counts.
 fn verify(m: &VmManager, id: &str, d: &HintDriver) -> [u64; 6] {
     let mailbox = d.mailbox();
-    m.call(id, move |vm| {
-        let w = vm.vm().expect("vm").window();
-        w.guest_memory()
-            .expect("view")
-            .write_obj(1u64, GuestAddress(mailbox))
-            .expect("mailbox");
-    })
-    .expect("call");
+    stop_driver(m, id, mailbox);
     wait("the guest's check", 120, || {
         reported(m, id, TAG_HINT_CHECKED).is_some()
     });

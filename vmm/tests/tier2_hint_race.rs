@@ -27,7 +27,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{manager, reported, wait};
+use common::{manager, reported, stop_driver, wait};
 use tidepool_api::types::{BalloonConfig as ApiBalloon, CreateVmRequest, ImagePrivilege, RawImage};
 use tidepool_balloon::HintMode;
 use tidepool_vmm::devices::DEVICE_MMIO_BASE;
@@ -284,14 +284,7 @@ fn run_round(m: &VmManager, round: usize) -> Figures {
     // The driver's own check: every hinted page zero or its fill pattern (the writer's word is
     // not the driver's).
     let mailbox = d.mailbox();
-    m.call(&id, move |vm| {
-        let w = vm.vm().expect("vm").window();
-        w.guest_memory()
-            .expect("view")
-            .write_obj(1u64, GuestAddress(mailbox))
-            .expect("mailbox");
-    })
-    .expect("call");
+    stop_driver(m, &id, mailbox);
     wait("the driver's check", 120, || {
         reported(m, &id, TAG_HINT_CHECKED).is_some()
     });

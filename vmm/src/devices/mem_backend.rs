@@ -58,23 +58,21 @@ impl VmMemoryHandle {
     /// Publish a map without `[gpa, gpa+len)`, which is about to be removed (it stays
     /// placed until then). Device models that load the map from now on cannot reach it.
     pub fn hide(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
-        let view = self.vm.window().guest_memory_without(gpa, len)?;
-        let guard = self
-            .mem
-            .lock()
-            .map_err(|_| MemoryError::GuestMemory("memory map lock poisoned".into()))?;
-        guard.replace((*view).clone());
-        Ok(())
+        self.publish(&self.vm.window().guest_memory_without(gpa, len)?)
     }
 
     /// Rebuild the map from the window's placed blocks.
     pub fn refresh(&self) -> Result<(), MemoryError> {
-        let view = self.vm.window().guest_memory()?;
+        self.publish(&self.vm.window().guest_memory()?)
+    }
+
+    /// Make `view` the map device models load from now on.
+    fn publish(&self, view: &crate::memory::WindowMemory) -> Result<(), MemoryError> {
         let guard = self
             .mem
             .lock()
             .map_err(|_| MemoryError::GuestMemory("memory map lock poisoned".into()))?;
-        guard.replace((*view).clone());
+        guard.replace((**view).clone());
         Ok(())
     }
 }

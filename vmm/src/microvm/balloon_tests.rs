@@ -16,6 +16,16 @@ use crate::devices::{lock, IrqMode, RamChange, RamListener, WindowReclaim};
 use crate::memory::MIB;
 use vm_memory::{Bytes, GuestAddressSpace};
 
+/// A guest that halts at once: these tests drive the devices from the host.
+fn halt_image() -> BootImage {
+    BootImage::Raw {
+        bytes: vec![0xf4],
+        load_addr: 0x1000,
+        entry: 0x1000,
+        privilege: crate::tiny_guest::Privilege::Kernel,
+    }
+}
+
 /// Queue index of reporting with VERSION_1 | REPORTING acked (inflate 0, deflate 1).
 const REPORTING: usize = 2;
 
@@ -31,12 +41,7 @@ fn unplug_clears_the_balloons_state_for_the_block() {
             ..Default::default()
         }),
         irq: IrqMode::Irqfd,
-        image: BootImage::Raw {
-            bytes: vec![0xf4],
-            load_addr: 0x1000,
-            entry: 0x1000,
-            privilege: crate::tiny_guest::Privilege::Kernel,
-        },
+        image: halt_image(),
         ..base_config("balloon-unplug", 64 * MIB)
     };
     let mut vm = Microvm::new(config, pool.clone(), slab("balloon-unplug"), 1).expect("microvm");
@@ -144,12 +149,7 @@ fn an_unplugged_block_leaves_the_device_map_before_it_becomes_inaccessible() {
     let config = MicrovmConfig {
         balloon: Some(BalloonSpec::default()),
         irq: IrqMode::Irqfd,
-        image: BootImage::Raw {
-            bytes: vec![0xf4],
-            load_addr: 0x1000,
-            entry: 0x1000,
-            privilege: crate::tiny_guest::Privilege::Kernel,
-        },
+        image: halt_image(),
         ..base_config("unplug-hides", 64 * MIB)
     };
     let vm = Microvm::new(config, pool.clone(), slab("unplug-hides"), 1).expect("microvm");

@@ -108,6 +108,21 @@ pub fn reported(m: &VmManager, id: &str, tag: u64) -> Option<u64> {
     .expect("call")
 }
 
+/// Write the mailbox value 1 (the tiny-guest drivers' "stop") at guest-physical `mailbox` of
+/// the VM `id`, through its window (guest RAM, no exit).
+#[allow(dead_code)] // only the hinting tests stop a driver
+pub fn stop_driver(m: &VmManager, id: &str, mailbox: u64) {
+    use vm_memory::{Bytes, GuestAddress};
+    m.call(id, move |vm| {
+        let w = vm.vm().expect("vm").window();
+        w.guest_memory()
+            .expect("view")
+            .write_obj(1u64, GuestAddress(mailbox))
+            .expect("mailbox");
+    })
+    .expect("call");
+}
+
 /// Wait for a condition (generous: the machine may be busy), never for a fixed time.
 pub fn wait(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
