@@ -301,6 +301,15 @@ fn clean_f64(v: f64) -> f64 {
     }
 }
 
+/// The value of the first sample line of `text` (as [`render`] writes it) that starts with
+/// `prefix`: the metric's name and its labels in the order `render` writes them, e.g.
+/// `tidepool_device_events_total{vm="vm-1",device="virtio-mem",event="plug_acked"} `.
+pub fn sample_value(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// Renders a snapshot as OpenMetrics text.
 pub fn render(s: &MetricsSnapshot) -> Result<String, std::fmt::Error> {
     let mut reg = Registry::with_prefix("tidepool");
@@ -763,6 +772,29 @@ mod tests {
         assert!(
             text.contains("tidepool_pool_alloc_latency_seconds_bucket{le=\"0.000001\"} 4"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn sample_values_are_read_back_from_the_rendered_text() {
+        let text = render(&sample()).unwrap_or_default();
+        let dev = |vm: &str, event: &str| {
+            format!(
+                "tidepool_device_events_total{{vm=\"{vm}\",device=\"virtio-mem\",event=\"{event}\"}} "
+            )
+        };
+        assert_eq!(
+            sample_value(&text, &dev("vm-1", "plug_requests")),
+            Some(5.0)
+        );
+        assert_eq!(sample_value(&text, &dev("vm-2", "plug_requests")), None);
+        assert_eq!(sample_value(&text, &dev("vm-1", "no_such_event")), None);
+        assert_eq!(
+            sample_value(
+                &text,
+                "tidepool_reclaim_phase_time_seconds_total{phase=\"split_huge\"} "
+            ),
+            Some(0.5)
         );
     }
 

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{fill_spin_verify, manager, reported, wait, BOOT_MIB, FILLED, FLAG, MIB};
+use tidepool_api::metrics::sample_value;
 use tidepool_api::types::{CreateVmRequest, RawImage};
 use tidepool_api::ApiBackend;
 use tidepool_vmm::hostpool::FramePool;
@@ -49,12 +50,6 @@ fn vm_with_swapped_memory(m: &VmManager, min: u64) -> String {
     id
 }
 
-fn sample(text: &str, prefix: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(prefix))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 #[test]
 fn daemon_swaps_cold_memory_and_the_guest_reads_it_back() {
     let Some((m, _pool, dir)) = setup("readback") else {
@@ -67,13 +62,14 @@ fn daemon_swaps_cold_memory_and_the_guest_reads_it_back() {
         "memory figures show the swap: {mem:?}"
     );
     let text = tidepool_api::metrics::render(&m.metrics().expect("metrics")).expect("render");
-    let written = sample(&text, "tidepool_swap_io_bytes_total{dir=\"write\"} ").unwrap_or(0.0);
+    let written =
+        sample_value(&text, "tidepool_swap_io_bytes_total{dir=\"write\"} ").unwrap_or(0.0);
     assert!(
         written >= (8 * MIB) as f64,
         "swap writes in /metrics:\n{text}"
     );
     assert!(
-        sample(
+        sample_value(
             &text,
             "tidepool_reclaim_phase_bytes_total{phase=\"swap_out\",kind=\"reclaimed\"} "
         )
@@ -81,7 +77,7 @@ fn daemon_swaps_cold_memory_and_the_guest_reads_it_back() {
             >= (8 * MIB) as f64,
         "{text}"
     );
-    let swapped = sample(
+    let swapped = sample_value(
         &text,
         &format!(
             "tidepool_device_events_total{{vm=\"{id}\",device=\"swap\",event=\"swapped_bytes\"}} "
@@ -121,7 +117,7 @@ fn daemon_swaps_cold_memory_and_the_guest_reads_it_back() {
     );
     let text = tidepool_api::metrics::render(&m.metrics().expect("metrics")).expect("render");
     assert!(
-        sample(&text, "tidepool_swap_io_bytes_total{dir=\"read\"} ").unwrap_or(0.0) > 0.0,
+        sample_value(&text, "tidepool_swap_io_bytes_total{dir=\"read\"} ").unwrap_or(0.0) > 0.0,
         "{text}"
     );
     m.delete(&id).expect("delete");
@@ -148,7 +144,7 @@ fn deleting_a_vm_with_swapped_memory_frees_its_slots_and_frames() {
     );
     let text = tidepool_api::metrics::render(&m.metrics().expect("metrics")).expect("render");
     assert_eq!(
-        sample(&text, "tidepool_swap_file_bytes{kind=\"used\"} "),
+        sample_value(&text, "tidepool_swap_file_bytes{kind=\"used\"} "),
         Some(0.0),
         "{text}"
     );

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use tidepool_api::metrics::sample_value;
 use tidepool_api::types::CreateVmRequest;
 use tidepool_api::Client;
 use tidepool_vmm::manager::images::idle_guest;
@@ -32,13 +33,6 @@ async fn wait_ready(client: &Client, socket: &Path) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("daemon not ready");
-}
-
-/// The value of the sample line starting with `prefix` (labels included), if present.
-fn sample(text: &str, prefix: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(prefix))
-        .and_then(|v| v.trim().parse().ok())
 }
 
 #[test]
@@ -96,11 +90,11 @@ fn allocation_failure_reaches_metrics_as_monitor_trigger() {
         let mut text = String::new();
         while t0.elapsed() < Duration::from_secs(15) {
             text = client.metrics().await.expect("metrics");
-            let trig = sample(
+            let trig = sample_value(
                 &text,
                 "tidepool_monitor_triggers_total{action=\"reclaim\"} ",
             );
-            let runs = sample(
+            let runs = sample_value(
                 &text,
                 "tidepool_reclaim_runs_total{trigger=\"alloc_failure\"} ",
             );
@@ -110,28 +104,28 @@ fn allocation_failure_reaches_metrics_as_monitor_trigger() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         assert!(
-            sample(
+            sample_value(
                 &text,
                 "tidepool_monitor_triggers_total{action=\"reclaim\"} "
             ) >= Some(1.0),
             "no reclaim trigger in:\n{text}"
         );
         assert!(
-            sample(
+            sample_value(
                 &text,
                 "tidepool_monitor_actions_total{action=\"reclaim\",outcome=\"engine_notified\"} "
             ) >= Some(1.0),
             "{text}"
         );
         assert!(
-            sample(
+            sample_value(
                 &text,
                 "tidepool_reclaim_runs_total{trigger=\"alloc_failure\"} "
             ) >= Some(1.0),
             "engine did not run:\n{text}"
         );
         assert_eq!(
-            sample(
+            sample_value(
                 &text,
                 "tidepool_reclaim_watermark_bytes{domain=\"budget\",mark=\"total\"} "
             ),

@@ -222,11 +222,9 @@ fn daemon_driver() -> HintDriver {
     d
 }
 
+/// A counter of the rendered /metrics text, as an integer.
 fn sample(text: &str, prefix: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(prefix))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map(|v| v as u64)
+    tidepool_api::metrics::sample_value(text, prefix).map(|v| v as u64)
 }
 
 /// Create the hinting VM, wait until its pass ended; returns its id.

@@ -37,6 +37,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+use tidepool_api::metrics::sample_value;
 use tidepool_api::server::DEFAULT_MAX_INFLIGHT_PER_VM;
 use tidepool_api::types::{CreateVmRequest, HotplugConfig, MemoryInfo};
 use tidepool_api::Client;
@@ -400,15 +401,16 @@ struct ResizePhase<'a> {
 }
 
 impl ResizePhase<'_> {
-    /// PUT /memory on `vm` alternating between [`SIZES`] at [`RATE`], figures under `prefix`;
-    /// then wait until the guest settles at `SIZES[0]`. Returns the load generator's p99 send
-    /// lag (0 if it had none).
+    /// PUT /memory on `vm` alternating between [`SIZES`] at [`RATE`], figures under `prefix`
+    /// (the p99 described by `p99_note`); then wait until the guest settles at `SIZES[0]`.
+    /// Returns the load generator's p99 send lag (0 if it had none).
     fn run(
         &mut self,
         r: &mut Report,
         vm: &str,
         prefix: &str,
         guest: &str,
+        p99_note: &str,
     ) -> Result<f64, BenchError> {
         self.daemon.check_alive()?;
         progress(&format!(
@@ -436,17 +438,12 @@ impl ResizePhase<'_> {
                 "MiB this host's kernel reported free to its own hypervisor during the phase",
             );
         }
-        let note = if prefix == "resize" {
-            TARGET_NOTE
-        } else {
-            "us, p99 (stress variant; the target applies to resize_p99_us)"
-        };
         add_latency(
             r,
             prefix,
             &rep,
             &format!("PUT /memory to its 202, {guest}"),
-            note,
+            p99_note,
         );
         r.add(
             &format!("{prefix}_guest_plugs"),
@@ -483,27 +480,14 @@ fn host_reported_kib() -> Option<u64> {
 async fn plug_counts(client: &Client, vm: &str) -> Result<(u64, u64), BenchError> {
     let text = client.metrics().await.map_err(failed)?;
     let count = |event: &str| {
-        device_event(&text, vm, "virtio-mem", event)
+        let line = format!(
+            "tidepool_device_events_total{{vm=\"{vm}\",device=\"virtio-mem\",event=\"{event}\"}} "
+        );
+        sample_value(&text, &line)
+            .map(|v| v as u64)
             .ok_or_else(|| failed(format!("/metrics has no virtio-mem {event} for {vm}")))
     };
     Ok((count("plug_acked")?, count("unplug_acked")?))
-}
-
-/// `tidepool_device_events_total{vm=..,device=..,event=..}` from Prometheus text.
-fn device_event(text: &str, vm: &str, device: &str, event: &str) -> Option<u64> {
-    let labels = [
-        format!("vm=\"{vm}\""),
-        format!("device=\"{device}\""),
-        format!("event=\"{event}\""),
-    ];
-    text.lines()
-        .filter(|l| l.starts_with("tidepool_device_events_total{"))
-        .find(|l| {
-            let set = l.split_once('{').and_then(|(_, rest)| rest.split_once('}'));
-            set.is_some_and(|(set, _)| labels.iter().all(|x| set.split(',').any(|y| y == x)))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 /// The 1-minute load average from /proc/loadavg (NaN if unreadable).
@@ -568,7 +552,13 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         rt: &rt,
         seconds,
     };
-    let resize_lag = phase.run(&mut r, &vm, "resize", "a guest that plugs like Linux")?;
+    let resize_lag = phase.run(
+        &mut r,
+        &vm,
+        "resize",
+        "a guest that plugs like Linux",
+        TARGET_NOTE,
+    )?;
     progress("creating a second VM whose guest writes every page it plugs");
     let toucher = rt.block_on(prepare_vm(&client, true))?;
     let touching_lag = phase.run(
@@ -576,6 +566,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         &toucher,
         "resize_touching",
         "a guest that writes every page it plugs",
+        "us, p99 (stress variant; the target applies to resize_p99_us)",
     )?;
     rt.block_on(client.delete_vm(&toucher)).map_err(failed)?;
 
@@ -645,37 +636,4 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     rt.block_on(client.delete_vm(&vm)).map_err(failed)?;
     daemon.stop()?;
     Ok(r)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::device_event;
-
-    #[test]
-    fn device_events_are_read_by_their_labels() {
-        let text = "\
-# TYPE tidepool_device_events_total counter
-tidepool_device_events_total{vm=\"vm-1\",device=\"virtio-mem\",event=\"plug_acked\"} 5
-tidepool_device_events_total{vm=\"vm-10\",device=\"virtio-mem\",event=\"plug_acked\"} 7
-tidepool_device_events_total{event=\"unplug_acked\",device=\"virtio-mem\",vm=\"vm-1\"} 3
-tidepool_vm_plugged_bytes{vm=\"vm-1\"} 9
-";
-        assert_eq!(
-            device_event(text, "vm-1", "virtio-mem", "plug_acked"),
-            Some(5)
-        );
-        assert_eq!(
-            device_event(text, "vm-10", "virtio-mem", "plug_acked"),
-            Some(7)
-        );
-        assert_eq!(
-            device_event(text, "vm-1", "virtio-mem", "unplug_acked"),
-            Some(3)
-        );
-        assert_eq!(device_event(text, "vm-2", "virtio-mem", "plug_acked"), None);
-        assert_eq!(
-            device_event(text, "vm-1", "virtio-balloon", "plug_acked"),
-            None
-        );
-    }
 }
